@@ -1,0 +1,229 @@
+//! Whole datasets stored as one array in a `.npy` or safetensors file.
+
+use std::path::{Path, PathBuf};
+
+use tch::{Kind, Tensor};
+
+use crate::dataset::{check_index, Dataset, RawSample, Sample};
+use crate::error::{DataError, Result};
+use crate::frames::Frames;
+
+#[derive(Debug, Clone)]
+enum Pixels {
+    /// `(N, H, W, C)` bytes: pixels, transforms apply.
+    U8 { h: usize, w: usize, c: usize, data: Vec<u8> },
+    /// Floats already in `[-1, 1]`, used as given; `shape` excludes N.
+    F32 { shape: Vec<i64>, data: Vec<f32> },
+}
+
+/// Images from an array file, held in memory.
+///
+/// * `u8` arrays are pixels `(N, H, W)` or `(N, H, W, C)` with C = 1 or 3
+///   (the NumPy image convention); samples are `(C, H, W)` and transforms
+///   apply.
+/// * Float arrays (f16, bf16, f32, f64) are samples already in `[-1, 1]`,
+///   `(N, ...)` with any per-sample shape (e.g. `(N, C, H, W)`), used as is.
+///
+/// Labels, when given, are an integer array `(N)`.
+#[derive(Debug, Clone)]
+pub struct ArrayDataset {
+    path: PathBuf,
+    n: usize,
+    pixels: Pixels,
+    labels: Option<Vec<i64>>,
+}
+
+fn read_npy(path: &Path) -> Result<Tensor> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(DataError::io(path, e));
+    }
+    Tensor::read_npy(path).map_err(|e| DataError::corrupt(path, format!("cannot read .npy: {e}")))
+}
+
+impl ArrayDataset {
+    /// Images from `images` (`.npy`) and labels from an optional `.npy`.
+    pub fn from_npy(images: impl AsRef<Path>, labels: Option<&Path>) -> Result<Self> {
+        let path = images.as_ref();
+        let x = read_npy(path)?;
+        let y = labels.map(|l| read_npy(l).map(|t| (l.to_path_buf(), t))).transpose()?;
+        Self::from_tensors(path, &x, y.as_ref().map(|(p, t)| (p.as_path(), t)))
+    }
+
+    /// Images under key `images_key` of a safetensors file, labels under
+    /// `labels_key` if given.
+    pub fn from_safetensors(path: impl AsRef<Path>, images_key: &str, labels_key: Option<&str>) -> Result<Self> {
+        let path = path.as_ref();
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(DataError::io(path, e));
+        }
+        let tensors = Tensor::read_safetensors(path)
+            .map_err(|e| DataError::corrupt(path, format!("cannot read safetensors: {e}")))?;
+        let find = |key: &str| -> Result<&Tensor> {
+            tensors.iter().find(|(k, _)| k == key).map(|(_, t)| t).ok_or_else(|| {
+                let keys: Vec<_> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+                DataError::corrupt(path, format!("no tensor `{key}` (it has {keys:?})"))
+            })
+        };
+        let x = find(images_key)?;
+        let y = labels_key.map(find).transpose()?;
+        Self::from_tensors(path, x, y.map(|t| (path, t)))
+    }
+
+    /// From in-memory tensors; `path` names the origin in errors.
+    pub fn from_tensors(path: &Path, x: &Tensor, labels: Option<(&Path, &Tensor)>) -> Result<Self> {
+        let shape = x.size();
+        let bad = |why: String| DataError::corrupt(path, why);
+        if shape.is_empty() || shape[0] == 0 {
+            return Err(bad(format!("array of shape {shape:?} holds no samples")));
+        }
+        let n = shape[0] as usize;
+        let x = x.contiguous();
+        let numel = x.numel();
+        let pixels = match x.kind() {
+            Kind::Uint8 => {
+                let (h, w, c) = match shape[1..] {
+                    [h, w] => (h, w, 1),
+                    [h, w, c] if c == 1 || c == 3 => (h, w, c),
+                    _ => {
+                        return Err(bad(format!(
+                            "u8 images must be (N, H, W) or (N, H, W, C) with C = 1 or 3, got {shape:?}"
+                        )))
+                    }
+                };
+                let mut data = vec![0u8; numel];
+                x.f_copy_data(&mut data, numel)?;
+                Pixels::U8 { h: h as usize, w: w as usize, c: c as usize, data }
+            }
+            Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {
+                let xf = x.to_kind(Kind::Float);
+                let mut data = vec![0f32; numel];
+                xf.f_copy_data(&mut data, numel)?;
+                // A little slack for rounding in half precision.
+                if let Some(v) = data.iter().find(|v| !(v.abs() <= 1.001)) {
+                    return Err(bad(format!(
+                        "float samples must already be in [-1, 1] (found {v}); store u8 pixels to have them scaled"
+                    )));
+                }
+                Pixels::F32 { shape: shape[1..].to_vec(), data }
+            }
+            k => return Err(bad(format!("unsupported element type {k:?} (use u8 pixels or floats)"))),
+        };
+        let labels = match labels {
+            None => None,
+            Some((lp, y)) => {
+                if y.size() != [n as i64] || !matches!(y.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+                    return Err(DataError::corrupt(
+                        lp,
+                        format!("labels must be integers of shape [{n}], got {:?} {:?}", y.kind(), y.size()),
+                    ));
+                }
+                let y = y.to_kind(Kind::Int64).contiguous();
+                let mut v = vec![0i64; n];
+                y.f_copy_data(&mut v, n)?;
+                Some(v)
+            }
+        };
+        tracing::info!(path = %path.display(), n, "array dataset");
+        Ok(Self { path: path.to_path_buf(), n, pixels, labels })
+    }
+
+    fn label(&self, index: usize) -> Option<i64> {
+        self.labels.as_ref().map(|l| l[index])
+    }
+}
+
+impl Dataset for ArrayDataset {
+    fn len(&self) -> usize {
+        self.n
+    }
+
+    fn get_raw(&self, index: usize, _seed: u64) -> Result<RawSample> {
+        check_index(index, self.n)?;
+        match &self.pixels {
+            Pixels::U8 { h, w, c, data } => {
+                let k = h * w * c;
+                Ok(RawSample {
+                    frames: Frames::image(*h, *w, *c, data[index * k..(index + 1) * k].to_vec()),
+                    label: self.label(index),
+                })
+            }
+            Pixels::F32 { .. } => Err(DataError::corrupt(
+                &self.path,
+                "float arrays are used as stored; pixel transforms need u8 arrays",
+            )),
+        }
+    }
+
+    fn get(&self, index: usize, seed: u64) -> Result<Sample> {
+        check_index(index, self.n)?;
+        match &self.pixels {
+            Pixels::F32 { shape, data } => {
+                let k = data.len() / self.n;
+                let t = Tensor::from_slice(&data[index * k..(index + 1) * k]).view(shape.as_slice());
+                Ok(Sample { data: t, label: self.label(index) })
+            }
+            Pixels::U8 { .. } => {
+                let raw = self.get_raw(index, seed)?;
+                Ok(Sample { data: raw.frames.to_tensor(), label: raw.label })
+            }
+        }
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        self.labels.as_ref().map(|l| l.iter().copied().max().map_or(0, |m| m as usize + 1))
+    }
+
+    fn describe(&self) -> String {
+        format!("array {}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_and_safetensors_round_trip_u8_and_float() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Tensor::arange(2 * 3 * 4 * 3, (Kind::Uint8, tch::Device::Cpu)).view([2, 3, 4, 3]);
+        let y = Tensor::from_slice(&[4i64, 9]);
+        let xp = dir.path().join("x.npy");
+        let yp = dir.path().join("y.npy");
+        x.write_npy(&xp).unwrap();
+        y.write_npy(&yp).unwrap();
+        let ds = ArrayDataset::from_npy(&xp, Some(&yp)).unwrap();
+        assert_eq!(ds.len(), 2);
+        let s = ds.get(1, 0).unwrap();
+        assert_eq!(s.label, Some(9));
+        assert_eq!(s.data.size(), [3, 3, 4]);
+        // Channel 1, row 2, column 3 of image 1 is byte 36 + (2*4+3)*3 + 1 = 70.
+        let v = s.data.double_value(&[1, 2, 3]);
+        assert!((v - (70.0 / 127.5 - 1.0)).abs() < 1e-6, "{v}");
+
+        let f = Tensor::linspace(-1.0, 1.0, 2 * 2 * 2, (Kind::Float, tch::Device::Cpu)).view([2, 2, 2]);
+        let sp = dir.path().join("a.safetensors");
+        Tensor::write_safetensors(&[("images", &f), ("labels", &y)], &sp).unwrap();
+        let ds = ArrayDataset::from_safetensors(&sp, "images", Some("labels")).unwrap();
+        let s = ds.get(1, 0).unwrap();
+        assert_eq!(s.data.size(), [2, 2]);
+        assert!(s.data.allclose(&f.get(1), 0.0, 0.0, false));
+        assert_eq!(s.label, Some(9));
+        let e = ArrayDataset::from_safetensors(&sp, "pixels", None).unwrap_err().to_string();
+        assert!(e.contains("no tensor `pixels`"), "{e}");
+    }
+
+    #[test]
+    fn bad_arrays_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.npy");
+        std::fs::write(&p, b"\x93NUMPY garbage").unwrap();
+        let e = ArrayDataset::from_npy(&p, None).unwrap_err().to_string();
+        assert!(e.contains("bad.npy"), "{e}");
+        let big = dir.path().join("big.npy");
+        Tensor::from_slice(&[0.5f32, 3.0]).view([2, 1]).write_npy(&big).unwrap();
+        let e = ArrayDataset::from_npy(&big, None).unwrap_err().to_string();
+        assert!(e.contains("big.npy") && e.contains("[-1, 1]"), "{e}");
+        let e = ArrayDataset::from_npy(dir.path().join("missing.npy"), None).unwrap_err().to_string();
+        assert!(e.contains("missing.npy"), "{e}");
+    }
+}

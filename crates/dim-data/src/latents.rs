@@ -1,0 +1,478 @@
+//! Latent cache: precomputed latents (from any encoder) written as
+//! safetensors shards plus an `index.json`, read back one sample at a time
+//! with positioned reads so the cache may be far larger than memory.
+//!
+//! Shard `shard-NNNNN.safetensors` holds `latents` `(n, ...)` in the dtype
+//! written and, when labels were given, `labels` `(n)` i64.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::dataset::{check_index, Dataset, RawSample, Sample};
+use crate::error::{DataError, Result};
+
+/// Name of the index file in a latent cache folder.
+pub const LATENT_INDEX: &str = "index.json";
+
+/// One tensor of a safetensors file as found in its header.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TensorEntry {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub data_offsets: [usize; 2],
+}
+
+/// A parsed safetensors header: tensors, free-form metadata and the offset
+/// of the data section in the file.
+#[derive(Debug, Clone)]
+pub(crate) struct Header {
+    pub tensors: BTreeMap<String, TensorEntry>,
+    pub metadata: BTreeMap<String, String>,
+    pub data_start: u64,
+}
+
+pub(crate) fn dtype_name(kind: Kind) -> Option<(&'static str, usize)> {
+    Some(match kind {
+        Kind::Float => ("F32", 4),
+        Kind::Half => ("F16", 2),
+        Kind::BFloat16 => ("BF16", 2),
+        Kind::Double => ("F64", 8),
+        Kind::Uint8 => ("U8", 1),
+        Kind::Int64 => ("I64", 8),
+        _ => return None,
+    })
+}
+
+fn dtype_kind(name: &str) -> Option<(Kind, usize)> {
+    Some(match name {
+        "F32" => (Kind::Float, 4),
+        "F16" => (Kind::Half, 2),
+        "BF16" => (Kind::BFloat16, 2),
+        "F64" => (Kind::Double, 8),
+        "U8" => (Kind::Uint8, 1),
+        "I64" => (Kind::Int64, 8),
+        _ => return None,
+    })
+}
+
+/// Writes a safetensors file from raw little-endian tensors, streaming each
+/// data block so callers need not concatenate them.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &[(&str, &str, Vec<usize>, &[u8])],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
+    }
+    let mut offset = 0usize;
+    for (name, dtype, shape, bytes) in tensors {
+        let entry = TensorEntry {
+            dtype: dtype.to_string(),
+            shape: shape.clone(),
+            data_offsets: [offset, offset + bytes.len()],
+        };
+        offset += bytes.len();
+        header.insert(name.to_string(), serde_json::to_value(entry).expect("plain struct"));
+    }
+    let mut json = serde_json::to_vec(&header).expect("plain map");
+    // The format pads the header with spaces to a multiple of 8 bytes.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let tmp = path.with_extension("partial");
+    let io = |e| DataError::io(&tmp, e);
+    let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
+    f.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+    f.write_all(&json).map_err(io)?;
+    for (_, _, _, bytes) in tensors {
+        f.write_all(bytes).map_err(io)?;
+    }
+    f.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+    // Rename last, so a crash never leaves a half-written file under the final name.
+    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+}
+
+/// Reads and checks the header of a safetensors file.
+pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
+    let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0)
+        .map_err(|_| DataError::corrupt(path, "too short for a safetensors file"))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) || n > 100 << 20 {
+        return Err(DataError::corrupt(path, format!("header length {n} does not fit the file ({len} bytes)")));
+    }
+    let mut json = vec![0u8; n as usize];
+    file.read_exact_at(&mut json, 8).map_err(|e| DataError::io(path, e))?;
+    let mut raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|e| DataError::corrupt(path, format!("bad safetensors header: {e}")))?;
+    let metadata = match raw.remove("__metadata__") {
+        Some(m) => serde_json::from_value(m).map_err(|e| DataError::corrupt(path, format!("bad metadata: {e}")))?,
+        None => BTreeMap::new(),
+    };
+    let data_start = 8 + n;
+    let mut tensors = BTreeMap::new();
+    for (name, v) in raw {
+        let e: TensorEntry =
+            serde_json::from_value(v).map_err(|e| DataError::corrupt(path, format!("bad entry `{name}`: {e}")))?;
+        let (_, size) = dtype_kind(&e.dtype)
+            .ok_or_else(|| DataError::corrupt(path, format!("`{name}` has unsupported dtype {}", e.dtype)))?;
+        let bytes = e.shape.iter().product::<usize>() * size;
+        if e.data_offsets[1] < e.data_offsets[0]
+            || e.data_offsets[1] - e.data_offsets[0] != bytes
+            || data_start + e.data_offsets[1] as u64 > len
+        {
+            return Err(DataError::corrupt(
+                path,
+                format!("`{name}` {:?} does not fit its offsets or the file (truncated?)", e.shape),
+            ));
+        }
+        tensors.insert(name, e);
+    }
+    Ok(Header { tensors, metadata, data_start })
+}
+
+/// One shard in the index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// File name relative to the cache folder.
+    pub file: String,
+    /// Samples in the shard.
+    pub count: usize,
+}
+
+/// The `index.json` of a latent cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatentIndex {
+    /// Format version (1).
+    pub version: u32,
+    /// Total samples.
+    pub count: usize,
+    /// Shape of one latent, e.g. `[4, 32, 32]`.
+    pub sample_shape: Vec<usize>,
+    /// Stored dtype: `F32`, `F16` or `BF16`.
+    pub dtype: String,
+    /// Whether every shard has `labels`.
+    pub has_labels: bool,
+    /// Shards in sample order.
+    pub shards: Vec<ShardInfo>,
+}
+
+/// Writes latents to a cache folder in shards of `shard_size` samples.
+#[derive(Debug)]
+pub struct LatentWriter {
+    dir: PathBuf,
+    shard_size: usize,
+    kind: Option<Kind>,
+    sample_shape: Vec<usize>,
+    has_labels: Option<bool>,
+    buffer: Vec<u8>,
+    labels: Vec<i64>,
+    buffered: usize,
+    shards: Vec<ShardInfo>,
+    count: usize,
+}
+
+impl LatentWriter {
+    /// Creates `dir` (which must not already hold an index).
+    pub fn create(dir: impl AsRef<Path>, shard_size: usize) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if shard_size == 0 {
+            return Err(DataError::config("shard_size", "must be at least 1"));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
+        if dir.join(LATENT_INDEX).exists() {
+            return Err(DataError::corrupt(&dir, "already holds a latent cache (index.json); remove it first"));
+        }
+        Ok(Self {
+            dir,
+            shard_size,
+            kind: None,
+            sample_shape: Vec::new(),
+            has_labels: None,
+            buffer: Vec::new(),
+            labels: Vec::new(),
+            buffered: 0,
+            shards: Vec::new(),
+            count: 0,
+        })
+    }
+
+    /// Appends a batch of latents `(B, ...)` (f32, f16 or bf16, any device)
+    /// with labels `(B)` if the cache is labelled. Every batch must have the
+    /// same per-sample shape, dtype and labelling as the first.
+    pub fn write(&mut self, latents: &Tensor, labels: Option<&Tensor>) -> Result<()> {
+        let shape = latents.size();
+        let kind = latents.kind();
+        let err = |m: String| DataError::corrupt(&self.dir, m);
+        if shape.is_empty() {
+            return Err(err("latents must have a batch dimension".into()));
+        }
+        if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+            return Err(err(format!("latents must be f32, f16 or bf16, got {kind:?}")));
+        }
+        let sample: Vec<usize> = shape[1..].iter().map(|&d| d as usize).collect();
+        if self.kind.is_none() {
+            self.kind = Some(kind);
+            self.sample_shape = sample.clone();
+            self.has_labels = Some(labels.is_some());
+        }
+        if Some(kind) != self.kind || sample != self.sample_shape || Some(labels.is_some()) != self.has_labels {
+            return Err(err(format!(
+                "batch {kind:?} {sample:?} labels={} differs from the first batch {:?} {:?} labels={:?}",
+                labels.is_some(),
+                self.kind,
+                self.sample_shape,
+                self.has_labels
+            )));
+        }
+        let b = shape[0] as usize;
+        let cpu = latents.to_device(tch::Device::Cpu).contiguous();
+        let item = dtype_name(kind).expect("checked").1 * sample.iter().product::<usize>();
+        let mut bytes = vec![0u8; b * item];
+        // Raw bytes of the tensor in its own dtype (little-endian on x86/ARM).
+        let flat = cpu.view_dtype(Kind::Uint8).reshape([-1]);
+        flat.f_copy_data(&mut bytes, b * item)?;
+        let ys: Vec<i64> = match labels {
+            Some(y) => {
+                if y.size() != [b as i64] {
+                    return Err(err(format!("labels have shape {:?}, expected [{b}]", y.size())));
+                }
+                let y = y.to_device(tch::Device::Cpu).to_kind(Kind::Int64).contiguous();
+                let mut v = vec![0i64; b];
+                y.f_copy_data(&mut v, b)?;
+                v
+            }
+            None => Vec::new(),
+        };
+        for i in 0..b {
+            self.buffer.extend_from_slice(&bytes[i * item..(i + 1) * item]);
+            if let Some(&y) = ys.get(i) {
+                self.labels.push(y);
+            }
+            self.buffered += 1;
+            self.count += 1;
+            if self.buffered == self.shard_size {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.buffered == 0 {
+            return Ok(());
+        }
+        let file = format!("shard-{:05}.safetensors", self.shards.len());
+        let dtype = dtype_name(self.kind.expect("set on first write")).expect("checked").0;
+        let mut shape = vec![self.buffered];
+        shape.extend_from_slice(&self.sample_shape);
+        let label_bytes: Vec<u8> = self.labels.iter().flat_map(|y| y.to_le_bytes()).collect();
+        let mut tensors = vec![("latents", dtype, shape, self.buffer.as_slice())];
+        if self.has_labels == Some(true) {
+            tensors.push(("labels", "I64", vec![self.buffered], label_bytes.as_slice()));
+        }
+        write_safetensors(&self.dir.join(&file), &tensors, &BTreeMap::new())?;
+        self.shards.push(ShardInfo { file, count: self.buffered });
+        self.buffer.clear();
+        self.labels.clear();
+        self.buffered = 0;
+        Ok(())
+    }
+
+    /// Writes the last shard and `index.json`; returns the index.
+    pub fn finish(mut self) -> Result<LatentIndex> {
+        self.flush()?;
+        let Some(kind) = self.kind else {
+            return Err(DataError::corrupt(&self.dir, "no latents were written"));
+        };
+        let index = LatentIndex {
+            version: 1,
+            count: self.count,
+            sample_shape: self.sample_shape.clone(),
+            dtype: dtype_name(kind).expect("checked").0.into(),
+            has_labels: self.has_labels == Some(true),
+            shards: self.shards.clone(),
+        };
+        let path = self.dir.join(LATENT_INDEX);
+        let json = serde_json::to_vec_pretty(&index).expect("plain struct");
+        std::fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;
+        tracing::info!(dir = %self.dir.display(), count = index.count, shards = index.shards.len(), "latent cache written");
+        Ok(index)
+    }
+}
+
+#[derive(Debug)]
+struct OpenShard {
+    path: PathBuf,
+    file: File,
+    first: usize,
+    count: usize,
+    latents_at: u64,
+    labels: Option<Vec<i64>>,
+}
+
+/// Reads a latent cache; samples are the stored latents converted to f32
+/// with the stored per-sample shape (e.g. `(4, 32, 32)`), not rescaled.
+#[derive(Debug)]
+pub struct LatentDataset {
+    dir: PathBuf,
+    index: LatentIndex,
+    kind: Kind,
+    item_bytes: usize,
+    shards: Vec<OpenShard>,
+}
+
+impl LatentDataset {
+    /// Opens the cache in `dir` and checks every shard against the index.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let ipath = dir.join(LATENT_INDEX);
+        let text = std::fs::read(&ipath).map_err(|e| DataError::io(&ipath, e))?;
+        let index: LatentIndex =
+            serde_json::from_slice(&text).map_err(|e| DataError::corrupt(&ipath, format!("bad index: {e}")))?;
+        let (kind, size) = dtype_kind(&index.dtype)
+            .filter(|(k, _)| matches!(k, Kind::Float | Kind::Half | Kind::BFloat16))
+            .ok_or_else(|| DataError::corrupt(&ipath, format!("unsupported dtype {}", index.dtype)))?;
+        let item_bytes = size * index.sample_shape.iter().product::<usize>();
+        let mut shards = Vec::with_capacity(index.shards.len());
+        let mut first = 0;
+        for s in &index.shards {
+            let path = dir.join(&s.file);
+            let file = File::open(&path).map_err(|e| DataError::io(&path, e))?;
+            let h = read_header(&path, &file)?;
+            let lat = h
+                .tensors
+                .get("latents")
+                .ok_or_else(|| DataError::corrupt(&path, "no `latents` tensor"))?;
+            let mut want = vec![s.count];
+            want.extend_from_slice(&index.sample_shape);
+            if lat.dtype != index.dtype || lat.shape != want {
+                return Err(DataError::corrupt(
+                    &path,
+                    format!("latents are {} {:?}, the index says {} {want:?}", lat.dtype, lat.shape, index.dtype),
+                ));
+            }
+            let labels = if index.has_labels {
+                let l = h
+                    .tensors
+                    .get("labels")
+                    .filter(|l| l.dtype == "I64" && l.shape == [s.count])
+                    .ok_or_else(|| DataError::corrupt(&path, format!("no `labels` I64 [{}] tensor", s.count)))?;
+                let mut bytes = vec![0u8; s.count * 8];
+                file.read_exact_at(&mut bytes, h.data_start + l.data_offsets[0] as u64)
+                    .map_err(|e| DataError::io(&path, e))?;
+                Some(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+            } else {
+                None
+            };
+            shards.push(OpenShard {
+                latents_at: h.data_start + lat.data_offsets[0] as u64,
+                path,
+                file,
+                first,
+                count: s.count,
+                labels,
+            });
+            first += s.count;
+        }
+        if first != index.count {
+            return Err(DataError::corrupt(&ipath, format!("shards hold {first} samples, the index says {}", index.count)));
+        }
+        tracing::info!(dir = %dir.display(), count = index.count, "latent cache opened");
+        Ok(Self { dir, index, kind, item_bytes, shards })
+    }
+
+    /// The index.
+    pub fn index(&self) -> &LatentIndex {
+        &self.index
+    }
+}
+
+impl Dataset for LatentDataset {
+    fn len(&self) -> usize {
+        self.index.count
+    }
+
+    fn get_raw(&self, _index: usize, _seed: u64) -> Result<RawSample> {
+        Err(DataError::corrupt(&self.dir, "latents are not pixels; pixel transforms do not apply"))
+    }
+
+    fn get(&self, index: usize, _seed: u64) -> Result<Sample> {
+        check_index(index, self.index.count)?;
+        let s = &self.shards[self.shards.partition_point(|s| s.first + s.count <= index)];
+        let k = index - s.first;
+        let mut bytes = vec![0u8; self.item_bytes];
+        s.file
+            .read_exact_at(&mut bytes, s.latents_at + (k * self.item_bytes) as u64)
+            .map_err(|e| DataError::io(&s.path, e))?;
+        let shape: Vec<i64> = self.index.sample_shape.iter().map(|&d| d as i64).collect();
+        let data = Tensor::f_from_data_size(&bytes, &shape, self.kind)?.to_kind(Kind::Float);
+        Ok(Sample { data, label: s.labels.as_ref().map(|l| l[k]) })
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        let max = self.shards.iter().filter_map(|s| s.labels.as_ref()?.iter().max()).max()?;
+        Some(*max as usize + 1)
+    }
+
+    fn describe(&self) -> String {
+        format!("latent cache {}", self.dir.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latents_round_trip_across_shards_and_dtypes() {
+        for kind in [Kind::Float, Kind::Half] {
+            let dir = tempfile::tempdir().unwrap();
+            let cache = dir.path().join("lat");
+            let mut w = LatentWriter::create(&cache, 4).unwrap();
+            let x = Tensor::randn([10, 2, 3, 3], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+            let y = Tensor::arange(10, (Kind::Int64, tch::Device::Cpu)) * 3;
+            w.write(&x.narrow(0, 0, 7), Some(&y.narrow(0, 0, 7))).unwrap();
+            w.write(&x.narrow(0, 7, 3), Some(&y.narrow(0, 7, 3))).unwrap();
+            let index = w.finish().unwrap();
+            assert_eq!(index.shards.iter().map(|s| s.count).collect::<Vec<_>>(), [4, 4, 2]);
+            let ds = LatentDataset::open(&cache).unwrap();
+            assert_eq!(ds.len(), 10);
+            for i in 0..10 {
+                let s = ds.get(i, 0).unwrap();
+                assert_eq!(s.label, Some(3 * i as i64));
+                assert!(s.data.equal(&x.get(i as i64).to_kind(Kind::Float)), "sample {i}");
+            }
+            // The independent `safetensors` crate reads our shards.
+            let bytes = std::fs::read(cache.join("shard-00002.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            assert_eq!(st.tensor("latents").unwrap().shape(), [2, 2, 3, 3]);
+            assert_eq!(st.tensor("labels").unwrap().data().len(), 16);
+        }
+    }
+
+    #[test]
+    fn truncated_shard_and_mixed_batches_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LatentWriter::create(dir.path(), 8).unwrap();
+        w.write(&Tensor::zeros([3, 4], (Kind::Float, tch::Device::Cpu)), None).unwrap();
+        let e = w.write(&Tensor::zeros([3, 5], (Kind::Float, tch::Device::Cpu)), None).unwrap_err();
+        assert!(e.to_string().contains("differs"), "{e}");
+        w.finish().unwrap();
+        let shard = dir.path().join("shard-00000.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        std::fs::write(&shard, &bytes[..bytes.len() - 5]).unwrap();
+        let e = LatentDataset::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("shard-00000.safetensors") && e.contains("truncated"), "{e}");
+        assert!(LatentWriter::create(dir.path(), 8).is_err());
+    }
+}

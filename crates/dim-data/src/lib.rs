@@ -1,0 +1,43 @@
+//! Image and video datasets with fast, resumable loaders for diffusion
+//! training.
+//!
+//! * Sources implement [`Dataset`]: [`IdxDataset`] (MNIST / Fashion-MNIST),
+//!   [`ImageFolder`], [`ArrayDataset`] (`.npy`, safetensors), [`VideoDataset`]
+//!   (video files, frame folders, UCF-101), [`MovingFashionMnist`] and
+//!   [`LatentDataset`] (with [`LatentWriter`] to build the cache).
+//! * [`Transformed`] applies [`Transform`]s (ADM centre crop, flip, pad);
+//!   pixels end up `f32` in `[-1, 1]`, `(C, H, W)` or `(C, T, H, W)`.
+//! * [`Loader`] batches any dataset with worker threads, deterministic
+//!   shuffles, exact resume ([`LoaderState`]) and rank sharding.
+//! * [`DataConfig`] builds a dataset from the `[data]` TOML table.
+//!
+//! See `docs/data.md` for the user guide.
+
+pub mod error;
+pub mod rng;
+
+mod arrays;
+mod config;
+mod dataset;
+mod frames;
+mod idx;
+mod image_folder;
+mod latents;
+mod loader;
+mod moving;
+pub mod video;
+
+pub use arrays::ArrayDataset;
+pub use config::{
+    DataConfig, FashionMnistConfig, IdxConfig, ImageFolderConfig, LatentsConfig, MovingFashionMnistConfig,
+    NpyConfig, SafetensorsConfig, Ucf101Config, VideoFolderConfig,
+};
+pub use dataset::{Dataset, RawSample, Sample, Transformed};
+pub use error::{DataError, Result};
+pub use frames::{Filter, Frames, Transform};
+pub use idx::{IdxDataset, Split, FASHION_MNIST_DIR};
+pub use image_folder::{decode_rgb, ImageFolder};
+pub use latents::{LatentDataset, LatentIndex, LatentWriter, ShardInfo, LATENT_INDEX};
+pub use loader::{sample_seed, Batch, EpochBatches, ErrorPolicy, Loader, LoaderConfig, LoaderState};
+pub use moving::{default_cache_path, MovingConfig, MovingFashionMnist};
+pub use video::{ClipSampling, ClipSource, ClipStart, DecodeOptions, VideoDataset, VideoInfo};

@@ -1,0 +1,687 @@
+//! Video decoding through the FFmpeg libraries (in process, via
+//! `ffmpeg-next`), clip sampling, and the video datasets: a folder of video
+//! files or frame folders, and UCF-101 with its official split files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use ffmpeg_next as ffmpeg;
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::{check_index, Dataset, RawSample};
+use crate::error::{DataError, Result};
+use crate::frames::Frames;
+use crate::idx::Split;
+use crate::rng::{derive, Rng};
+
+/// File extensions treated as videos (case-insensitive).
+pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "avi", "mkv", "webm", "mov", "m4v"];
+/// File extensions treated as images (case-insensitive).
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
+
+fn init_ffmpeg() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        // Decoding problems come back as our errors; FFmpeg's own log lines
+        // would only duplicate them on stderr.
+        let _ = ffmpeg::init();
+        ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Fatal);
+    });
+}
+
+pub(crate) fn has_extension(path: &Path, exts: &[&str]) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+/// Stream facts of a video file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoInfo {
+    /// Frame count: the container's, or counted from the packets when the
+    /// container does not declare one (Matroska, WebM).
+    pub frames: usize,
+    /// Average frame rate (frames per second).
+    pub fps: f64,
+    /// Frame width in pixels.
+    pub width: usize,
+    /// Frame height in pixels.
+    pub height: usize,
+}
+
+fn ff_err(path: &Path, what: &str, e: ffmpeg::Error) -> DataError {
+    DataError::corrupt(path, format!("{what}: {e}"))
+}
+
+fn open_input(path: &Path) -> Result<(ffmpeg::format::context::Input, usize)> {
+    init_ffmpeg();
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(DataError::io(path, e));
+    }
+    let ictx = ffmpeg::format::input(path).map_err(|e| ff_err(path, "cannot open", e))?;
+    let stream = ictx
+        .streams()
+        .best(ffmpeg::media::Type::Video)
+        .ok_or_else(|| DataError::corrupt(path, "no video stream"))?;
+    let index = stream.index();
+    Ok((ictx, index))
+}
+
+/// Reads the stream facts of `path` without decoding pictures.
+pub fn probe(path: &Path) -> Result<VideoInfo> {
+    let (mut ictx, index) = open_input(path)?;
+    let stream = ictx.stream(index).expect("index from best()");
+    let rate = stream.avg_frame_rate();
+    let rate = if rate.denominator() != 0 && rate.numerator() > 0 {
+        rate
+    } else {
+        stream.rate()
+    };
+    let fps = if rate.denominator() != 0 {
+        rate.numerator() as f64 / rate.denominator() as f64
+    } else {
+        0.0
+    };
+    let params = stream.parameters();
+    let (width, height) = unsafe {
+        // SAFETY: `params` wraps a valid AVCodecParameters owned by the stream.
+        let p = &*params.as_ptr();
+        (p.width.max(0) as usize, p.height.max(0) as usize)
+    };
+    let mut frames = stream.frames().max(0) as usize;
+    if frames == 0 {
+        // Matroska/WebM declare no count: count the video packets instead
+        // (one per frame for the codecs used here; no decoding needed).
+        let mut packet = ffmpeg::Packet::empty();
+        loop {
+            match packet.read(&mut ictx) {
+                Ok(()) => frames += usize::from(packet.stream() == index),
+                Err(ffmpeg::Error::Eof) => break,
+                Err(ffmpeg::Error::InvalidData) => continue,
+                Err(e) => return Err(ff_err(path, "reading packets", e)),
+            }
+        }
+    }
+    Ok(VideoInfo {
+        frames,
+        fps,
+        width,
+        height,
+    })
+}
+
+/// Decoder settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// FFmpeg decoder threads per clip; 1 by default because the loader
+    /// already decodes one clip per worker thread.
+    pub threads: usize,
+    /// Fail on damaged data (FFmpeg's `err_recognition = explode`) instead of
+    /// concealing it, so a corrupt clip is reported rather than trained on.
+    pub strict: bool,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self { threads: 1, strict: true }
+    }
+}
+
+/// Decodes the frames at the sorted positions `wanted` (0-based, in decode
+/// order, repeats allowed) of `path` as RGB24 and returns them as a clip
+/// `(T, H, W, 3)`. Decoding stops after the last wanted frame.
+///
+/// Conversion uses swscale with the bicubic flag, as the `ffmpeg` program
+/// does by default, so frames are byte-identical to
+/// `ffmpeg -i FILE -fps_mode passthrough -f rawvideo -pix_fmt rgb24 -`.
+pub fn decode_frames(path: &Path, wanted: &[usize], options: DecodeOptions) -> Result<Frames> {
+    debug_assert!(wanted.windows(2).all(|w| w[0] <= w[1]));
+    let (mut ictx, index) = open_input(path)?;
+    let declared = ictx.stream(index).map_or(0, |s| s.frames().max(0) as usize);
+    let params = ictx.stream(index).expect("index from best()").parameters();
+    let mut ctx = ffmpeg::codec::context::Context::from_parameters(params)
+        .map_err(|e| ff_err(path, "no decoder", e))?;
+    ctx.set_threading(ffmpeg::codec::threading::Config {
+        kind: ffmpeg::codec::threading::Type::Frame,
+        count: options.threads.max(1),
+        ..Default::default()
+    });
+    if options.strict {
+        // SAFETY: `ctx` owns a valid, not yet opened AVCodecContext.
+        unsafe {
+            (*ctx.as_mut_ptr()).err_recognition |= ffmpeg::ffi::AV_EF_EXPLODE as i32;
+        }
+    }
+    let mut decoder = ctx
+        .decoder()
+        .video()
+        .map_err(|e| ff_err(path, "cannot open the decoder", e))?;
+
+    let mut out: Vec<u8> = Vec::new();
+    let (mut w, mut h) = (0usize, 0usize);
+    let mut scaler: Option<ffmpeg::software::scaling::Context> = None;
+    let mut next = 0usize; // position in `wanted`
+    let mut decoded = 0usize; // frames decoded so far
+    let mut frame = ffmpeg::frame::Video::empty();
+    let mut rgb = ffmpeg::frame::Video::empty();
+
+    // Pulls every frame the decoder has ready; returns true when done.
+    let mut drain = |decoder: &mut ffmpeg::decoder::Video| -> Result<bool> {
+        while next < wanted.len() {
+            match decoder.receive_frame(&mut frame) {
+                Ok(()) => {}
+                Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::util::error::EAGAIN => {
+                    return Ok(false)
+                }
+                Err(ffmpeg::Error::Eof) => return Ok(false),
+                Err(e) => return Err(ff_err(path, "decoding", e)),
+            }
+            let k = decoded;
+            decoded += 1;
+            if wanted[next] != k {
+                continue;
+            }
+            let (fw, fh) = (frame.width() as usize, frame.height() as usize);
+            if scaler.is_none() {
+                scaler = Some(
+                    ffmpeg::software::scaling::Context::get(
+                        frame.format(),
+                        frame.width(),
+                        frame.height(),
+                        ffmpeg::format::Pixel::RGB24,
+                        frame.width(),
+                        frame.height(),
+                        ffmpeg::software::scaling::Flags::BICUBIC,
+                    )
+                    .map_err(|e| ff_err(path, "no pixel converter", e))?,
+                );
+                (w, h) = (fw, fh);
+                out.reserve(wanted.len() * w * h * 3);
+            }
+            if (fw, fh) != (w, h) {
+                return Err(DataError::corrupt(
+                    path,
+                    format!("frame size changes mid-stream ({w}x{h} to {fw}x{fh})"),
+                ));
+            }
+            scaler
+                .as_mut()
+                .expect("created above")
+                .run(&frame, &mut rgb)
+                .map_err(|e| ff_err(path, "pixel conversion", e))?;
+            let stride = rgb.stride(0);
+            let data = rgb.data(0);
+            let mut row_block = Vec::with_capacity(w * h * 3);
+            for y in 0..h {
+                row_block.extend_from_slice(&data[y * stride..y * stride + w * 3]);
+            }
+            while next < wanted.len() && wanted[next] == k {
+                out.extend_from_slice(&row_block);
+                next += 1;
+            }
+        }
+        Ok(true)
+    };
+
+    let mut packet = ffmpeg::Packet::empty();
+    let mut done = wanted.is_empty();
+    while !done {
+        match packet.read(&mut ictx) {
+            Ok(()) => {
+                if packet.stream() != index {
+                    continue;
+                }
+                match decoder.send_packet(&packet) {
+                    Ok(()) => {}
+                    Err(ffmpeg::Error::InvalidData) => {
+                        return Err(DataError::corrupt(
+                            path,
+                            format!("invalid data in the packet of frame {decoded}"),
+                        ))
+                    }
+                    Err(e) => return Err(ff_err(path, "decoding", e)),
+                }
+                done = drain(&mut decoder)?;
+            }
+            Err(ffmpeg::Error::Eof) => {
+                let _ = decoder.send_eof();
+                drain(&mut decoder)?;
+                break;
+            }
+            Err(e) => return Err(ff_err(path, "reading packets (truncated file?)", e)),
+        }
+    }
+    if next < wanted.len() {
+        let last = *wanted.last().expect("non-empty");
+        return Err(if declared > decoded {
+            DataError::corrupt(
+                path,
+                format!("decoding ended after {decoded} of the {declared} frames the container declares (truncated file?)"),
+            )
+        } else {
+            DataError::VideoTooShort {
+                path: path.to_path_buf(),
+                frames: decoded,
+                needed: last + 1,
+            }
+        });
+    }
+    let t = wanted.len();
+    Ok(Frames::clip(t, h, w, 3, out))
+}
+
+/// Where a clip starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipStart {
+    /// Uniformly random over all starts that fit (from the sample seed).
+    #[default]
+    Random,
+    /// The middle of the video (for evaluation).
+    Center,
+}
+
+/// How to cut a clip from a video.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClipSampling {
+    /// Frames per clip (T).
+    pub frames: usize,
+    /// Take every `stride`-th source frame. Exclusive with `fps`.
+    pub stride: usize,
+    /// Resample to this frame rate instead of a fixed stride.
+    pub fps: Option<f64>,
+    /// Where the clip starts.
+    pub start: ClipStart,
+    /// Frame rate assumed for frame-image folders (they carry none).
+    pub frame_folder_fps: f64,
+}
+
+impl Default for ClipSampling {
+    fn default() -> Self {
+        Self {
+            frames: 16,
+            stride: 1,
+            fps: None,
+            start: ClipStart::Random,
+            frame_folder_fps: 25.0,
+        }
+    }
+}
+
+impl ClipSampling {
+    /// Checks the settings; errors name keys under `prefix`.
+    pub fn validate(&self, prefix: &str) -> Result<()> {
+        if self.frames == 0 {
+            return Err(DataError::config(format!("{prefix}.frames"), "must be at least 1"));
+        }
+        if self.stride == 0 {
+            return Err(DataError::config(format!("{prefix}.stride"), "must be at least 1"));
+        }
+        if let Some(f) = self.fps {
+            if !(f > 0.0 && f.is_finite()) {
+                return Err(DataError::config(format!("{prefix}.fps"), format!("must be positive, got {f}")));
+            }
+            if self.stride != 1 {
+                return Err(DataError::config(format!("{prefix}.fps"), "give either fps or stride, not both"));
+            }
+        }
+        if !(self.frame_folder_fps > 0.0) {
+            return Err(DataError::config(format!("{prefix}.frame_folder_fps"), "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Source frame positions of one clip from a video of `total` frames at
+    /// `fps`, or `Err(needed)` with the frames a clip needs when too short.
+    pub fn indices(&self, total: usize, fps: f64, rng: &mut Rng) -> std::result::Result<Vec<usize>, usize> {
+        let step = match self.fps {
+            Some(target) if fps > 0.0 => fps / target,
+            _ => self.stride as f64,
+        };
+        let offset = |i: usize| (i as f64 * step).round() as usize;
+        let needed = offset(self.frames - 1) + 1;
+        if total < needed {
+            return Err(needed);
+        }
+        let slack = total - needed;
+        let start = match self.start {
+            ClipStart::Random => rng.below(slack as u64 + 1) as usize,
+            ClipStart::Center => slack / 2,
+        };
+        Ok((0..self.frames).map(|i| start + offset(i)).collect())
+    }
+}
+
+/// One clip on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClipSource {
+    /// A video file decoded with FFmpeg.
+    File(PathBuf),
+    /// A folder of frame images (JPEG/PNG), in natural name order.
+    FrameFolder(PathBuf),
+}
+
+impl ClipSource {
+    /// The file or folder.
+    pub fn path(&self) -> &Path {
+        match self {
+            ClipSource::File(p) | ClipSource::FrameFolder(p) => p,
+        }
+    }
+}
+
+/// Sort key that orders `frame_2` before `frame_10`.
+fn natural_key(name: &str) -> Vec<(String, u64)> {
+    let mut parts = Vec::new();
+    let mut text = String::new();
+    let mut num: Option<u64> = None;
+    for ch in name.chars() {
+        if let Some(d) = ch.to_digit(10) {
+            num = Some(num.unwrap_or(0).saturating_mul(10).saturating_add(d as u64));
+        } else {
+            if let Some(n) = num.take() {
+                parts.push((std::mem::take(&mut text), n));
+            }
+            text.push(ch);
+        }
+    }
+    parts.push((text, num.unwrap_or(0)));
+    parts
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut v = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| DataError::io(dir, e))?;
+        let name = entry.file_name();
+        // Hidden files (.DS_Store, editor droppings) are never samples.
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        v.push(entry.path());
+    }
+    v.sort_by_cached_key(|p| natural_key(&p.file_name().unwrap_or_default().to_string_lossy()));
+    Ok(v)
+}
+
+pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    sorted_entries(dir)
+}
+
+fn frame_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_file() && has_extension(p, IMAGE_EXTENSIONS))
+        .collect())
+}
+
+/// Clips of one folder: video files and sub-folders of frame images.
+fn clips_in(dir: &Path) -> Result<Vec<ClipSource>> {
+    let mut clips = Vec::new();
+    for p in sorted_entries(dir)? {
+        if p.is_dir() {
+            if !frame_images(&p)?.is_empty() {
+                clips.push(ClipSource::FrameFolder(p));
+            }
+        } else if has_extension(&p, VIDEO_EXTENSIONS) {
+            clips.push(ClipSource::File(p));
+        }
+    }
+    Ok(clips)
+}
+
+/// Video clips with optional class labels; every sample is `(3, T, H, W)`.
+#[derive(Debug, Clone)]
+pub struct VideoDataset {
+    name: String,
+    clips: Vec<(ClipSource, Option<i64>)>,
+    classes: Vec<String>,
+    sampling: ClipSampling,
+    decode: DecodeOptions,
+}
+
+impl VideoDataset {
+    /// Clips given directly, with `classes` naming label values.
+    pub fn from_clips(
+        name: impl Into<String>,
+        clips: Vec<(ClipSource, Option<i64>)>,
+        classes: Vec<String>,
+        sampling: ClipSampling,
+    ) -> Result<Self> {
+        sampling.validate("clip")?;
+        Ok(Self {
+            name: name.into(),
+            clips,
+            classes,
+            sampling,
+            decode: DecodeOptions::default(),
+        })
+    }
+
+    /// A folder of clips (video files or frame-image folders). With
+    /// `classes`, each sub-folder of `root` is a class (sorted names, labels
+    /// `0..`); without, the clips of `root` itself, unlabelled.
+    pub fn folder(root: impl AsRef<Path>, classes: bool, sampling: ClipSampling) -> Result<Self> {
+        let root = root.as_ref();
+        let mut clips = Vec::new();
+        let mut names = Vec::new();
+        if classes {
+            for p in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+                let label = names.len() as i64;
+                names.push(p.file_name().unwrap_or_default().to_string_lossy().into_owned());
+                clips.extend(clips_in(&p)?.into_iter().map(|c| (c, Some(label))));
+            }
+        } else {
+            clips = clips_in(root)?.into_iter().map(|c| (c, None)).collect();
+        }
+        if clips.is_empty() {
+            return Err(DataError::Empty {
+                path: root.to_path_buf(),
+                what: format!(
+                    "video files ({}) or frame folders{}",
+                    VIDEO_EXTENSIONS.join(", "),
+                    if classes { " in class sub-folders" } else { "" }
+                ),
+            });
+        }
+        tracing::info!(root = %root.display(), clips = clips.len(), classes = names.len(), "video folder");
+        Self::from_clips(format!("video folder {}", root.display()), clips, names, sampling)
+    }
+
+    /// UCF-101: `root/<Class>/v_<Class>_gXX_cYY.avi` (or a folder of frame
+    /// images with the same path minus `.avi`), and `splits` holding
+    /// `classInd.txt`, `trainlist0N.txt` and `testlist0N.txt`. `fold` is 1–3.
+    /// Labels are `classInd` indices minus one.
+    pub fn ucf101(
+        root: impl AsRef<Path>,
+        splits: impl AsRef<Path>,
+        fold: u8,
+        split: Split,
+        sampling: ClipSampling,
+    ) -> Result<Self> {
+        let (root, splits) = (root.as_ref(), splits.as_ref());
+        if !(1..=3).contains(&fold) {
+            return Err(DataError::config("data.fold", format!("UCF-101 has folds 1, 2, 3; got {fold}")));
+        }
+        let read = |name: &str| -> Result<(PathBuf, String)> {
+            let p = splits.join(name);
+            let text = std::fs::read_to_string(&p).map_err(|e| {
+                DataError::io(&p, std::io::Error::new(e.kind(), format!("missing or unreadable UCF-101 split file: {e}")))
+            })?;
+            Ok((p, text))
+        };
+        let (ind_path, ind) = read("classInd.txt")?;
+        let mut classes = BTreeMap::new();
+        for (n, line) in ind.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let mut it = line.split_whitespace();
+            let (Some(id), Some(name), None) = (it.next(), it.next(), it.next()) else {
+                return Err(DataError::corrupt(&ind_path, format!("line {}: expected `<index> <class>`", n + 1)));
+            };
+            let id: i64 = id
+                .parse()
+                .map_err(|_| DataError::corrupt(&ind_path, format!("line {}: bad class index `{id}`", n + 1)))?;
+            classes.insert(name.to_string(), id - 1);
+        }
+        if classes.is_empty() {
+            return Err(DataError::corrupt(&ind_path, "no classes"));
+        }
+        let list = match split {
+            Split::Train => format!("trainlist0{fold}.txt"),
+            Split::Test => format!("testlist0{fold}.txt"),
+        };
+        let (list_path, text) = read(&list)?;
+        let mut clips = Vec::new();
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let rel = line.split_whitespace().next().expect("non-empty line");
+            let class = rel.split('/').next().unwrap_or_default();
+            let label = *classes.get(class).ok_or_else(|| {
+                DataError::corrupt(&list_path, format!("line {}: class `{class}` is not in classInd.txt", n + 1))
+            })?;
+            let file = root.join(rel);
+            let source = if file.is_file() {
+                ClipSource::File(file)
+            } else if file.with_extension("").is_dir() {
+                ClipSource::FrameFolder(file.with_extension(""))
+            } else {
+                return Err(DataError::io(
+                    &file,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("listed in {} line {} but neither the video nor a frame folder exists", list_path.display(), n + 1),
+                    ),
+                ));
+            };
+            clips.push((source, Some(label)));
+        }
+        if clips.is_empty() {
+            return Err(DataError::corrupt(&list_path, "the split lists no clips"));
+        }
+        let names = classes.into_iter().map(|(name, _)| name).collect::<Vec<_>>();
+        tracing::info!(list = %list_path.display(), clips = clips.len(), "UCF-101");
+        Self::from_clips(format!("UCF-101 {}", list_path.display()), clips, names, sampling)
+    }
+
+    /// Sets decoder options (threads per clip).
+    pub fn with_decode_options(mut self, options: DecodeOptions) -> Self {
+        self.decode = options;
+        self
+    }
+
+    /// The clips and labels.
+    pub fn clips(&self) -> &[(ClipSource, Option<i64>)] {
+        &self.clips
+    }
+
+    /// Class names, indexed by label.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// The clip of `index`, `(T, H, W, 3)` at the source resolution.
+    pub fn load_clip(&self, index: usize, seed: u64) -> Result<Frames> {
+        check_index(index, self.clips.len())?;
+        let source = &self.clips[index].0;
+        let mut rng = Rng::new(derive(seed, &[0x636c6970]));
+        match source {
+            ClipSource::File(path) => {
+                let info = probe(path)?;
+                let wanted = self
+                    .sampling
+                    .indices(info.frames, info.fps, &mut rng)
+                    .map_err(|needed| DataError::VideoTooShort {
+                        path: path.clone(),
+                        frames: info.frames,
+                        needed,
+                    })?;
+                decode_frames(path, &wanted, self.decode)
+            }
+            ClipSource::FrameFolder(dir) => {
+                let files = frame_images(dir)?;
+                let wanted = self
+                    .sampling
+                    .indices(files.len(), self.sampling.frame_folder_fps, &mut rng)
+                    .map_err(|needed| DataError::VideoTooShort {
+                        path: dir.clone(),
+                        frames: files.len(),
+                        needed,
+                    })?;
+                let mut data = Vec::new();
+                let mut size = None;
+                for &i in &wanted {
+                    let img = crate::image_folder::decode_rgb(&files[i])?;
+                    let dims = (img.h, img.w);
+                    if *size.get_or_insert(dims) != dims {
+                        return Err(DataError::corrupt(
+                            &files[i],
+                            format!("frame is {}x{}, earlier frames of the clip are {}x{}", dims.1, dims.0, size.unwrap().1, size.unwrap().0),
+                        ));
+                    }
+                    data.extend_from_slice(&img.data);
+                }
+                let (h, w) = size.unwrap_or((0, 0));
+                Ok(Frames::clip(wanted.len(), h, w, 3, data))
+            }
+        }
+    }
+}
+
+impl Dataset for VideoDataset {
+    fn len(&self) -> usize {
+        self.clips.len()
+    }
+
+    fn get_raw(&self, index: usize, seed: u64) -> Result<RawSample> {
+        let frames = self.load_clip(index, seed)?;
+        Ok(RawSample {
+            frames,
+            label: self.clips[index].1,
+        })
+    }
+
+    fn num_classes(&self) -> Option<usize> {
+        (!self.classes.is_empty()).then_some(self.classes.len())
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_indices_respect_stride_fps_and_start() {
+        let mut rng = Rng::new(1);
+        let s = ClipSampling { frames: 4, stride: 2, start: ClipStart::Center, ..Default::default() };
+        // Needs 7 frames; 11 frames leave slack 4, centre start 2.
+        assert_eq!(s.indices(11, 25.0, &mut rng), Ok(vec![2, 4, 6, 8]));
+        assert_eq!(s.indices(6, 25.0, &mut rng), Err(7));
+        let f = ClipSampling { frames: 3, fps: Some(10.0), start: ClipStart::Center, ..Default::default() };
+        // 30 fps to 10 fps: every third frame; needs 7; slack 0.
+        assert_eq!(f.indices(7, 30.0, &mut rng), Ok(vec![0, 3, 6]));
+        let r = ClipSampling { frames: 2, ..Default::default() };
+        let starts: std::collections::BTreeSet<usize> =
+            (0..200).map(|_| r.indices(5, 25.0, &mut rng).unwrap()[0]).collect();
+        assert_eq!(starts.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn clip_sampling_validation_names_keys() {
+        let bad = ClipSampling { fps: Some(8.0), stride: 2, ..Default::default() };
+        assert!(bad.validate("data.clip").unwrap_err().to_string().contains("data.clip.fps"));
+        let zero = ClipSampling { frames: 0, ..Default::default() };
+        assert!(zero.validate("data.clip").unwrap_err().to_string().contains("data.clip.frames"));
+    }
+
+    #[test]
+    fn natural_order_puts_2_before_10() {
+        let mut v = vec!["f10.jpg", "f2.jpg", "f1.jpg"];
+        v.sort_by_cached_key(|s| natural_key(s));
+        assert_eq!(v, vec!["f1.jpg", "f2.jpg", "f10.jpg"]);
+    }
+}

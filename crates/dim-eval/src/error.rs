@@ -1,0 +1,48 @@
+//! Errors of the metrics and feature networks.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while computing metrics or loading a feature network.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// Inputs with the wrong rank, size or dtype.
+    #[error("{what}: {detail}")]
+    Shape {
+        /// Which input.
+        what: &'static str,
+        /// What was expected and what came.
+        detail: String,
+    },
+    /// Too few samples for the statistic asked for.
+    #[error("{what}: need at least {need} samples, got {got}")]
+    TooFewSamples {
+        /// Which statistic.
+        what: &'static str,
+        /// Minimum count.
+        need: usize,
+        /// Actual count.
+        got: usize,
+    },
+    /// A weights file whose tensors do not match the network.
+    #[error("weights file {path}: {detail}")]
+    Weights {
+        /// The file.
+        path: PathBuf,
+        /// Which names/shapes are wrong, and what to do.
+        detail: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An error raised by libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = EvalError> = std::result::Result<T, E>;

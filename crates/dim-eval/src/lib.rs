@@ -1,0 +1,29 @@
+//! Sample-quality metrics for diffusion models.
+//!
+//! - [`frechet`]: Gaussian feature statistics accumulated in f64 and the
+//!   Fréchet distance between two of them (FID when the features are
+//!   Inception-v3 pool features), with a stable symmetric matrix square root.
+//! - [`precision_recall`]: improved precision and recall (Kynkäänniemi et al.
+//!   2019) from k-nearest-neighbour radii.
+//! - [`FeatureExtractor`]: the pluggable feature network; [`inception`] is
+//!   Inception-v3 with the FID weights (`pt_inception-2015-12-05`, converted to
+//!   safetensors by the user, see `docs/eval.md`), [`classifier`] a small
+//!   Fashion-MNIST classifier trained by the project (`dim train-features`).
+//!
+//! Image tensors everywhere are `(N, C, H, W)` floats in `[-1, 1]`.
+
+pub mod classifier;
+mod error;
+pub mod features;
+pub mod frechet;
+pub mod inception;
+pub mod precision_recall;
+mod weights;
+
+pub use classifier::{ClassifierTrainConfig, FmnistClassifier};
+pub use error::{EvalError, Result};
+pub use features::{extract_features, FeatureExtractor};
+pub use frechet::{frechet_distance, FeatureStats, GaussianStats};
+pub use inception::InceptionV3;
+pub use precision_recall::{precision_recall, PrecisionRecall};
+pub use weights::load_checked;

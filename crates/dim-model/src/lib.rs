@@ -1,0 +1,25 @@
+//! The DiM network (Diffusion Mamba: DiT's diffusion backbone with
+//! self-attention replaced by a bidirectional selective-state-space scan) and
+//! a DiT baseline built from the same parts, on tch, for images and video.
+//!
+//! - [`ModelConfig`]: typed config read from TOML, presets `"DiM-XL/2"`,
+//!   `"DiT-B/4"`, …, closed-form [`ModelConfig::param_count`] and
+//!   [`ModelConfig::flops`].
+//! - [`Model`]: `Model::new(vs.root(), &cfg)?`, then
+//!   `model.forward(&x, &t, y, train)?` with `x (B, C, H, W)` or
+//!   `(B, C, T, H, W)`, `t (B)`, `y (B)` → `(B, C_out, …)`; the network is in
+//!   one file, [`network`].
+//! - [`save_checkpoint`] / [`load_checkpoint`]: safetensors with the config in
+//!   the header.
+//!
+//! See `docs/model.md`.
+
+mod checkpoint;
+mod config;
+mod error;
+pub mod network;
+
+pub use checkpoint::{load_checkpoint, load_weights, save_checkpoint, Checkpoint, CONFIG_KEY, FORMAT_KEY};
+pub use config::{Arch, FlopCount, LayerOrder, ModelConfig, TokenGrid, TokenOrder, TIMESTEP_FREQ_DIM};
+pub use error::{ModelError, Result};
+pub use network::Model;

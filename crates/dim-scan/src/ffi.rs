@@ -1,0 +1,177 @@
+//! The bridge to the native autograd op (`csrc/scan_op.cpp`) and the C ABI
+//! of `kernels/selective_scan.h`, mirrored here field for field.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::Once;
+
+use tch::Tensor;
+
+use crate::op::Dims;
+use crate::{ScanError, ScanInputs, ScanOptions};
+
+pub(crate) const MAX_DIRS: usize = 2;
+
+/// `dim_scan_dir`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct DirParams {
+    pub u: *const c_void,
+    pub delta: *const c_void,
+    pub a: *const f32,
+    pub b: *const c_void,
+    pub c: *const c_void,
+    pub d: *const f32,
+    pub delta_bias: *const f32,
+    pub reverse: i32,
+}
+
+/// `dim_scan_dir_grads`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct DirGrads {
+    pub du: *mut c_void,
+    pub ddelta: *mut c_void,
+    pub da: *mut f32,
+    pub db: *mut f32,
+    pub dc: *mut f32,
+    pub dd: *mut f32,
+    pub ddelta_bias: *mut f32,
+}
+
+/// `dim_scan_params`.
+#[repr(C)]
+pub(crate) struct Params {
+    pub batch: i64,
+    pub dim: i64,
+    pub seqlen: i64,
+    pub dstate: i64,
+    pub ngroups: i64,
+    pub ndirs: i32,
+    pub dtype: i32,
+    pub delta_softplus: i32,
+    pub deterministic: i32,
+    pub dir: [DirParams; MAX_DIRS],
+    pub z: *const c_void,
+    pub y: *mut c_void,
+    pub dy: *const c_void,
+    pub grad: [DirGrads; MAX_DIRS],
+    pub dz: *mut c_void,
+    pub saved: *mut c_void,
+    pub workspace: *mut c_void,
+}
+
+pub(crate) const DTYPE_F32: i32 = 0;
+pub(crate) const DTYPE_BF16: i32 = 1;
+pub(crate) const DTYPE_F16: i32 = 2;
+
+type CpuFn = extern "C" fn(*const Params) -> c_int;
+
+extern "C" {
+    fn dim_scan_set_cpu_impl(fwd: CpuFn, bwd: CpuFn);
+    fn dim_scan_apply(
+        inputs: *mut *mut c_void,
+        n: c_int,
+        flags: i64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+    fn dim_smoke_apply(
+        out: *mut c_void,
+        x: *mut c_void,
+        alpha: f32,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+    fn dim_cuda_peak_memory(
+        device: c_int,
+        out: *mut u64,
+        reset: c_int,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+}
+
+/// Calls a native function that reports failure through an error buffer.
+fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), ScanError> {
+    let mut err = [0 as c_char; 1024];
+    if call(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the native side always NUL-terminates within the buffer.
+    let msg = unsafe { CStr::from_ptr(err.as_ptr()) };
+    Err(ScanError::Native(msg.to_string_lossy().into_owned()))
+}
+
+fn handle(t: Option<&Tensor>) -> *mut c_void {
+    t.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut c_void)
+}
+
+static REGISTER_CPU: Once = Once::new();
+
+/// Runs the autograd op. `dirs` are validated; `reverse` only matters for one direction.
+pub(crate) fn apply(
+    dirs: &[ScanInputs<'_>],
+    reverse: bool,
+    z: Option<&Tensor>,
+    opts: ScanOptions,
+    _dims: Dims,
+) -> Result<Tensor, ScanError> {
+    REGISTER_CPU.call_once(|| {
+        // SAFETY: plain function pointers with the C signature the shim expects.
+        unsafe { dim_scan_set_cpu_impl(crate::cpu::ffi_forward, crate::cpu::ffi_backward) }
+    });
+    let mut inputs: Vec<*mut c_void> = Vec::with_capacity(dirs.len() * 7 + 1);
+    for x in dirs {
+        inputs.extend([
+            handle(Some(x.u)),
+            handle(Some(x.delta)),
+            handle(Some(x.a)),
+            handle(Some(x.b)),
+            handle(Some(x.c)),
+            handle(x.d),
+            handle(x.delta_bias),
+        ]);
+    }
+    inputs.push(handle(z));
+    let flags = dirs.len() as i64
+        | (i64::from(reverse) << 2)
+        | (i64::from(opts.delta_softplus) << 3)
+        | (i64::from(opts.deterministic) << 4);
+    let mut out: *mut c_void = std::ptr::null_mut();
+    checked(|err, len| {
+        // SAFETY: every non-null entry is a live tch tensor handle (at::Tensor*)
+        // borrowed for the call; `out` receives a new at::Tensor* on success.
+        unsafe {
+            dim_scan_apply(
+                inputs.as_mut_ptr(),
+                inputs.len() as c_int,
+                flags,
+                &mut out,
+                err,
+                len,
+            )
+        }
+    })?;
+    // SAFETY: `out` is a heap at::Tensor* created by the shim, now owned here.
+    Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+}
+
+/// `out = alpha * x + [0, 1, 2, ...]` by the smoke kernel, on libtorch's current
+/// CUDA stream. `x`, `out`: contiguous f32 CUDA tensors of equal size.
+pub(crate) fn smoke_axpy_iota(out: &Tensor, x: &Tensor, alpha: f32) -> Result<(), ScanError> {
+    checked(|err, len| {
+        // SAFETY: live tensor handles borrowed for the call.
+        unsafe { dim_smoke_apply(handle(Some(out)), handle(Some(x)), alpha, err, len) }
+    })
+}
+
+/// Peak (or, with `reset`, resets the peak of) bytes allocated by libtorch on a CUDA device.
+pub(crate) fn cuda_peak_memory(device: usize, reset: bool) -> Result<u64, ScanError> {
+    let mut bytes = 0u64;
+    checked(|err, len| {
+        // SAFETY: `bytes` outlives the call.
+        unsafe { dim_cuda_peak_memory(device as c_int, &mut bytes, c_int::from(reset), err, len) }
+    })?;
+    Ok(bytes)
+}

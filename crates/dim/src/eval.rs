@@ -1,0 +1,213 @@
+//! `dim eval` (FID and precision/recall between two image sets) and
+//! `dim train-features` (the Fashion-MNIST feature classifier).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use dim_data::{DataConfig, Dataset, FashionMnistConfig, Split, Transform};
+use dim_eval::{
+    extract_features, frechet_distance, precision_recall, ClassifierTrainConfig, FeatureExtractor, FmnistClassifier,
+    GaussianStats, InceptionV3,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::train::resolve_device;
+
+/// Where a set of images comes from.
+pub enum Source {
+    /// A dataset described by dim-data (e.g. Fashion-MNIST test, padded to 32).
+    Dataset(Arc<dyn Dataset>, String),
+    /// A tensor `(N, C, H, W)` in `[-1, 1]` (what `dim sample` writes as `samples.safetensors`).
+    Tensor(Tensor, String),
+}
+
+/// Fashion-MNIST `split`, padded to 32×32 as the project's models see it.
+pub fn fashion_mnist(split: Split) -> DataConfig {
+    DataConfig::FashionMnist(FashionMnistConfig {
+        dir: None,
+        split,
+        transforms: vec![Transform::Pad { size: 32, value: 0 }],
+    })
+}
+
+/// Parses `fashion-mnist:train|test`, a folder or file written by
+/// `dim sample` (`samples.safetensors`), or a TOML file with a `[data]` table.
+pub fn parse_source(spec: &str) -> Result<Source> {
+    let ds = |cfg: DataConfig| -> Result<Source> { Ok(Source::Dataset(cfg.build()?, spec.to_string())) };
+    match spec {
+        "fashion-mnist:train" => return ds(fashion_mnist(Split::Train)),
+        "fashion-mnist:test" => return ds(fashion_mnist(Split::Test)),
+        _ => {}
+    }
+    let p = Path::new(spec);
+    let file = if p.is_dir() { p.join("samples.safetensors") } else { p.to_path_buf() };
+    match file.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => {
+            let t = Tensor::read_safetensors(&file)
+                .with_context(|| format!("cannot read {} (expected the samples.safetensors `dim sample` writes)", file.display()))?;
+            let x = t
+                .into_iter()
+                .find(|(k, _)| k == "samples")
+                .with_context(|| format!("{} has no `samples` tensor", file.display()))?
+                .1;
+            Ok(Source::Tensor(x, spec.to_string()))
+        }
+        Some("toml") => ds(DataConfig::from_file(&file)?),
+        _ => bail!("cannot read images from `{spec}`: give fashion-mnist:train, fashion-mnist:test, a `dim sample` output folder, a .safetensors file or a config .toml with [data]"),
+    }
+}
+
+impl Source {
+    fn len(&self) -> usize {
+        match self {
+            Source::Dataset(d, _) => d.len(),
+            Source::Tensor(t, _) => t.size()[0] as usize,
+        }
+    }
+
+    /// Images `first .. first + n` as `(n, C, H, W)` (video clips are flattened to frames).
+    fn batch(&self, first: usize, n: usize) -> Result<Tensor> {
+        let x = match self {
+            Source::Dataset(d, _) => {
+                let items: Vec<Tensor> = (first..first + n).map(|i| Ok(d.get(i, 0)?.data)).collect::<Result<_>>()?;
+                Tensor::stack(&items, 0)
+            }
+            Source::Tensor(t, _) => t.narrow(0, first as i64, n as i64),
+        };
+        Ok(if x.dim() == 5 {
+            let s = x.size();
+            x.transpose(1, 2).reshape([s[0] * s[2], s[1], s[3], s[4]])
+        } else {
+            x
+        })
+    }
+
+    /// Features `(N, F)` of the first `limit` images (0 = all).
+    fn features(&self, ext: &dyn FeatureExtractor, limit: usize, batch: usize) -> Result<Tensor> {
+        let n = if limit > 0 { limit.min(self.len()) } else { self.len() };
+        let name = match self {
+            Source::Dataset(_, s) | Source::Tensor(_, s) => s.clone(),
+        };
+        let bar = ProgressBar::new(n as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} features {msg} [{bar:30}] {pos}/{len}, ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(name);
+        let mut batches = Vec::new();
+        for first in (0..n).step_by(batch) {
+            let b = batch.min(n - first);
+            batches.push(self.batch(first, b)?);
+            bar.inc(b as u64);
+        }
+        let f = extract_features(ext, batches)?;
+        bar.finish_and_clear();
+        Ok(f)
+    }
+}
+
+/// Loads the feature network named `kind`.
+pub fn feature_network(kind: &str, weights: &Path, device: Device) -> Result<Box<dyn FeatureExtractor>> {
+    Ok(match kind {
+        "fmnist-classifier" => Box::new(FmnistClassifier::load(weights, device).with_context(|| {
+            "the Fashion-MNIST feature classifier: create it with `dim train-features` (or pass --weights)".to_string()
+        })?),
+        "inception" => Box::new(
+            InceptionV3::load(weights, device)
+                .context("Inception-v3 FID weights: convert pt_inception-2015-12-05 to safetensors, see docs/eval.md")?,
+        ),
+        k => bail!("unknown feature network `{k}`: use fmnist-classifier or inception"),
+    })
+}
+
+/// Metrics of one comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub fid: f64,
+    pub precision: f64,
+    pub recall: f64,
+    pub k: usize,
+    pub num_generated: usize,
+    pub num_reference: usize,
+    pub features: String,
+    pub generated: String,
+    pub reference: String,
+}
+
+/// FID and precision/recall of `generated` against `reference`.
+pub fn evaluate(
+    generated: &str,
+    reference: &str,
+    ext: &dyn FeatureExtractor,
+    num: usize,
+    k: usize,
+    batch: usize,
+) -> Result<EvalReport> {
+    let g = parse_source(generated)?;
+    let r = parse_source(reference)?;
+    let fg = g.features(ext, num, batch)?;
+    let fr = r.features(ext, 0, batch)?;
+    let fid = frechet_distance(&GaussianStats::from_features(&fg)?, &GaussianStats::from_features(&fr)?)?;
+    // Precision/recall compares equally many samples (the paper's setting).
+    let m = fg.size()[0].min(fr.size()[0]);
+    let pr = precision_recall(&fr.narrow(0, 0, m), &fg.narrow(0, 0, m), k, 1024)?;
+    Ok(EvalReport {
+        fid,
+        precision: pr.precision,
+        recall: pr.recall,
+        k,
+        num_generated: fg.size()[0] as usize,
+        num_reference: fr.size()[0] as usize,
+        features: ext.name().to_string(),
+        generated: generated.to_string(),
+        reference: reference.to_string(),
+    })
+}
+
+/// `dim train-features`: trains the classifier on Fashion-MNIST train,
+/// reports test accuracy, and writes the weights. Returns the accuracy.
+pub fn train_features(out: &Path, cfg: &ClassifierTrainConfig, device: &str) -> Result<f64> {
+    let device = resolve_device(device)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::images::ensure_writable_dir(dir)?;
+    }
+    let load = |split| -> Result<(Tensor, Tensor)> {
+        let d = fashion_mnist(split).build()?;
+        let mut xs = Vec::with_capacity(d.len());
+        let mut ys = Vec::with_capacity(d.len());
+        for i in 0..d.len() {
+            let s = d.get(i, 0)?;
+            xs.push(s.data);
+            ys.push(s.label.context("Fashion-MNIST sample without a label")?);
+        }
+        Ok((Tensor::stack(&xs, 0), Tensor::from_slice(&ys)))
+    };
+    let (x, y) = load(Split::Train)?;
+    let (tx, ty) = load(Split::Test)?;
+    let mut net = FmnistClassifier::new(device);
+    let steps = cfg.epochs as u64 * (x.size()[0] as u64).div_ceil(cfg.batch_size as u64);
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} train-features [{bar:30}] {pos}/{len}, ETA {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    net.train(&x, &y.to_kind(Kind::Int64), cfg, &mut |_, _, loss| {
+        bar.inc(1);
+        bar.set_message(format!("loss {loss:.3}"));
+    })?;
+    bar.finish_and_clear();
+    let acc = net.accuracy(&tx, &ty, 1000)?;
+    net.save(out)?;
+    tracing::info!(accuracy = acc, path = %out.display(), "feature classifier written");
+    Ok(acc)
+}
+
+/// The default weights path of the feature classifier.
+pub fn default_features_path() -> PathBuf {
+    PathBuf::from("runs/features/fmnist_classifier.safetensors")
+}

@@ -1,0 +1,1 @@
+//! `dim ops`: run single ops from files (owned by the scan developer).

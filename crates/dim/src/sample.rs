@@ -1,0 +1,212 @@
+//! `dim sample`: images (PNG files and a grid) or videos (GIF files and
+//! frame strips) from a training checkpoint, in batches, with progress.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use dim_diffusion::{Diffusion, SampleOptions, SamplerConfig, SamplerKind};
+use dim_model::ModelConfig;
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::TrainConfig;
+use crate::images;
+use crate::train::{diffusion_config, model_config, resolve_device, Net};
+
+/// A network restored from a training checkpoint, with its diffusion setup.
+pub struct Restored {
+    pub net: Net,
+    pub diffusion: Diffusion,
+    pub sampler: SamplerConfig,
+    pub cfg: TrainConfig,
+    pub step: u64,
+}
+
+/// Loads `path` onto `device`, with the EMA weights (`ema = true`, the
+/// default for sampling) or the raw training weights.
+pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
+    let ck = Checkpoint::load(path)?;
+    let table: toml::Table = ck
+        .meta("config", path)?
+        .parse()
+        .with_context(|| format!("checkpoint {}: its embedded config is not valid TOML", path.display()))?;
+    let cfg = TrainConfig::from_table(table, &format!("{} (embedded config)", path.display()))?;
+    let mcfg = model_config(&cfg)?;
+    let dcfg = diffusion_config(&cfg)?;
+    let net = Net::new(&mcfg, device)?;
+    let group = if ema { "ema" } else { "model" };
+    let mut weights = ck.group(group);
+    if ema {
+        // The EMA holds trainable weights only; buffers come from the model.
+        for (k, v) in ck.group("model") {
+            weights.entry(k).or_insert(v);
+        }
+    }
+    net.load(&weights, &format!("checkpoint {}", path.display()))?;
+    let diffusion = Diffusion::new(&dcfg.diffusion)?;
+    let step = ck.meta("step", path)?.parse()?;
+    Ok(Restored {
+        net,
+        diffusion,
+        sampler: dcfg.sampler,
+        cfg,
+        step,
+    })
+}
+
+/// Parses a sampler name as used on the command line.
+pub fn parse_sampler(s: &str) -> Result<SamplerKind> {
+    Ok(match s {
+        "ddpm" => SamplerKind::Ddpm,
+        "ddim" => SamplerKind::Ddim,
+        "dpm++" | "dpm++2m" => SamplerKind::DpmSolverPp2M,
+        "euler" => SamplerKind::Euler,
+        "heun" => SamplerKind::Heun,
+        _ => bail!("unknown sampler `{s}`: use ddpm, ddim, dpm++, euler or heun"),
+    })
+}
+
+/// The shape of one sample `(C, H, W)` or `(C, T, H, W)`.
+pub fn sample_shape(cfg: &ModelConfig) -> Vec<i64> {
+    let [h, w] = cfg.input_size;
+    if cfg.is_video() {
+        vec![cfg.in_channels, cfg.frames, h, w]
+    } else {
+        vec![cfg.in_channels, h, w]
+    }
+}
+
+/// Generates `n` samples in batches of `batch` → `(n, C, …)` f32 in
+/// `[-1, 1]` on the CPU. Labels: `class` for all, or `0, 1, …` cycling for
+/// class-conditional models. Sample `i`'s noise depends only on `(seed, i)`.
+pub fn generate(
+    net: &Net,
+    diffusion: &Diffusion,
+    sampler: &SamplerConfig,
+    n: i64,
+    batch: i64,
+    class: Option<i64>,
+    seed: u64,
+    bar: Option<&ProgressBar>,
+) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let device = net.vs.device();
+    let mut out = Vec::new();
+    let shape = sample_shape(&net.cfg);
+    let mut sampler = sampler.clone();
+    if sampler.guided() && sampler.null_class.is_none() {
+        sampler.null_class = Some(net.cfg.num_classes);
+    }
+    for first in (0..n).step_by(batch.max(1) as usize) {
+        let b = batch.min(n - first);
+        let y = (net.cfg.num_classes > 0).then(|| match class {
+            Some(k) => Tensor::full([b], k, (Kind::Int64, device)),
+            None => (Tensor::arange_start(first, first + b, (Kind::Int64, device))).remainder(net.cfg.num_classes),
+        });
+        let mut full = vec![b];
+        full.extend(&shape);
+        let opts = SampleOptions {
+            device,
+            kind: Kind::Float,
+            seed,
+            first_row: first as u64,
+        };
+        let denoiser = dim_diffusion::FallibleFn(|x: &Tensor, t: &Tensor, y: Option<&Tensor>| net.model.forward(x, t, y, false));
+        let x = diffusion.sample(&denoiser, &full, y.as_ref(), &sampler, &opts, |_| {})?;
+        out.push(x.clamp(-1.0, 1.0).to_device(Device::Cpu));
+        if let Some(bar) = bar {
+            bar.inc(b as u64);
+        }
+    }
+    Ok(Tensor::cat(&out, 0))
+}
+
+/// Writes a grid: images tile `√n` wide (10 wide for the 10 Fashion-MNIST
+/// classes); videos show each sample's frames as a row.
+pub fn write_grid(x: &Tensor, cfg: &ModelConfig, path: &Path) -> Result<()> {
+    if cfg.is_video() {
+        // (N, C, T, H, W) → rows of frames.
+        let s = x.size();
+        let frames = x.transpose(1, 2).reshape([s[0] * s[2], s[1], s[3], s[4]]);
+        images::save_grid(&frames, s[2], path)
+    } else {
+        let n = x.size()[0];
+        let ncol = if cfg.num_classes > 0 && cfg.num_classes <= 16 {
+            cfg.num_classes
+        } else {
+            (n as f64).sqrt().ceil() as i64
+        };
+        images::save_grid(x, ncol, path)
+    }
+}
+
+/// Options of `dim sample`.
+#[derive(Debug, Clone)]
+pub struct SampleArgs {
+    pub checkpoint: PathBuf,
+    pub num: i64,
+    pub batch: i64,
+    pub steps: Option<usize>,
+    pub sampler: Option<String>,
+    pub cfg: Option<f64>,
+    pub class: Option<i64>,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub device: String,
+    pub no_ema: bool,
+    pub fps: u32,
+}
+
+/// Runs `dim sample`; returns the grid's path.
+pub fn run(a: &SampleArgs) -> Result<PathBuf> {
+    images::ensure_writable_dir(&a.out)?;
+    let device = resolve_device(&a.device)?;
+    let r = restore(&a.checkpoint, device, !a.no_ema)?;
+    let mut sampler = r.sampler.clone();
+    if let Some(s) = &a.sampler {
+        sampler.sampler = parse_sampler(s)?;
+    }
+    if let Some(s) = a.steps {
+        sampler.steps = s;
+        sampler.respacing = None;
+    }
+    if let Some(c) = a.cfg {
+        if r.net.cfg.num_classes == 0 && c != 1.0 {
+            bail!("--cfg {c}: the model is unconditional (num_classes = 0); guidance needs a class-conditional model");
+        }
+        sampler.cfg_scale = c;
+    }
+    if let Some(k) = a.class {
+        if k < 0 || k >= r.net.cfg.num_classes {
+            bail!("--class {k}: the model has {} classes (0..{})", r.net.cfg.num_classes, r.net.cfg.num_classes);
+        }
+    }
+    sampler
+        .validate(r.diffusion.config())
+        .context("sampler options")?;
+    tracing::info!(checkpoint = %a.checkpoint.display(), step = r.step, sampler = ?sampler.sampler, steps = sampler.steps, cfg = sampler.cfg_scale, "sampling {} to {}", a.num, a.out.display());
+    let bar = ProgressBar::new(a.num as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} sample [{bar:30}] {pos}/{len}, ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let x = generate(&r.net, &r.diffusion, &sampler, a.num, a.batch, a.class, a.seed, Some(&bar))?;
+    bar.finish_and_clear();
+    let grid_path = a.out.join("grid.png");
+    let shown = x.narrow(0, 0, x.size()[0].min(100));
+    write_grid(&shown, &r.net.cfg, &grid_path)?;
+    if r.net.cfg.is_video() {
+        for i in 0..x.size()[0] {
+            let v = x.get(i);
+            images::save_gif(&v, a.fps, &a.out.join(format!("{i:06}.gif")))?;
+            images::save_strip(&v, &a.out.join(format!("{i:06}_strip.png")))?;
+        }
+    } else {
+        images::save_pngs(&x, &a.out, "", 0)?;
+    }
+    // Keep the raw tensor too: `dim eval` reads it without PNG rounding.
+    Tensor::write_safetensors(&[("samples", &x)], a.out.join("samples.safetensors"))?;
+    Ok(grid_path)
+}

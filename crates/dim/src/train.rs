@@ -1,0 +1,381 @@
+//! `dim train`: the training loop.
+//!
+//! Determinism: every random draw of a step is keyed by `(seed, step)`:
+//! diffusion noise and times come from dim-diffusion's `NoiseRng` at row
+//! `step · batch + i`, label dropout from libtorch's generator re-seeded
+//! with `(seed, step)` before the step, and the data order from dim-data's
+//! loader, whose position is saved. So a resumed run repeats exactly the
+//! loss sequence of an uninterrupted one (on CPU; CUDA kernels with atomics
+//! may differ in the last bits).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use dim_diffusion::{Diffusion, FallibleFn, NoiseRng, SamplerConfig};
+use dim_model::{Model, ModelConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::TrainConfig;
+use crate::images;
+use crate::metrics::{rss_mib, JsonlWriter, StepRecord};
+use crate::optim::{AdamW, Ema, Params};
+
+/// `auto` → CUDA if present, else CPU; `cuda` without a GPU is an error that says what to do.
+pub fn resolve_device(spec: &str) -> Result<Device> {
+    let cuda = tch::Cuda::is_available();
+    match spec {
+        "auto" => Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            if !cuda {
+                bail!("device `{s}` requested but no CUDA device is available: use `--device cpu` / train.device = \"cpu\" (or \"auto\")");
+            }
+            let i: usize = s.strip_prefix("cuda:").map(str::parse::<usize>).transpose().with_context(|| format!("bad device `{s}`: use cuda:N"))?.unwrap_or(0);
+            if i >= tch::Cuda::device_count() as usize {
+                bail!("device `{s}` requested but only {} CUDA device(s) exist", tch::Cuda::device_count());
+            }
+            Ok(Device::Cuda(i))
+        }
+        s => bail!("unknown device `{s}`: use auto, cpu, cuda or cuda:N"),
+    }
+}
+
+/// The model config of a `TrainConfig` (its `[model]` table through dim-model).
+pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
+    let text = toml::to_string(&cfg.model)?;
+    ModelConfig::from_toml_str(&text).with_context(|| format!("config {}: [model]", cfg.file))
+}
+
+/// The diffusion and sampler configs of a `TrainConfig`.
+pub fn diffusion_config(cfg: &TrainConfig) -> Result<dim_diffusion::Config> {
+    let text = toml::to_string(&cfg.diffusion)?;
+    dim_diffusion::Config::from_toml_str(&text).with_context(|| format!("config {}: [diffusion]/[sampler]", cfg.file))
+}
+
+/// Trainable parameters by name (sorted, so the order is stable across runs).
+pub fn named_params(vs: &VarStore) -> Params {
+    let mut v: Params = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// A network with its weights, built from a config.
+pub struct Net {
+    pub vs: VarStore,
+    pub model: Model,
+    pub cfg: ModelConfig,
+}
+
+impl Net {
+    /// Builds the network on `device` (initialised from libtorch's generator).
+    pub fn new(cfg: &ModelConfig, device: Device) -> Result<Self> {
+        let vs = VarStore::new(device);
+        let model = Model::new(vs.root(), cfg).context("building the network")?;
+        Ok(Self { vs, model, cfg: cfg.clone() })
+    }
+
+    /// Copies `weights` (exact names and shapes) into the network.
+    pub fn load(&self, weights: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
+        copy_named(&self.vs, weights, what)
+    }
+}
+
+/// Copies named tensors into `vs`, checking names and shapes both ways.
+pub fn copy_named(vs: &VarStore, weights: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
+    let vars = vs.variables();
+    let mut problems = Vec::new();
+    for (k, v) in &vars {
+        match weights.get(k) {
+            None => problems.push(format!("missing `{k}`")),
+            Some(w) if w.size() != v.size() => problems.push(format!("`{k}` is {:?}, the network has {:?}", w.size(), v.size())),
+            _ => {}
+        }
+    }
+    problems.extend(weights.keys().filter(|k| !vars.contains_key(*k)).map(|k| format!("unexpected `{k}`")));
+    if !problems.is_empty() {
+        let n = problems.len();
+        problems.sort();
+        problems.truncate(6);
+        bail!(
+            "{what} does not fit this network ({n} problem(s): {}): it comes from another architecture or size; use the config it was trained with",
+            problems.join(", ")
+        );
+    }
+    tch::no_grad(|| {
+        for (k, mut v) in vars {
+            v.copy_(&weights[&k].to_kind(v.kind()).to_device(v.device()));
+        }
+    });
+    Ok(())
+}
+
+/// Mixes a seed and a counter into a new seed (SplitMix64 finaliser).
+pub fn mix(seed: u64, n: u64) -> u64 {
+    let mut z = seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Where to resume from.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// The newest checkpoint in `train.out_dir`, or a fresh start if none.
+    Auto,
+    /// A given checkpoint file.
+    Path(PathBuf),
+}
+
+/// What a finished (or interrupted) run leaves.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    pub step: u64,
+    pub checkpoint: PathBuf,
+    pub interrupted: bool,
+    pub losses: Vec<f64>,
+}
+
+/// Trains per `cfg`; `stop` is set by Ctrl-C and makes the loop checkpoint
+/// and return at the next step boundary.
+pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -> Result<TrainOutcome> {
+    let t = &cfg.train;
+    let device = resolve_device(&t.device)?;
+    if t.threads > 0 {
+        tch::set_num_threads(t.threads);
+    }
+    images::ensure_writable_dir(&t.out_dir)?;
+    let mcfg = model_config(cfg)?;
+    let dcfg = diffusion_config(cfg)?;
+    let diffusion = Diffusion::new(&dcfg.diffusion).with_context(|| format!("config {}: [diffusion]", cfg.file))?;
+    if diffusion.out_channels(mcfg.in_channels) != mcfg.out_channels() {
+        bail!(
+            "config {}: model.learn_sigma = {} but diffusion.learn_sigma = {}: set both the same",
+            cfg.file,
+            mcfg.learn_sigma,
+            dcfg.diffusion.learn_sigma
+        );
+    }
+
+    tch::manual_seed(mix(t.seed, u64::MAX) as i64);
+    let net = Net::new(&mcfg, device)?;
+    let params = named_params(&net.vs);
+    let mut opt = AdamW::new(&cfg.optim, &params);
+    let mut ema = Ema::new(cfg.optim.ema_decay, cfg.optim.ema_start, &params);
+
+    let dataset = cfg.data.build().with_context(|| format!("config {}: [data]", cfg.file))?;
+    let micro = t.batch_size / t.grad_accum;
+    let mut lcfg = cfg.loader.clone();
+    lcfg.batch_size = micro as usize;
+    lcfg.seed = t.seed;
+    let mut loader = dim_data::Loader::new(dataset, lcfg).with_context(|| format!("config {}: [loader]", cfg.file))?;
+
+    let mut step = 0u64;
+    let resume_path = match resume {
+        Some(Resume::Auto) => checkpoint::latest(&t.out_dir),
+        Some(Resume::Path(p)) => Some(p),
+        None => None,
+    };
+    if let Some(p) = &resume_path {
+        let ck = Checkpoint::load(p)?;
+        let saved_cfg = ck.meta("config", p)?;
+        let saved: toml::Table = saved_cfg.parse().with_context(|| format!("checkpoint {}: bad embedded config", p.display()))?;
+        if saved.get("model") != Some(&toml::Value::Table(cfg.model.clone())) {
+            bail!(
+                "checkpoint {} was trained with a different [model] than config {}: resume with the config it was trained with (its [model] is stored in the checkpoint)",
+                p.display(),
+                cfg.file
+            );
+        }
+        net.load(&ck.group("model"), &format!("checkpoint {}", p.display()))?;
+        let ema_w = ck.group("ema");
+        tch::no_grad(|| -> Result<()> {
+            for (n, s) in &mut ema.shadow {
+                let w = ema_w.get(n).with_context(|| format!("checkpoint {}: EMA weight `{n}` missing", p.display()))?;
+                s.copy_(w);
+            }
+            Ok(())
+        })?;
+        step = ck.meta("step", p)?.parse()?;
+        opt.load_state(&ck.group("optim"), step).with_context(|| format!("checkpoint {}", p.display()))?;
+        let pos: dim_data::LoaderState = serde_json::from_str(ck.meta("data_position", p)?)?;
+        loader.resume(&pos).with_context(|| format!("checkpoint {}: data position", p.display()))?;
+        tracing::info!(checkpoint = %p.display(), step, "resumed");
+    }
+
+    let mut metrics = JsonlWriter::open(&t.out_dir.join("metrics.jsonl"))?;
+    tracing::info!(
+        params = mcfg.param_count(),
+        device = ?device,
+        steps = t.steps,
+        batch = t.batch_size,
+        "training {}",
+        cfg.file
+    );
+    let bar = ProgressBar::new(t.steps);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_position(step);
+    let start = Instant::now();
+    let mut window = (Instant::now(), 0i64);
+    let mut losses = Vec::new();
+    let mut last_ckpt: Option<PathBuf> = resume_path.clone();
+    let amp = t.precision == "amp" && device.is_cuda();
+    let conditional = mcfg.num_classes > 0;
+
+    let save = |step: u64, net: &Net, ema: &Ema, opt: &AdamW, loader: &dim_data::Loader| -> Result<PathBuf> {
+        let mut ck = Checkpoint::default();
+        for (n, w) in named_params(&net.vs) {
+            ck.tensors.insert(format!("model/{n}"), w);
+        }
+        // Non-trainable buffers, if the network has any, travel with the model.
+        for (n, w) in net.vs.variables() {
+            ck.tensors.entry(format!("model/{n}")).or_insert(w);
+        }
+        for (n, w) in &ema.shadow {
+            ck.tensors.insert(format!("ema/{n}"), w.shallow_clone());
+        }
+        for (n, w) in opt.state_tensors() {
+            ck.tensors.insert(format!("optim/{n}"), w);
+        }
+        ck.meta.insert("config".into(), toml::to_string(&cfg.to_table())?);
+        ck.meta.insert("step".into(), step.to_string());
+        ck.meta.insert("data_position".into(), serde_json::to_string(&loader.position())?);
+        ck.meta.insert("seed".into(), t.seed.to_string());
+        let p = checkpoint::path_for_step(&t.out_dir, step);
+        ck.save(&p)?;
+        checkpoint::prune(&t.out_dir, t.keep_last)?;
+        tracing::info!(path = %p.display(), step, "checkpoint written");
+        Ok(p)
+    };
+
+    let mut interrupted = false;
+    while step < t.steps {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        if t.time_limit_s > 0.0 && start.elapsed().as_secs_f64() >= t.time_limit_s {
+            tracing::info!(step, "time limit reached");
+            break;
+        }
+        tch::manual_seed(mix(t.seed, step) as i64);
+        let mut step_loss = 0.0;
+        for m in 0..t.grad_accum {
+            let batch = loader
+                .next_batch()
+                .context("the data loader stopped")?
+                .context("loading a batch")?;
+            let x = batch.x.to_device(device);
+            let y = if conditional {
+                Some(batch.y.context("the model is class-conditional (model.num_classes > 0) but the dataset has no labels: set model.num_classes = 0")?.to_device(device))
+            } else {
+                None
+            };
+            let mut rng = NoiseRng::with_first_row(mix(t.seed, 1), (step * t.grad_accum as u64 + m as u64) * micro as u64);
+            let denoiser = FallibleFn(|x: &Tensor, tt: &Tensor, y: Option<&Tensor>| net.model.forward(x, tt, y, true));
+            let losses_t = tch::autocast(amp, || diffusion.training_losses(&denoiser, &x, y.as_ref(), &mut rng))?;
+            let loss = losses_t.loss.mean(Kind::Float) / t.grad_accum as f64;
+            loss.backward();
+            step_loss += loss.double_value(&[]);
+        }
+        if !step_loss.is_finite() {
+            bail!(
+                "loss is {step_loss} at step {}: training stopped; the last good checkpoint ({}) is intact. Lower optim.lr, set optim.grad_clip, or use train.precision = \"f32\"",
+                step + 1,
+                last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into())
+            );
+        }
+        let (grad_norm, lr) = opt.step(&params);
+        for (_, p) in &params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        step += 1;
+        ema.update(&params, step);
+        losses.push(step_loss);
+        window.1 += t.batch_size;
+        bar.set_position(step);
+
+        if step % t.log_every == 0 || step == t.steps {
+            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            let rec = StepRecord {
+                step,
+                loss: step_loss,
+                grad_norm,
+                lr,
+                images_per_s: window.1 as f64 / secs,
+                memory_mib: match device {
+                    Device::Cuda(_) => cuda_mem_mib(),
+                    _ => rss_mib(),
+                },
+                elapsed_s: start.elapsed().as_secs_f64(),
+            };
+            window = (Instant::now(), 0);
+            bar.set_message(format!("loss {:.4}", rec.loss));
+            tracing::debug!(step, loss = rec.loss, grad_norm, lr, images_per_s = rec.images_per_s, memory_mib = rec.memory_mib, "step");
+            metrics.write(&rec)?;
+        }
+        if t.sample_every > 0 && step % t.sample_every == 0 {
+            let p = t.out_dir.join(format!("samples-{step:09}.png"));
+            sample_grid(&net, &ema, &diffusion, &dcfg.sampler, t.sample_grid, t.seed, &p)?;
+            tracing::info!(path = %p.display(), "sample grid");
+        }
+        if step % t.ckpt_every == 0 && step < t.steps {
+            last_ckpt = Some(save(step, &net, &ema, &opt, &loader)?);
+        }
+    }
+    bar.finish_and_clear();
+    let ck = match (&last_ckpt, checkpoint::path_for_step(&t.out_dir, step)) {
+        (Some(p), q) if *p == q && p.exists() => q,
+        _ => save(step, &net, &ema, &opt, &loader)?,
+    };
+    if interrupted {
+        tracing::warn!(step, checkpoint = %ck.display(), "interrupted: checkpoint saved, resume with --resume auto");
+    }
+    Ok(TrainOutcome {
+        step,
+        checkpoint: ck,
+        interrupted,
+        losses,
+    })
+}
+
+/// Writes a grid of `n` samples from the EMA weights (the training weights
+/// are put back afterwards).
+fn sample_grid(net: &Net, ema: &Ema, diffusion: &Diffusion, sampler: &SamplerConfig, n: i64, seed: u64, path: &Path) -> Result<()> {
+    let backup: Vec<Tensor> = named_params(&net.vs).iter().map(|(_, p)| p.detach().copy()).collect();
+    let weights: BTreeMap<String, Tensor> = ema.shadow.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    swap_in(&net.vs, &weights);
+    let out = crate::sample::generate(net, diffusion, sampler, n, n, None, seed, None);
+    let restore: BTreeMap<String, Tensor> = named_params(&net.vs).iter().map(|(k, _)| k.clone()).zip(backup).collect();
+    swap_in(&net.vs, &restore);
+    crate::sample::write_grid(&out?, &net.cfg, path)
+}
+
+fn swap_in(vs: &VarStore, w: &BTreeMap<String, Tensor>) {
+    tch::no_grad(|| {
+        for (k, mut v) in vs.variables() {
+            if let Some(src) = w.get(&k) {
+                v.copy_(src);
+            }
+        }
+    });
+}
+
+/// CUDA memory in use, MiB (tch 0.24 exposes no allocator statistics; the
+/// process RSS is reported instead so the column is never empty).
+fn cuda_mem_mib() -> f64 {
+    rss_mib()
+}
