@@ -9,6 +9,10 @@ namespace dimscan {
 // Upper bound of the deterministic backward's dB/dC partial buffer (bytes);
 // a variable only so that the test harness can force several rounds.
 int64_t g_det_partial_budget = 256ll << 20;
+// Forward variant (0: automatic); a variable only for the harness's comparisons.
+int g_fwd_variant = 0;
+// Backward warps per block override (0: automatic); harness knob.
+int g_bwd_w = 0;
 }  // namespace dimscan
 
 namespace {
@@ -49,6 +53,7 @@ Plan make_plan(const dim_scan_params* p) {
   }
   q.Wb = 1;
   for (int w : {4, 2}) {
+    if (g_bwd_w && w > g_bwd_w) continue;
     if (q.dpg % w == 0) {
       q.Wb = w;
       break;
@@ -285,7 +290,7 @@ extern "C" int dim_scan_cuda_bwd(const dim_scan_params* p, void* stream) {
     }
   }
   const size_t smem = (2 * kNG * kChunk + 2 * (size_t)q.Wb * 2 * kChunk +
-                       (size_t)q.ndirs * q.Wb * q.N * 32) *
+                       2 * (size_t)q.ndirs * q.Wb * q.N * 32) *  // dA sums + compensations
                       sizeof(float);
   int rc = launch_bwd(p->dtype, a, smem, s);
   if (rc) return rc;

@@ -17,8 +17,10 @@
 
 namespace dimscan {
 
-constexpr int kTC = 32;          // positions per chunk
-constexpr int kTCP = kTC + 4;    // padded row of B / C / reduce buffers
+constexpr int kTC = 64;          // positions per chunk
+constexpr int kTCP = kTC + 4;    // padded row of B / C
+constexpr int kTR = 32;          // positions per reduction step
+constexpr int kTRP = kTR + 4;    // padded row of the reduce buffer
 constexpr int kF2Threads = 128;  // 4 warps
 #ifndef DIMSCAN_FWD2_MINB
 #define DIMSCAN_FWD2_MINB 4
@@ -34,13 +36,13 @@ struct F2Cfg {
   static constexpr int kQB = (kQuadsBC + kF2Threads - 1) / kF2Threads;
   // floats of one direction's staging buffer
   static constexpr int kBuf = 3 * kCPB * kTC + 2 * kNN * kTCP;
-  // reduce buffer: [kCPB][NL][kTCP]
-  static constexpr int kRed = kCPB * NL * kTCP;
-  static constexpr int kRL = kTC / NL;  // positions per lane in the reduction
+  // reduce buffer: [kCPB][NL][kTRP]
+  static constexpr int kRed = kCPB * NL * kTRP;
+  static constexpr int kRL = kTR / NL;  // positions per lane in one reduction step
   // raw (dtype) elements of one direction's chunk: u, delta [kCPB][kTC], B, C [kNN][kTC]
   static constexpr int kRaw = 2 * kCPB * kTC + 2 * kNN * kTC;
   // cp.async pipeline depth (chunks in flight)
-  static constexpr int kStages = kNN <= 16 ? 6 : (kNN <= 32 ? 4 : 3);
+  static constexpr int kStages = kNN <= 16 ? 3 : 2;
 };
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -233,83 +235,86 @@ __device__ __forceinline__ void f2_compute(const KArgs& a, int k, int64_t j, int
   }
   // Early loads for the output stage (latency hidden behind the recurrence).
   constexpr int RL = Cfg::kRL;
-  const int64_t q0 = p0 + nl * RL;  // this lane's positions in the reduction
-  float zq[RL], pq[RL];
+  constexpr int NH = kTC / kTR;  // reduction steps per chunk
+  float zq[NH][RL], pq[NH][RL];
   const bool out_stage = role != FIRST;
 #pragma unroll
-  for (int i = 0; i < RL; ++i) {
-    zq[i] = 1.f;
-    pq[i] = 0.f;
-  }
-  if (out_stage && a.z) {
+  for (int hh = 0; hh < NH; ++hh) {
+    const int64_t q0 = p0 + hh * kTR + nl * RL;
 #pragma unroll
-    for (int i = 0; i < RL; ++i)
-      if (q0 + i < L) zq[i] = to_f(reinterpret_cast<const T*>(a.z)[row * L + q0 + i]);
-  }
-  if (role == SECOND) {
-#pragma unroll
-    for (int i = 0; i < RL; ++i)
-      if (q0 + i < L) pq[i] = a.ypart[row * L + q0 + i];
+    for (int i = 0; i < RL; ++i) {
+      zq[hh][i] = 1.f;
+      pq[hh][i] = 0.f;
+      if (out_stage && a.z && q0 + i < L)
+        zq[hh][i] = to_f(reinterpret_cast<const T*>(a.z)[row * L + q0 + i]);
+      if (role == SECOND && q0 + i < L) pq[hh][i] = a.ypart[row * L + q0 + i];
+    }
   }
 
-  float* sY = sred + (ch * NL) * kTCP;  // [NL][kTCP] of this channel
+  float* sY = sred + (ch * NL) * kTRP;  // [NL][kTRP] of this channel
   const float* dtrow = sDT + ch * kTC;
   const float* durow = sDU + ch * kTC;
+#pragma unroll
+  for (int hs = 0; hs < NH; ++hs) {
+    const int hh = REV ? NH - 1 - hs : hs;
 #pragma unroll 2
-  for (int s = 0; s < kTC / 4; ++s) {
-    const int l4 = REV ? kTC / 4 - 1 - s : s;
-    const float4 dt4 = *reinterpret_cast<const float4*>(dtrow + 4 * l4);
-    const float4 du4 = *reinterpret_cast<const float4*>(durow + 4 * l4);
-    const float dtv[4] = {dt4.x, dt4.y, dt4.z, dt4.w};
-    const float duv[4] = {du4.x, du4.y, du4.z, du4.w};
-    float yv[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < kTR / 4; ++s) {
+      const int l4r = REV ? kTR / 4 - 1 - s : s;  // quad within the reduction step
+      const int l4 = hh * (kTR / 4) + l4r;
+      const float4 dt4 = *reinterpret_cast<const float4*>(dtrow + 4 * l4);
+      const float4 du4 = *reinterpret_cast<const float4*>(durow + 4 * l4);
+      const float dtv[4] = {dt4.x, dt4.y, dt4.z, dt4.w};
+      const float duv[4] = {du4.x, du4.y, du4.z, du4.w};
+      float yv[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int m = 0; m < NPT; ++m) {
-      const int nr = nl + 32 * m;
-      const float4 B4 = *reinterpret_cast<const float4*>(sB + nr * kTCP + 4 * l4);
-      const float4 C4 = *reinterpret_cast<const float4*>(sC + nr * kTCP + 4 * l4);
-      const float Bv[4] = {B4.x, B4.y, B4.z, B4.w};
-      const float Cv[4] = {C4.x, C4.y, C4.z, C4.w};
-      float av[4];
+      for (int m = 0; m < NPT; ++m) {
+        const int nr = nl + 32 * m;
+        const float4 B4 = *reinterpret_cast<const float4*>(sB + nr * kTCP + 4 * l4);
+        const float4 C4 = *reinterpret_cast<const float4*>(sC + nr * kTCP + 4 * l4);
+        const float Bv[4] = {B4.x, B4.y, B4.z, B4.w};
+        const float Cv[4] = {C4.x, C4.y, C4.z, C4.w};
+        float av[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = ex2(dtv[i] * A2[m]);
+        for (int i = 0; i < 4; ++i) av[i] = ex2(dtv[i] * A2[m]);
 #pragma unroll
-      for (int ii = 0; ii < 4; ++ii) {
-        const int i = REV ? 3 - ii : ii;
-        h[m] = fmaf(av[i], h[m], duv[i] * Bv[i]);
-        yv[i] = fmaf(Cv[i], h[m], yv[i]);
+        for (int ii = 0; ii < 4; ++ii) {
+          const int i = REV ? 3 - ii : ii;
+          h[m] = fmaf(av[i], h[m], duv[i] * Bv[i]);
+          yv[i] = fmaf(Cv[i], h[m], yv[i]);
+        }
+      }
+      *reinterpret_cast<float4*>(sY + nl * kTRP + 4 * l4r) = make_float4(yv[0], yv[1], yv[2], yv[3]);
+    }
+    __syncwarp();
+    // Reduction over n: lane nl of the channel sums positions nl*RL .. +RL-1 of this step.
+    const int64_t q0 = p0 + hh * kTR + nl * RL;
+    float y[RL];
+#pragma unroll
+    for (int i = 0; i < RL; ++i) y[i] = sSK[ch * kTC + hh * kTR + nl * RL + i];
+#pragma unroll 4
+    for (int r = 0; r < NL; ++r) {
+      if constexpr (RL == 2) {
+        const float2 v = *reinterpret_cast<const float2*>(sY + r * kTRP + nl * 2);
+        y[0] += v.x;
+        y[1] += v.y;
+      } else {
+#pragma unroll
+        for (int i = 0; i < RL; ++i) y[i] += sY[r * kTRP + nl * RL + i];
       }
     }
-    *reinterpret_cast<float4*>(sY + nl * kTCP + 4 * l4) = make_float4(yv[0], yv[1], yv[2], yv[3]);
-  }
-  __syncwarp();
-  // Reduction over n: lane nl of the channel sums positions nl*RL .. +RL-1.
-  float y[RL];
+    __syncwarp();
+    if (role == FIRST) {
 #pragma unroll
-  for (int i = 0; i < RL; ++i) y[i] = sSK[ch * kTC + nl * RL + i];
-#pragma unroll 4
-  for (int r = 0; r < NL; ++r) {
-    if constexpr (RL == 2) {
-      const float2 v = *reinterpret_cast<const float2*>(sY + r * kTCP + nl * 2);
-      y[0] += v.x;
-      y[1] += v.y;
+      for (int i = 0; i < RL; ++i)
+        if (q0 + i < L) a.ypart[row * L + q0 + i] = y[i];
     } else {
 #pragma unroll
-      for (int i = 0; i < RL; ++i) y[i] += sY[r * kTCP + nl * RL + i];
+      for (int i = 0; i < RL; ++i) {
+        float v = y[i] + pq[hh][i];
+        if (a.z) v *= zq[hh][i] * sigmoidf_(zq[hh][i]);
+        if (q0 + i < L) reinterpret_cast<T*>(a.y)[row * L + q0 + i] = from_f<T>(v);
+      }
     }
-  }
-  __syncwarp();
-  if (role == FIRST) {
-#pragma unroll
-    for (int i = 0; i < RL; ++i)
-      if (q0 + i < L) a.ypart[row * L + q0 + i] = y[i];
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < RL; ++i) {
-    float v = y[i] + pq[i];
-    if (a.z) v *= zq[i] * sigmoidf_(zq[i]);
-    if (q0 + i < L) reinterpret_cast<T*>(a.y)[row * L + q0 + i] = from_f<T>(v);
   }
 }
 
@@ -384,10 +389,16 @@ __global__ void __launch_bounds__(kF2Threads, DIMSCAN_FWD2_MINB) scan_fwd2_kerne
 }
 
 template <typename T, int NL, int NPT>
+size_t fwd2_smem(const KArgs& a) {
+  using Cfg = F2Cfg<NL, NPT>;
+  return (size_t)(a.ndirs * Cfg::kBuf + Cfg::kRed) * sizeof(float) +
+         (size_t)Cfg::kStages * a.ndirs * Cfg::kRaw * sizeof(T);
+}
+
+template <typename T, int NL, int NPT>
 int launch_fwd2_cfg(const KArgs& a, cudaStream_t s) {
   using Cfg = F2Cfg<NL, NPT>;
-  const size_t smem = (size_t)(a.ndirs * Cfg::kBuf + Cfg::kRed) * sizeof(float) +
-                      (size_t)Cfg::kStages * a.ndirs * Cfg::kRaw * sizeof(T);
+  const size_t smem = fwd2_smem<T, NL, NPT>(a);
   cudaError_t e = cudaFuncSetAttribute(scan_fwd2_kernel<T, NL, NPT>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return (int)e;
@@ -396,15 +407,26 @@ int launch_fwd2_cfg(const KArgs& a, cudaStream_t s) {
   return (int)cudaGetLastError();
 }
 
-// Chooses the variant: NL = 16 lanes a channel when N <= 16 and 8 channels
-// of a block share a group, else 32 (with 2 states a thread when N > 32).
-// Falls back to the warp-per-channel forward when no variant fits the group
-// size (dim / ngroups not a multiple of 4).
+// Chooses the forward: the warp-per-channel kernel (scan_impl.cuh) for the
+// fused bidirectional pass at L > 512; else this one with NL = 16 lanes a
+// channel when N <= 16 and 8 channels of a block share a group, else 32 (with
+// 2 states a thread when N > 32); the warp-per-channel kernel also when no
+// variant fits (dim / ngroups not a multiple of 4, or too much shared memory).
+extern int g_fwd_variant;  // 0: auto, 1: warp-per-channel forward, 2: fwd2 (harness knob)
+
 template <typename T>
 int launch_fwd2(const KArgs& a, size_t smem_old, cudaStream_t s) {
-  if (a.N <= 16 && a.dpg % 8 == 0) return launch_fwd2_cfg<T, 16, 1>(a, s);
-  if (a.N <= 32 && a.dpg % 4 == 0) return launch_fwd2_cfg<T, 32, 1>(a, s);
-  if (a.N <= 64 && a.dpg % 4 == 0) return launch_fwd2_cfg<T, 32, 2>(a, s);
+  if (g_fwd_variant == 1) return launch_fwd_impl<T>(a, smem_old, s);
+  // Measured on H100 (docs/kernels.md): the fused bidirectional pass is faster
+  // with the warp-per-channel kernel once L spans more than one 512-chunk.
+  if (g_fwd_variant == 0 && a.ndirs == 2 && a.L > 512) return launch_fwd_impl<T>(a, smem_old, s);
+  constexpr size_t kMaxSmem = 220 * 1024;
+  if (a.N <= 16 && a.dpg % 8 == 0 && fwd2_smem<T, 16, 1>(a) <= kMaxSmem)
+    return launch_fwd2_cfg<T, 16, 1>(a, s);
+  if (a.N <= 32 && a.dpg % 4 == 0 && fwd2_smem<T, 32, 1>(a) <= kMaxSmem)
+    return launch_fwd2_cfg<T, 32, 1>(a, s);
+  if (a.N <= 64 && a.dpg % 4 == 0 && fwd2_smem<T, 32, 2>(a) <= kMaxSmem)
+    return launch_fwd2_cfg<T, 32, 2>(a, s);
   return launch_fwd_impl<T>(a, smem_old, s);
 }
 

@@ -382,11 +382,19 @@ __global__ void __launch_bounds__(256, 2) scan_fwd_kernel(const KArgs a) {
 // Per-warp accumulators of one direction over a round.
 struct BwdAcc {
   Carry M;       // adjoint carry (mu entering the chunk from the scan's far side)
-  float dD, dbias;
+  float dD, dbias, cD, cb;  // sums and their Kahan compensations
 };
 
+__device__ __forceinline__ void kahan_add(float& sum, float& comp, float v) {
+  const float y = v - comp;
+  const float t = sum + y;
+  comp = (t - sum) - y;
+  sum = t;
+}
+
 // Shared memory of the backward kernel (floats):
-//   sB, sC: kNG*256 each; red: 2 (double buffer) x W x 2 x 256; dA: W x N x 32.
+//   sB, sC: kNG*256 each; red: 2 (double buffer) x W x 2 x 256;
+//   dA: ndirs x W x N x 32, then as many Kahan compensations (L can be ~1e6).
 template <typename T, bool REV>
 __device__ __forceinline__ void bwd_visit(const KArgs& a, int k, int64_t c, int role, BwdAcc& acc,
                                           float* sB, float* sC, float* sred, float* sdA,
@@ -440,6 +448,7 @@ __device__ __forceinline__ void bwd_visit(const KArgs& a, int k, int64_t c, int 
   const T* Cg = reinterpret_cast<const T*>(dr.C) + bcoff;
   const float* Ad = dr.A + d * N;
   float* sdAw = sdA + warp * N * 32;
+  float* sdAc = sdAw + (int64_t)a.ndirs * a.W * N * 32;
 
   for (int n0 = 0; n0 < N; n0 += kNG) {
     const int nn = min(kNG, N - n0);
@@ -509,7 +518,7 @@ __device__ __forceinline__ void bwd_visit(const KArgs& a, int k, int64_t c, int 
         dAacc = fmaf(dt[i], t, dAacc);
         dbv[i] = lam * dtu[i];
       }
-      sdAw[n * 32 + lane] += dAacc;
+      kahan_add(sdAw[n * 32 + lane], sdAc[n * 32 + lane], dAacc);
       // dB, dC: sum over the W channels of the block, then out.
       sts8(red + (warp * 2 + 0) * kChunk, lane, dbv);
       __syncthreads();
@@ -563,6 +572,7 @@ __device__ __forceinline__ void bwd_visit(const KArgs& a, int k, int64_t c, int 
   float du[kItems], ddl[kItems];
   {
     float u[kItems], x[kItems];
+    float vD = 0.f, vb = 0.f;
     load8<T>(reinterpret_cast<const T*>(dr.u) + roff, pos0, L, vec, u);
     load8<T>(reinterpret_cast<const T*>(dr.delta) + roff, pos0, L, vec, x);
 #pragma unroll
@@ -572,10 +582,13 @@ __device__ __forceinline__ void bwd_visit(const KArgs& a, int k, int64_t c, int 
       float ddt = fmaf(u[i], s1[i], s2[i]);
       ddl[i] = a.softplus ? ddt * sigmoidf_(x[i] + bias) : ddt;
       if (in) {
-        acc.dD = fmaf(gg[i], u[i], acc.dD);
-        acc.dbias += ddl[i];
+        vD = fmaf(gg[i], u[i], vD);
+        vb += ddl[i];
       }
     }
+    // Compensated accumulation over the chunks (L can be ~1e6).
+    kahan_add(acc.dD, acc.cD, vD);
+    kahan_add(acc.dbias, acc.cb, vb);
   }
   if (dr.du) store8<T>(reinterpret_cast<T*>(dr.du) + roff, pos0, L, vec, du);
   if (dr.ddelta) store8<T>(reinterpret_cast<T*>(dr.ddelta) + roff, pos0, L, vec, ddl);
@@ -631,12 +644,17 @@ __global__ void __launch_bounds__(128, DIMSCAN_BWD_MINB) scan_bwd_kernel(const K
     const int cb = kblk + round * a.K;
     if (cb >= cbpg) break;  // uniform over the block
     const int64_t d = (int64_t)g * a.dpg + (int64_t)cb * W + warp;
-    BwdAcc acc0{{0.f, 0.f}, 0.f, 0.f}, acc1{{0.f, 0.f}, 0.f, 0.f};
+    BwdAcc acc0{{0.f, 0.f}, 0.f, 0.f, 0.f, 0.f}, acc1{{0.f, 0.f}, 0.f, 0.f, 0.f, 0.f};
     float* sdA0 = sdA;
     float* sdA1 = sdA + W * N * 32;
+    const int64_t comp = (int64_t)a.ndirs * W * N * 32;  // offset of the compensations
     for (int e = lane; e < N * 32; e += 32) {
       sdA0[warp * N * 32 + e] = 0.f;
-      if (a.ndirs == 2) sdA1[warp * N * 32 + e] = 0.f;
+      sdA0[comp + warp * N * 32 + e] = 0.f;
+      if (a.ndirs == 2) {
+        sdA1[warp * N * 32 + e] = 0.f;
+        sdA1[comp + warp * N * 32 + e] = 0.f;
+      }
     }
     __syncwarp();
     for (int i = 0; i < nc; ++i) {

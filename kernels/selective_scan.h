@@ -86,6 +86,12 @@ const char* dim_scan_cuda_error_string(int code);
 // on libtorch's current stream.
 int dim_smoke_axpy_iota(float* out, const float* x, float alpha, int64_t n, void* stream);
 
+// Special-function rate probe (kernels/smoke.cu): `threads` threads (a
+// multiple of 256) each run 8 independent chains of `iters` ex2.approx
+// operations, then write one value to out[thread]. Benchmarks time it to
+// measure the card's exponential rate in the same run as the scan.
+int dim_probe_exp2_rate(float* out, int64_t threads, int iters, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -17,3 +17,32 @@ extern "C" int dim_smoke_axpy_iota(float* out, const float* x, float alpha, int6
   axpy_iota_kernel<<<(unsigned)blocks, threads, 0, (cudaStream_t)stream>>>(out, x, alpha, n);
   return (int)cudaGetLastError();
 }
+
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 8 independent chains keep the special-function unit busy; x -> 2^-x stays in (0, 1].
+__global__ void exp2_rate_kernel(float* out, int iters) {
+  const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  float x[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) x[k] = 1e-3f * (float)((t + k) & 1023);
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = ex2_approx(-x[k]);
+  }
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) s += x[k];
+  out[t] = s;
+}
+
+extern "C" int dim_probe_exp2_rate(float* out, int64_t threads, int iters, void* stream) {
+  const int block = 256;
+  if (threads <= 0 || threads % block != 0) return (int)cudaErrorInvalidValue;
+  exp2_rate_kernel<<<(unsigned)(threads / block), block, 0, (cudaStream_t)stream>>>(out, iters);
+  return (int)cudaGetLastError();
+}

@@ -23,6 +23,9 @@ Contents (all tensors as {"shape": [...], "data": [flat f64]}):
 * "loops": whole deterministic sampling loops (DDIM, DPM-Solver++ 2M, Euler,
   Heun, FlowMatchEuler) driven by the closed-form test model
   `model(x, t) = 0.7 tanh(x) + 0.1 cos(t / 137) x`, from a fixed start.
+* "hybrid": improved-DDPM / DiT hybrid loss terms (mse, vb in bits/dim, loss)
+  for fixed inputs, from a float64 transcription of improved-diffusion's
+  `training_losses` / `_vb_terms_bpd` (not diffusers: it has no such loss).
 """
 
 import json
@@ -270,6 +273,91 @@ def loops():
     return cases
 
 
+# ---------------------------------------------------------------------------
+# improved-DDPM / DiT hybrid loss, transcribed from openai/improved-diffusion
+# (gaussian_diffusion.py, losses.py) with LossType.MSE and learned_range
+# variance (what DiT trains with), in float64.
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def _discretized_gaussian_log_likelihood(x, *, means, log_scales):
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
+    cdf_plus = _approx_standard_normal_cdf(plus_in)
+    min_in = inv_stdv * (centered_x - 1.0 / 255.0)
+    cdf_min = _approx_standard_normal_cdf(min_in)
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999, log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+
+
+def _mean_flat(x):
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def adm_hybrid_losses(model_mean_type):
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    acp = np.append(1.0, ac[:-1])
+    post_var = betas * (1.0 - acp) / (1.0 - ac)
+    plvc = np.log(np.append(post_var[1], post_var[1:]))
+    c1 = betas * np.sqrt(acp) / (1.0 - ac)
+    c2 = (1.0 - acp) * np.sqrt(alphas) / (1.0 - ac)
+    t = torch.tensor([0, 1, 2, 500, 999, 0], dtype=torch.int64)
+    shape = (6, 3, 4, 4)
+
+    def ext(arr):
+        return torch.from_numpy(arr)[t].view(-1, 1, 1, 1)
+
+    g = torch.Generator().manual_seed(42)
+    # Data on the 8-bit grid in [-1, 1], with exact edge values.
+    x_start = (torch.randint(0, 256, shape, generator=g).double() / 127.5 - 1.0)
+    x_start[0, 0, 0, :2] = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    noise = torch.randn(shape, generator=g, dtype=torch.float64)
+    x_t = ext(np.sqrt(ac)) * x_start + ext(np.sqrt(1.0 - ac)) * noise
+    pred = torch.randn(shape, generator=g, dtype=torch.float64) * 0.3
+    if model_mean_type == "eps":
+        pred = pred + noise  # a plausible, imperfect eps prediction
+    else:
+        pred = pred + x_start
+    var_values = torch.tanh(torch.randn(shape, generator=g, dtype=torch.float64))
+    model_output = torch.cat([pred, var_values], dim=1)
+
+    true_mean = ext(c1) * x_start + ext(c2) * x_t
+    true_lv = ext(plvc)
+    frac = (var_values + 1) / 2
+    model_lv = frac * ext(np.log(betas)) + (1 - frac) * ext(plvc)
+    if model_mean_type == "eps":
+        pred_xstart = ext(np.sqrt(1.0 / ac)) * x_t - ext(np.sqrt(1.0 / ac - 1)) * pred
+        target = noise
+    else:
+        pred_xstart = pred
+        target = x_start
+    model_mean = ext(c1) * pred_xstart + ext(c2) * x_t
+    kl = _mean_flat(_normal_kl(true_mean, true_lv, model_mean, model_lv)) / math.log(2.0)
+    nll = -_mean_flat(_discretized_gaussian_log_likelihood(x_start, means=model_mean, log_scales=0.5 * model_lv)) / math.log(2.0)
+    vb = torch.where(t == 0, nll, kl)
+    mse = _mean_flat((target - pred) ** 2)
+    return dict(
+        prediction=model_mean_type, t=t.tolist(), x_start=enc(x_start), noise=enc(noise),
+        model_output=enc(model_output), mse=enc(mse), vb=enc(vb), loss=enc(mse + vb),
+    )
+
+
 def main():
     data = dict(
         diffusers_version=diffusers.__version__,
@@ -278,6 +366,7 @@ def main():
         tables=tables(),
         steps=ddpm_steps() + ddim_steps(),
         loops=loops(),
+        hybrid=[adm_hybrid_losses("eps"), adm_hybrid_losses("x0")],
     )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(data))

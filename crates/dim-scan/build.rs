@@ -55,7 +55,10 @@ fn compile_kernels(nvcc: &Path, kernels: &Path) -> bool {
     for entry in std::fs::read_dir(kernels).unwrap().flatten() {
         println!("cargo:rerun-if-changed={}", entry.path().display());
     }
-    let cuda_home = nvcc.parent().and_then(Path::parent).expect("nvcc in <cuda>/bin");
+    let cuda_home = nvcc
+        .parent()
+        .and_then(Path::parent)
+        .expect("nvcc in <cuda>/bin");
     println!(
         "cargo:rustc-link-search=native={}",
         cuda_home.join("lib").display()
@@ -82,7 +85,10 @@ fn compile_kernels(nvcc: &Path, kernels: &Path) -> bool {
         .files(&files);
     if let Ok(jobs) = std::env::var("NUM_JOBS") {
         // nvcc can compile several device architectures in parallel.
-        build.flag(format!("--threads={}", jobs.parse::<u32>().unwrap_or(1).min(4)));
+        build.flag(format!(
+            "--threads={}",
+            jobs.parse::<u32>().unwrap_or(1).min(4)
+        ));
     }
     match build.try_compile("dim_scan_cuda") {
         Ok(()) => true,

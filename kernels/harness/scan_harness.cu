@@ -20,7 +20,10 @@
 
 namespace dimscan {
 extern int64_t g_det_partial_budget;
+extern int g_fwd_variant;
+extern int g_bwd_w;
 }
+static bool g_compare_fwd = false;
 
 #define CK(x)                                                                              \
   do {                                                                                     \
@@ -695,6 +698,26 @@ static void bench(uint64_t seed) {
              t_f / fl_f, tg1);
       printf("%-16s %-12s %9.4f %9.4f %7.2f %s\n", shp, nd == 1 ? "fwd+bwd" : "bi fwd+bwd", t_fb,
              fl_fb, t_fb / fl_fb, tg2);
+      if (g_compare_fwd) {
+        for (int v = 1; v <= 2; ++v) {
+          dimscan::g_fwd_variant = v;
+          double tv = median_ms([&] { CKR(dim_scan_cuda_fwd(&p, 0)); }, 20);
+          printf("%-16s %-12s %9.4f %9.4f %7.2f  (forward variant %d)\n", shp,
+                 nd == 1 ? "fwd" : "bi fwd", tv, fl_f, tv / fl_f, v);
+        }
+        dimscan::g_fwd_variant = 0;
+        for (int w : {2, 1}) {
+          dimscan::g_bwd_w = w;
+          cudaFree(ws);
+          ws = dmalloc(std::max<size_t>(256, std::max(dim_scan_cuda_fwd_workspace_bytes(&p),
+                                                       dim_scan_cuda_bwd_workspace_bytes(&p))));
+          p.workspace = ws;
+          double tw = median_ms([&] { CKR(dim_scan_cuda_fwd(&p, 0)); CKR(dim_scan_cuda_bwd(&p, 0)); }, 10);
+          printf("%-16s %-12s %9.4f  (backward with %d warps a block)\n", shp,
+                 nd == 1 ? "fwd+bwd" : "bi fwd+bwd", tw, w);
+        }
+        dimscan::g_bwd_w = 0;
+      }
       if (nd == 1 && si == 0 && !g_prof) {
         p.deterministic = 1;
         cudaFree(ws);
@@ -726,6 +749,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--no-bench")) do_bench = false;
     else if (!strcmp(argv[i], "--bench-only")) do_tests = false;
     else if (!strcmp(argv[i], "--profile")) { do_tests = false; g_prof = 1; }
+    else if (!strcmp(argv[i], "--compare-fwd")) g_compare_fwd = true;
     else if (!strcmp(argv[i], "--fd-only")) {  // CPU only: check the reference
       printf("seed %llu\n", (unsigned long long)seed);
       Rng r{seed};

@@ -1,8 +1,174 @@
-//! `cargo xtask gpu-bundle <dir>`.
-use std::path::Path;
+//! `cargo xtask gpu-bundle <dir>`: every test and bench target whose name
+//! starts with `gpu`, built in release against the venv's libtorch, stripped,
+//! with a `run.sh` that runs them on a machine with an NVIDIA GPU and
+//! PyTorch 2.11 (no Rust needed there).
 
-use anyhow::Result;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
-pub fn run(_root: &Path, _dir: &Path) -> Result<()> {
-    anyhow::bail!("gpu-bundle: not written yet")
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// The bundle must stay small enough to copy around (and to carry to the device machine).
+const MAX_BUNDLE_BYTES: u64 = 48 << 20;
+
+pub fn run(root: &Path, dir: &Path) -> Result<()> {
+    crate::setup::ensure(root)?;
+    let targets = gpu_targets()?;
+    if targets.is_empty() {
+        bail!("no test or bench target named gpu* in the workspace");
+    }
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let mut total = 0u64;
+    for kind in ["tests", "benches"] {
+        fs::create_dir_all(dir.join(kind))?;
+    }
+    for t in &targets {
+        let exe = build(t)?;
+        let dest = dir.join(t.folder()).join(&t.name);
+        fs::copy(&exe, &dest).with_context(|| format!("copying {}", exe.display()))?;
+        crate::step(
+            &format!("strip {}", t.name),
+            Command::new("strip").arg("--strip-unneeded").arg(&dest),
+        )?;
+        let size = fs::metadata(&dest)?.len();
+        println!(
+            "gpu-bundle: {}/{} ({:.1} MiB)",
+            t.folder(),
+            t.name,
+            size as f64 / 1048576.0
+        );
+        total += size;
+    }
+    let run_sh = dir.join("run.sh");
+    fs::write(&run_sh, RUN_SH)?;
+    fs::set_permissions(&run_sh, fs::Permissions::from_mode(0o755))?;
+    println!(
+        "gpu-bundle: {} ({:.1} MiB); run it there with: {}/run.sh [TORCH_LIB_DIR]",
+        dir.display(),
+        total as f64 / 1048576.0,
+        dir.display()
+    );
+    if total > MAX_BUNDLE_BYTES {
+        bail!("the bundle is {total} bytes, over the {MAX_BUNDLE_BYTES}-byte budget");
+    }
+    Ok(())
 }
+
+struct Target {
+    package: String,
+    name: String,
+    bench: bool,
+}
+
+impl Target {
+    fn folder(&self) -> &'static str {
+        if self.bench {
+            "benches"
+        } else {
+            "tests"
+        }
+    }
+}
+
+/// Test and bench targets named `gpu*`, from `cargo metadata`.
+fn gpu_targets() -> Result<Vec<Target>> {
+    let out = crate::cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed");
+    }
+    let meta: Value = serde_json::from_slice(&out.stdout)?;
+    let mut found = Vec::new();
+    for pkg in meta["packages"].as_array().into_iter().flatten() {
+        for t in pkg["targets"].as_array().into_iter().flatten() {
+            let name = t["name"].as_str().unwrap_or_default();
+            let kinds: Vec<&str> = t["kind"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let bench = kinds.contains(&"bench");
+            if name.starts_with("gpu") && (bench || kinds.contains(&"test")) {
+                found.push(Target {
+                    package: pkg["name"].as_str().unwrap_or_default().to_string(),
+                    name: name.to_string(),
+                    bench,
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Builds one target in release and returns its executable.
+fn build(t: &Target) -> Result<PathBuf> {
+    let mut cmd = crate::cargo();
+    if t.bench {
+        cmd.args(["bench", "--no-run", "--bench", &t.name]);
+    } else {
+        cmd.args(["test", "--release", "--no-run", "--test", &t.name]);
+    }
+    cmd.args([
+        "--package",
+        &t.package,
+        "--message-format=json-render-diagnostics",
+    ])
+    // A GPU bundle without kernels would be useless: fail the build instead.
+    .env("DIM_REQUIRE_CUDA", "1")
+    .stderr(Stdio::inherit());
+    println!("gpu-bundle: building {} {}", t.package, t.name);
+    let out = cmd.output().context("running cargo")?;
+    if !out.status.success() {
+        bail!("building {} failed", t.name);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == t.name.as_str())
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo reported no executable for {}", t.name))
+}
+
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Runs every GPU test and benchmark in this bundle and prints a summary.
+# Usage: run.sh [TORCH_LIB_DIR]   (default: the lib folder of python3's torch)
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+lib=${1:-}
+if [ -z "$lib" ]; then
+  lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {
+    echo "run.sh: cannot import torch with python3; pass the folder holding libtorch*.so" >&2
+    exit 2
+  }
+fi
+[ -e "$lib/libtorch_cpu.so" ] || { echo "run.sh: no libtorch_cpu.so in $lib" >&2; exit 2; }
+export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export DIM_EXPECT_GPU=1
+passed=0; failed=0; summary=()
+for t in "$here"/tests/*; do
+  [ -x "$t" ] || continue
+  echo "=== test $(basename "$t")"
+  if "$t" --test-threads=1 --nocapture; then passed=$((passed+1)); summary+=("ok    test  $(basename "$t")")
+  else failed=$((failed+1)); summary+=("FAIL  test  $(basename "$t")"); fi
+done
+for b in "$here"/benches/*; do
+  [ -x "$b" ] || continue
+  echo "=== bench $(basename "$b")"
+  if "$b" --bench; then passed=$((passed+1)); summary+=("ok    bench $(basename "$b")")
+  else failed=$((failed+1)); summary+=("FAIL  bench $(basename "$b")"); fi
+done
+echo "=== summary"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
+printf '%s\n' "${summary[@]}"
+echo "gpu bundle: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
+"#;

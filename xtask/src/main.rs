@@ -71,7 +71,10 @@ fn project_root() -> PathBuf {
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
     setup::ensure(root)?;
-    step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
     step(
         "cargo clippy",
         cargo().args([

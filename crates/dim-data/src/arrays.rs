@@ -11,7 +11,12 @@ use crate::frames::Frames;
 #[derive(Debug, Clone)]
 enum Pixels {
     /// `(N, H, W, C)` bytes: pixels, transforms apply.
-    U8 { h: usize, w: usize, c: usize, data: Vec<u8> },
+    U8 {
+        h: usize,
+        w: usize,
+        c: usize,
+        data: Vec<u8>,
+    },
     /// Floats already in `[-1, 1]`, used as given; `shape` excludes N.
     F32 { shape: Vec<i64>, data: Vec<f32> },
 }
@@ -45,13 +50,19 @@ impl ArrayDataset {
     pub fn from_npy(images: impl AsRef<Path>, labels: Option<&Path>) -> Result<Self> {
         let path = images.as_ref();
         let x = read_npy(path)?;
-        let y = labels.map(|l| read_npy(l).map(|t| (l.to_path_buf(), t))).transpose()?;
+        let y = labels
+            .map(|l| read_npy(l).map(|t| (l.to_path_buf(), t)))
+            .transpose()?;
         Self::from_tensors(path, &x, y.as_ref().map(|(p, t)| (p.as_path(), t)))
     }
 
     /// Images under key `images_key` of a safetensors file, labels under
     /// `labels_key` if given.
-    pub fn from_safetensors(path: impl AsRef<Path>, images_key: &str, labels_key: Option<&str>) -> Result<Self> {
+    pub fn from_safetensors(
+        path: impl AsRef<Path>,
+        images_key: &str,
+        labels_key: Option<&str>,
+    ) -> Result<Self> {
         let path = path.as_ref();
         if let Err(e) = std::fs::metadata(path) {
             return Err(DataError::io(path, e));
@@ -59,10 +70,14 @@ impl ArrayDataset {
         let tensors = Tensor::read_safetensors(path)
             .map_err(|e| DataError::corrupt(path, format!("cannot read safetensors: {e}")))?;
         let find = |key: &str| -> Result<&Tensor> {
-            tensors.iter().find(|(k, _)| k == key).map(|(_, t)| t).ok_or_else(|| {
-                let keys: Vec<_> = tensors.iter().map(|(k, _)| k.as_str()).collect();
-                DataError::corrupt(path, format!("no tensor `{key}` (it has {keys:?})"))
-            })
+            tensors
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, t)| t)
+                .ok_or_else(|| {
+                    let keys: Vec<_> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+                    DataError::corrupt(path, format!("no tensor `{key}` (it has {keys:?})"))
+                })
         };
         let x = find(images_key)?;
         let y = labels_key.map(find).transpose()?;
@@ -92,29 +107,50 @@ impl ArrayDataset {
                 };
                 let mut data = vec![0u8; numel];
                 x.f_copy_data(&mut data, numel)?;
-                Pixels::U8 { h: h as usize, w: w as usize, c: c as usize, data }
+                Pixels::U8 {
+                    h: h as usize,
+                    w: w as usize,
+                    c: c as usize,
+                    data,
+                }
             }
             Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double => {
                 let xf = x.to_kind(Kind::Float);
                 let mut data = vec![0f32; numel];
                 xf.f_copy_data(&mut data, numel)?;
                 // A little slack for rounding in half precision.
-                if let Some(v) = data.iter().find(|v| !(v.abs() <= 1.001)) {
+                if let Some(v) = data.iter().find(|v| v.is_nan() || v.abs() > 1.001) {
                     return Err(bad(format!(
                         "float samples must already be in [-1, 1] (found {v}); store u8 pixels to have them scaled"
                     )));
                 }
-                Pixels::F32 { shape: shape[1..].to_vec(), data }
+                Pixels::F32 {
+                    shape: shape[1..].to_vec(),
+                    data,
+                }
             }
-            k => return Err(bad(format!("unsupported element type {k:?} (use u8 pixels or floats)"))),
+            k => {
+                return Err(bad(format!(
+                    "unsupported element type {k:?} (use u8 pixels or floats)"
+                )))
+            }
         };
         let labels = match labels {
             None => None,
             Some((lp, y)) => {
-                if y.size() != [n as i64] || !matches!(y.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+                if y.size() != [n as i64]
+                    || !matches!(
+                        y.kind(),
+                        Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8
+                    )
+                {
                     return Err(DataError::corrupt(
                         lp,
-                        format!("labels must be integers of shape [{n}], got {:?} {:?}", y.kind(), y.size()),
+                        format!(
+                            "labels must be integers of shape [{n}], got {:?} {:?}",
+                            y.kind(),
+                            y.size()
+                        ),
                     ));
                 }
                 let y = y.to_kind(Kind::Int64).contiguous();
@@ -124,7 +160,12 @@ impl ArrayDataset {
             }
         };
         tracing::info!(path = %path.display(), n, "array dataset");
-        Ok(Self { path: path.to_path_buf(), n, pixels, labels })
+        Ok(Self {
+            path: path.to_path_buf(),
+            n,
+            pixels,
+            labels,
+        })
     }
 
     fn label(&self, index: usize) -> Option<i64> {
@@ -159,18 +200,27 @@ impl Dataset for ArrayDataset {
         match &self.pixels {
             Pixels::F32 { shape, data } => {
                 let k = data.len() / self.n;
-                let t = Tensor::from_slice(&data[index * k..(index + 1) * k]).view(shape.as_slice());
-                Ok(Sample { data: t, label: self.label(index) })
+                let t =
+                    Tensor::from_slice(&data[index * k..(index + 1) * k]).view(shape.as_slice());
+                Ok(Sample {
+                    data: t,
+                    label: self.label(index),
+                })
             }
             Pixels::U8 { .. } => {
                 let raw = self.get_raw(index, seed)?;
-                Ok(Sample { data: raw.frames.to_tensor(), label: raw.label })
+                Ok(Sample {
+                    data: raw.frames.to_tensor(),
+                    label: raw.label,
+                })
             }
         }
     }
 
     fn num_classes(&self) -> Option<usize> {
-        self.labels.as_ref().map(|l| l.iter().copied().max().map_or(0, |m| m as usize + 1))
+        self.labels
+            .as_ref()
+            .map(|l| l.iter().copied().max().map_or(0, |m| m as usize + 1))
     }
 
     fn describe(&self) -> String {
@@ -200,7 +250,8 @@ mod tests {
         let v = s.data.double_value(&[1, 2, 3]);
         assert!((v - (70.0 / 127.5 - 1.0)).abs() < 1e-6, "{v}");
 
-        let f = Tensor::linspace(-1.0, 1.0, 2 * 2 * 2, (Kind::Float, tch::Device::Cpu)).view([2, 2, 2]);
+        let f =
+            Tensor::linspace(-1.0, 1.0, 2 * 2 * 2, (Kind::Float, tch::Device::Cpu)).view([2, 2, 2]);
         let sp = dir.path().join("a.safetensors");
         Tensor::write_safetensors(&[("images", &f), ("labels", &y)], &sp).unwrap();
         let ds = ArrayDataset::from_safetensors(&sp, "images", Some("labels")).unwrap();
@@ -208,7 +259,9 @@ mod tests {
         assert_eq!(s.data.size(), [2, 2]);
         assert!(s.data.allclose(&f.get(1), 0.0, 0.0, false));
         assert_eq!(s.label, Some(9));
-        let e = ArrayDataset::from_safetensors(&sp, "pixels", None).unwrap_err().to_string();
+        let e = ArrayDataset::from_safetensors(&sp, "pixels", None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no tensor `pixels`"), "{e}");
     }
 
@@ -220,10 +273,15 @@ mod tests {
         let e = ArrayDataset::from_npy(&p, None).unwrap_err().to_string();
         assert!(e.contains("bad.npy"), "{e}");
         let big = dir.path().join("big.npy");
-        Tensor::from_slice(&[0.5f32, 3.0]).view([2, 1]).write_npy(&big).unwrap();
+        Tensor::from_slice(&[0.5f32, 3.0])
+            .view([2, 1])
+            .write_npy(&big)
+            .unwrap();
         let e = ArrayDataset::from_npy(&big, None).unwrap_err().to_string();
         assert!(e.contains("big.npy") && e.contains("[-1, 1]"), "{e}");
-        let e = ArrayDataset::from_npy(dir.path().join("missing.npy"), None).unwrap_err().to_string();
+        let e = ArrayDataset::from_npy(dir.path().join("missing.npy"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing.npy"), "{e}");
     }
 }

@@ -229,14 +229,14 @@ impl DataConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let mut doc: toml::Table =
-            toml::from_str(&text).map_err(|e| DataError::config("data", format!("{}: {e}", path.display())))?;
-        let data = doc
-            .remove("data")
-            .ok_or_else(|| DataError::config("data", format!("{} has no [data] table", path.display())))?;
-        let c: Self = data
-            .try_into()
-            .map_err(|e: toml::de::Error| DataError::config("data", format!("{}: {e}", path.display())))?;
+        let mut doc: toml::Table = toml::from_str(&text)
+            .map_err(|e| DataError::config("data", format!("{}: {e}", path.display())))?;
+        let data = doc.remove("data").ok_or_else(|| {
+            DataError::config("data", format!("{} has no [data] table", path.display()))
+        })?;
+        let c: Self = data.try_into().map_err(|e: toml::de::Error| {
+            DataError::config("data", format!("{}: {e}", path.display()))
+        })?;
         c.validate()?;
         Ok(c)
     }
@@ -276,7 +276,10 @@ impl DataConfig {
                 need_path("data.root", &c.root)?;
                 need_path("data.splits", &c.splits)?;
                 if !(1..=3).contains(&c.fold) {
-                    return Err(DataError::config("data.fold", format!("must be 1, 2 or 3, got {}", c.fold)));
+                    return Err(DataError::config(
+                        "data.fold",
+                        format!("must be 1, 2 or 3, got {}", c.fold),
+                    ));
                 }
                 c.clip.validate("data.clip")
             }
@@ -302,21 +305,31 @@ impl DataConfig {
                 }
             }
             DataConfig::Npy(c) => wrap(ArrayDataset::from_npy(&c.images, c.labels.as_deref())?, t),
-            DataConfig::Safetensors(c) => {
-                wrap(ArrayDataset::from_safetensors(&c.path, &c.images_key, c.labels_key.as_deref())?, t)
-            }
+            DataConfig::Safetensors(c) => wrap(
+                ArrayDataset::from_safetensors(&c.path, &c.images_key, c.labels_key.as_deref())?,
+                t,
+            ),
             DataConfig::MovingFashionMnist(c) => {
-                let dir = c.source_dir.clone().unwrap_or_else(|| FASHION_MNIST_DIR.into());
+                let dir = c
+                    .source_dir
+                    .clone()
+                    .unwrap_or_else(|| FASHION_MNIST_DIR.into());
                 let source = IdxDataset::mnist_layout(dir, Split::Train)?;
                 match &c.cache {
-                    Some(p) => wrap(MovingFashionMnist::with_cache(source, c.moving.clone(), p)?, t),
+                    Some(p) => wrap(
+                        MovingFashionMnist::with_cache(source, c.moving.clone(), p)?,
+                        t,
+                    ),
                     None => wrap(MovingFashionMnist::new(source, c.moving.clone())?, t),
                 }
             }
-            DataConfig::VideoFolder(c) => wrap(VideoDataset::folder(&c.root, c.classes, c.clip.clone())?, t),
-            DataConfig::Ucf101(c) => {
-                wrap(VideoDataset::ucf101(&c.root, &c.splits, c.fold, c.split, c.clip.clone())?, t)
+            DataConfig::VideoFolder(c) => {
+                wrap(VideoDataset::folder(&c.root, c.classes, c.clip.clone())?, t)
             }
+            DataConfig::Ucf101(c) => wrap(
+                VideoDataset::ucf101(&c.root, &c.splits, c.fold, c.split, c.clip.clone())?,
+                t,
+            ),
             DataConfig::Latents(c) => Arc::new(LatentDataset::open(&c.dir)?),
         })
     }
@@ -328,7 +341,10 @@ mod tests {
 
     #[test]
     fn parses_each_kind_with_defaults() {
-        let c = DataConfig::from_toml_str("kind = \"fashion_mnist\"\ntransforms = [{ op = \"pad\", size = 32 }]").unwrap();
+        let c = DataConfig::from_toml_str(
+            "kind = \"fashion_mnist\"\ntransforms = [{ op = \"pad\", size = 32 }]",
+        )
+        .unwrap();
         assert_eq!(
             c,
             DataConfig::FashionMnist(FashionMnistConfig {
@@ -341,33 +357,64 @@ mod tests {
             "kind = \"ucf101\"\nroot = \"/d/UCF-101\"\nsplits = \"/d/lists\"\nsplit = \"test\"\n[clip]\nframes = 8\nfps = 5.0\nstart = \"center\"",
         )
         .unwrap();
-        let DataConfig::Ucf101(u) = c else { panic!("wrong kind") };
-        assert_eq!((u.fold, u.split, u.clip.frames, u.clip.fps), (1, Split::Test, 8, Some(5.0)));
-        let c = DataConfig::from_toml_str("kind = \"moving_fashion_mnist\"\n[moving]\nframes = 8").unwrap();
-        let DataConfig::MovingFashionMnist(m) = c else { panic!("wrong kind") };
+        let DataConfig::Ucf101(u) = c else {
+            panic!("wrong kind")
+        };
+        assert_eq!(
+            (u.fold, u.split, u.clip.frames, u.clip.fps),
+            (1, Split::Test, 8, Some(5.0))
+        );
+        let c = DataConfig::from_toml_str("kind = \"moving_fashion_mnist\"\n[moving]\nframes = 8")
+            .unwrap();
+        let DataConfig::MovingFashionMnist(m) = c else {
+            panic!("wrong kind")
+        };
         assert_eq!((m.moving.frames, m.moving.canvas), (8, 64));
-        for kind in ["idx\"\nimages = \"a", "image_folder\"\nroot = \"a", "npy\"\nimages = \"a", "safetensors\"\npath = \"a", "video_folder\"\nroot = \"a", "latents\"\ndir = \"a"] {
+        for kind in [
+            "idx\"\nimages = \"a",
+            "image_folder\"\nroot = \"a",
+            "npy\"\nimages = \"a",
+            "safetensors\"\npath = \"a",
+            "video_folder\"\nroot = \"a",
+            "latents\"\ndir = \"a",
+        ] {
             DataConfig::from_toml_str(&format!("kind = \"{kind}\"")).unwrap();
         }
     }
 
     #[test]
     fn errors_name_the_key() {
-        let e = DataConfig::from_toml_str("kind = \"imagenet\"").unwrap_err().to_string();
-        assert!(e.contains("imagenet"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"image_folder\"\nroot = \"x\"\nclases = false").unwrap_err().to_string();
-        assert!(e.contains("clases"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"image_folder\"").unwrap_err().to_string();
-        assert!(e.contains("root"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"ucf101\"\nroot = \"r\"\nsplits = \"s\"\nfold = 4").unwrap_err().to_string();
-        assert!(e.contains("data.fold"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"video_folder\"\nroot = \"r\"\n[clip]\nframes = 0").unwrap_err().to_string();
-        assert!(e.contains("data.clip.frames"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"npy\"\nimages = \"a\"\ntransforms = [{ op = \"random_flip\", p = 2.0 }]")
+        let e = DataConfig::from_toml_str("kind = \"imagenet\"")
             .unwrap_err()
             .to_string();
+        assert!(e.contains("imagenet"), "{e}");
+        let e = DataConfig::from_toml_str("kind = \"image_folder\"\nroot = \"x\"\nclases = false")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clases"), "{e}");
+        let e = DataConfig::from_toml_str("kind = \"image_folder\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("root"), "{e}");
+        let e =
+            DataConfig::from_toml_str("kind = \"ucf101\"\nroot = \"r\"\nsplits = \"s\"\nfold = 4")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("data.fold"), "{e}");
+        let e =
+            DataConfig::from_toml_str("kind = \"video_folder\"\nroot = \"r\"\n[clip]\nframes = 0")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("data.clip.frames"), "{e}");
+        let e = DataConfig::from_toml_str(
+            "kind = \"npy\"\nimages = \"a\"\ntransforms = [{ op = \"random_flip\", p = 2.0 }]",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("data.transforms[0].p"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"moving_fashion_mnist\"\n[moving]\ncanvas = 20").unwrap_err().to_string();
+        let e = DataConfig::from_toml_str("kind = \"moving_fashion_mnist\"\n[moving]\ncanvas = 20")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("data.moving.canvas"), "{e}");
     }
 
@@ -383,8 +430,15 @@ mod tests {
             transforms: vec![],
         });
         let e = c.build().unwrap_err().to_string();
-        assert!(e.contains("classInd.txt") && e.contains("split file"), "{e}");
-        let c = DataConfig::ImageFolder(ImageFolderConfig { root: dir.path().into(), classes: true, transforms: vec![] });
+        assert!(
+            e.contains("classInd.txt") && e.contains("split file"),
+            "{e}"
+        );
+        let c = DataConfig::ImageFolder(ImageFolderConfig {
+            root: dir.path().into(),
+            classes: true,
+            transforms: vec![],
+        });
         let e = c.build().unwrap_err().to_string();
         assert!(e.contains("no JPEG/PNG images"), "{e}");
     }

@@ -133,7 +133,7 @@ impl<D: Dataset> Dataset for Transformed<D> {
         // The source and the transforms draw from separate streams so adding a
         // transform never changes, say, the clip start the source picks.
         let mut raw = self.inner.get_raw(index, seed)?;
-        let mut rng = Rng::new(crate::rng::derive(seed, &[0x7472_616e_73]));
+        let mut rng = Rng::new(crate::rng::derive(seed, &[0x0074_7261_6e73]));
         let origin = format!("{} sample {index}", self.inner.describe());
         for t in &self.transforms {
             t.apply(&mut raw.frames, &mut rng, &origin)?;

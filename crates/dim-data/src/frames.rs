@@ -118,9 +118,21 @@ impl Frames {
         Ok(())
     }
 
-    /// Crops every frame to the window at (`top`, `left`) of `h`×`w`.
-    pub fn crop(&mut self, top: usize, left: usize, h: usize, w: usize) {
-        debug_assert!(top + h <= self.h && left + w <= self.w);
+    /// Crops every frame to the window at (`top`, `left`) of `h`×`w`;
+    /// fails if the window leaves the frame.
+    pub fn crop(
+        &mut self,
+        top: usize,
+        left: usize,
+        h: usize,
+        w: usize,
+    ) -> std::result::Result<(), String> {
+        if top + h > self.h || left + w > self.w {
+            return Err(format!(
+                "crop {h}x{w} at ({top}, {left}) leaves the {}x{} frame",
+                self.h, self.w
+            ));
+        }
         let c = self.c;
         let mut out = Vec::with_capacity(self.t * h * w * c);
         for f in 0..self.t {
@@ -132,6 +144,7 @@ impl Frames {
         self.h = h;
         self.w = w;
         self.data = out;
+        Ok(())
     }
 
     /// Resamples every frame to `h`×`w` with `filter`, antialiased when
@@ -145,32 +158,38 @@ impl Frames {
         let vertical = Weights::new(self.h, h, filter);
         let mut out = Vec::with_capacity(self.t * h * w * c);
         let mut tmp = vec![0f32; self.h * w * c];
+        let mut acc_row = vec![0f32; w * c];
+        let mut acc = vec![0f32; c];
         for f in 0..self.t {
             let frame = &self.data[f * self.frame_len()..(f + 1) * self.frame_len()];
             // Horizontal pass into f32, then vertical pass with rounding, so
-            // rounding happens once.
+            // rounding happens once. Both loops are written over slices so
+            // the compiler can drop bounds checks and vectorise.
             for y in 0..self.h {
                 let row = &frame[y * self.w * c..(y + 1) * self.w * c];
-                for x in 0..w {
+                let dst = &mut tmp[y * w * c..(y + 1) * w * c];
+                for (x, px) in dst.chunks_exact_mut(c).enumerate() {
                     let (start, ws) = horizontal.taps(x);
-                    for ch in 0..c {
-                        let mut acc = 0f32;
-                        for (k, wt) in ws.iter().enumerate() {
-                            acc += wt * row[(start + k) * c + ch] as f32;
+                    let src = &row[start * c..(start + ws.len()) * c];
+                    acc.iter_mut().for_each(|a| *a = 0.0);
+                    for (wt, s) in ws.iter().zip(src.chunks_exact(c)) {
+                        for (a, &v) in acc.iter_mut().zip(s) {
+                            *a += wt * v as f32;
                         }
-                        tmp[(y * w + x) * c + ch] = acc;
                     }
+                    px.copy_from_slice(&acc);
                 }
             }
             for y in 0..h {
                 let (start, ws) = vertical.taps(y);
-                for x in 0..w * c {
-                    let mut acc = 0f32;
-                    for (k, wt) in ws.iter().enumerate() {
-                        acc += wt * tmp[(start + k) * w * c + x];
+                acc_row.iter_mut().for_each(|a| *a = 0.0);
+                for (k, wt) in ws.iter().enumerate() {
+                    let src = &tmp[(start + k) * w * c..(start + k + 1) * w * c];
+                    for (a, s) in acc_row.iter_mut().zip(src) {
+                        *a += wt * s;
                     }
-                    out.push(acc.round().clamp(0.0, 255.0) as u8);
                 }
+                out.extend(acc_row.iter().map(|a| a.round().clamp(0.0, 255.0) as u8));
             }
         }
         self.h = h;
@@ -192,7 +211,8 @@ impl Frames {
         let w = ((self.w as f64 * scale).round_ties_even() as usize).max(size);
         self.resize(h, w, Filter::Bicubic);
         let (top, left) = ((self.h - size) / 2, (self.w - size) / 2);
-        self.crop(top, left, size, size);
+        self.crop(top, left, size, size)
+            .expect("both sides are at least `size` after the resize");
     }
 }
 
@@ -253,7 +273,9 @@ impl Weights {
         for o in 0..output {
             let centre = (o as f64 + 0.5) * scale;
             let lo = ((centre - support + 0.5).floor().max(0.0)) as usize;
-            let hi = ((centre + support + 0.5).floor() as usize).min(input).max(lo + 1);
+            let hi = ((centre + support + 0.5).floor() as usize)
+                .min(input)
+                .max(lo + 1);
             let mut ws: Vec<f64> = (lo..hi)
                 .map(|i| filter.eval((i as f64 - centre + 0.5) / widen))
                 .collect();
@@ -381,7 +403,9 @@ mod tests {
         assert_eq!(f.data[2 * 32 + 1], 0);
         assert_eq!(f.data[29 * 32 + 29], 9);
         assert_eq!(f.data[30 * 32 + 30], 0);
-        assert!(Frames::image(40, 40, 1, vec![0; 1600]).pad_to(32, 0).is_err());
+        assert!(Frames::image(40, 40, 1, vec![0; 1600])
+            .pad_to(32, 0)
+            .is_err());
     }
 
     #[test]
@@ -434,7 +458,11 @@ mod tests {
         for x in 4..12 {
             let centre = (x as f64 + 0.5) / 2.0 - 0.5;
             let want = centre * 20.0;
-            assert!((f.data[x] as f64 - want).abs() <= 0.51, "{x}: {} vs {want}", f.data[x]);
+            assert!(
+                (f.data[x] as f64 - want).abs() <= 0.51,
+                "{x}: {} vs {want}",
+                f.data[x]
+            );
         }
     }
 
@@ -442,6 +470,8 @@ mod tests {
     fn transforms_validate() {
         assert!(Transform::RandomFlip { p: 1.5 }.validate("t").is_err());
         assert!(Transform::Pad { size: 0, value: 0 }.validate("t").is_err());
-        assert!(Transform::CenterCropResize { size: 8 }.validate("t").is_ok());
+        assert!(Transform::CenterCropResize { size: 8 }
+            .validate("t")
+            .is_ok());
     }
 }

@@ -42,7 +42,10 @@ fn parse_idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>)> {
     if bytes[2] != 0x08 {
         return Err(DataError::corrupt(
             path,
-            format!("IDX element type 0x{:02x} is not unsigned byte (0x08)", bytes[2]),
+            format!(
+                "IDX element type 0x{:02x} is not unsigned byte (0x08)",
+                bytes[2]
+            ),
         ));
     }
     let ndim = bytes[3] as usize;

@@ -21,7 +21,10 @@ pub fn decode_rgb(path: &Path) -> Result<Frames> {
         // Some writers pad after the marker; allow trailing zero bytes.
         let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
         if end < 2 || bytes[end - 2..end] != [0xFF, 0xD9] {
-            return Err(DataError::corrupt(path, "truncated JPEG (no end-of-image marker)"));
+            return Err(DataError::corrupt(
+                path,
+                "truncated JPEG (no end-of-image marker)",
+            ));
         }
     }
     let img = image::load_from_memory_with_format(&bytes, format)
@@ -60,7 +63,12 @@ impl ImageFolder {
         let mut classes = Vec::new();
         for dir in list_dir(&root)?.into_iter().filter(|p| p.is_dir()) {
             let label = classes.len() as i64;
-            classes.push(dir.file_name().unwrap_or_default().to_string_lossy().into_owned());
+            classes.push(
+                dir.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             let mut imgs = Vec::new();
             images_under(&dir, &mut imgs)?;
             files.extend(imgs.into_iter().map(|p| (p, Some(label))));
@@ -77,12 +85,24 @@ impl ImageFolder {
         Self::checked(root, files, Vec::new(), "JPEG/PNG images")
     }
 
-    fn checked(root: PathBuf, files: Vec<(PathBuf, Option<i64>)>, classes: Vec<String>, what: &str) -> Result<Self> {
+    fn checked(
+        root: PathBuf,
+        files: Vec<(PathBuf, Option<i64>)>,
+        classes: Vec<String>,
+        what: &str,
+    ) -> Result<Self> {
         if files.is_empty() {
-            return Err(DataError::Empty { path: root, what: what.into() });
+            return Err(DataError::Empty {
+                path: root,
+                what: what.into(),
+            });
         }
         tracing::info!(root = %root.display(), images = files.len(), classes = classes.len(), "image folder");
-        Ok(Self { root, files, classes })
+        Ok(Self {
+            root,
+            files,
+            classes,
+        })
     }
 
     /// Class names, indexed by label.
@@ -104,7 +124,10 @@ impl Dataset for ImageFolder {
     fn get_raw(&self, index: usize, _seed: u64) -> Result<RawSample> {
         check_index(index, self.files.len())?;
         let (path, label) = &self.files[index];
-        Ok(RawSample { frames: decode_rgb(path)?, label: *label })
+        Ok(RawSample {
+            frames: decode_rgb(path)?,
+            label: *label,
+        })
     }
 
     fn num_classes(&self) -> Option<usize> {
@@ -121,7 +144,8 @@ mod tests {
     use super::*;
 
     fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
-        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]));
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 ^ seed, y as u8, seed]));
         img.save(path).unwrap();
     }
 
@@ -131,7 +155,12 @@ mod tests {
         for (class, n) in [("b_cat", 2), ("a_dog", 3)] {
             std::fs::create_dir(dir.path().join(class)).unwrap();
             for i in 0..n {
-                write_png(&dir.path().join(class).join(format!("{i}.png")), 5, 4, i as u8);
+                write_png(
+                    &dir.path().join(class).join(format!("{i}.png")),
+                    5,
+                    4,
+                    i as u8,
+                );
             }
         }
         std::fs::write(dir.path().join("a_dog/notes.txt"), "not an image").unwrap();
@@ -151,10 +180,13 @@ mod tests {
     #[test]
     fn empty_truncated_and_garbage_images_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let e = ImageFolder::with_classes(dir.path()).unwrap_err().to_string();
+        let e = ImageFolder::with_classes(dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no JPEG/PNG images"), "{e}");
         let jpg = dir.path().join("x.jpg");
-        let img = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8 * 8, y as u8 * 8, 0]));
+        let img =
+            image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8 * 8, y as u8 * 8, 0]));
         img.save(&jpg).unwrap();
         assert!(decode_rgb(&jpg).is_ok());
         let bytes = std::fs::read(&jpg).unwrap();

@@ -70,7 +70,10 @@ pub(crate) fn write_safetensors(
 ) -> Result<()> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("strings"),
+        );
     }
     let mut offset = 0usize;
     for (name, dtype, shape, bytes) in tensors {
@@ -80,22 +83,27 @@ pub(crate) fn write_safetensors(
             data_offsets: [offset, offset + bytes.len()],
         };
         offset += bytes.len();
-        header.insert(name.to_string(), serde_json::to_value(entry).expect("plain struct"));
+        header.insert(
+            name.to_string(),
+            serde_json::to_value(entry).expect("plain struct"),
+        );
     }
     let mut json = serde_json::to_vec(&header).expect("plain map");
     // The format pads the header with spaces to a multiple of 8 bytes.
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
+    json.resize(json.len().next_multiple_of(8), b' ');
     let tmp = path.with_extension("partial");
     let io = |e| DataError::io(&tmp, e);
     let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
-    f.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+    f.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
     f.write_all(&json).map_err(io)?;
     for (_, _, _, bytes) in tensors {
         f.write_all(bytes).map_err(io)?;
     }
-    f.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+    f.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
     // Rename last, so a crash never leaves a half-written file under the final name.
     std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
 }
@@ -108,23 +116,29 @@ pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
         .map_err(|_| DataError::corrupt(path, "too short for a safetensors file"))?;
     let n = u64::from_le_bytes(n);
     if n > len.saturating_sub(8) || n > 100 << 20 {
-        return Err(DataError::corrupt(path, format!("header length {n} does not fit the file ({len} bytes)")));
+        return Err(DataError::corrupt(
+            path,
+            format!("header length {n} does not fit the file ({len} bytes)"),
+        ));
     }
     let mut json = vec![0u8; n as usize];
-    file.read_exact_at(&mut json, 8).map_err(|e| DataError::io(path, e))?;
-    let mut raw: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&json).map_err(|e| DataError::corrupt(path, format!("bad safetensors header: {e}")))?;
+    file.read_exact_at(&mut json, 8)
+        .map_err(|e| DataError::io(path, e))?;
+    let mut raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&json)
+        .map_err(|e| DataError::corrupt(path, format!("bad safetensors header: {e}")))?;
     let metadata = match raw.remove("__metadata__") {
-        Some(m) => serde_json::from_value(m).map_err(|e| DataError::corrupt(path, format!("bad metadata: {e}")))?,
+        Some(m) => serde_json::from_value(m)
+            .map_err(|e| DataError::corrupt(path, format!("bad metadata: {e}")))?,
         None => BTreeMap::new(),
     };
     let data_start = 8 + n;
     let mut tensors = BTreeMap::new();
     for (name, v) in raw {
-        let e: TensorEntry =
-            serde_json::from_value(v).map_err(|e| DataError::corrupt(path, format!("bad entry `{name}`: {e}")))?;
-        let (_, size) = dtype_kind(&e.dtype)
-            .ok_or_else(|| DataError::corrupt(path, format!("`{name}` has unsupported dtype {}", e.dtype)))?;
+        let e: TensorEntry = serde_json::from_value(v)
+            .map_err(|e| DataError::corrupt(path, format!("bad entry `{name}`: {e}")))?;
+        let (_, size) = dtype_kind(&e.dtype).ok_or_else(|| {
+            DataError::corrupt(path, format!("`{name}` has unsupported dtype {}", e.dtype))
+        })?;
         let bytes = e.shape.iter().product::<usize>() * size;
         if e.data_offsets[1] < e.data_offsets[0]
             || e.data_offsets[1] - e.data_offsets[0] != bytes
@@ -132,12 +146,19 @@ pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
         {
             return Err(DataError::corrupt(
                 path,
-                format!("`{name}` {:?} does not fit its offsets or the file (truncated?)", e.shape),
+                format!(
+                    "`{name}` {:?} does not fit its offsets or the file (truncated?)",
+                    e.shape
+                ),
             ));
         }
         tensors.insert(name, e);
     }
-    Ok(Header { tensors, metadata, data_start })
+    Ok(Header {
+        tensors,
+        metadata,
+        data_start,
+    })
 }
 
 /// One shard in the index.
@@ -190,7 +211,10 @@ impl LatentWriter {
         }
         std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
         if dir.join(LATENT_INDEX).exists() {
-            return Err(DataError::corrupt(&dir, "already holds a latent cache (index.json); remove it first"));
+            return Err(DataError::corrupt(
+                &dir,
+                "already holds a latent cache (index.json); remove it first",
+            ));
         }
         Ok(Self {
             dir,
@@ -217,7 +241,9 @@ impl LatentWriter {
             return Err(err("latents must have a batch dimension".into()));
         }
         if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
-            return Err(err(format!("latents must be f32, f16 or bf16, got {kind:?}")));
+            return Err(err(format!(
+                "latents must be f32, f16 or bf16, got {kind:?}"
+            )));
         }
         let sample: Vec<usize> = shape[1..].iter().map(|&d| d as usize).collect();
         if self.kind.is_none() {
@@ -225,7 +251,10 @@ impl LatentWriter {
             self.sample_shape = sample.clone();
             self.has_labels = Some(labels.is_some());
         }
-        if Some(kind) != self.kind || sample != self.sample_shape || Some(labels.is_some()) != self.has_labels {
+        if Some(kind) != self.kind
+            || sample != self.sample_shape
+            || Some(labels.is_some()) != self.has_labels
+        {
             return Err(err(format!(
                 "batch {kind:?} {sample:?} labels={} differs from the first batch {:?} {:?} labels={:?}",
                 labels.is_some(),
@@ -244,9 +273,15 @@ impl LatentWriter {
         let ys: Vec<i64> = match labels {
             Some(y) => {
                 if y.size() != [b as i64] {
-                    return Err(err(format!("labels have shape {:?}, expected [{b}]", y.size())));
+                    return Err(err(format!(
+                        "labels have shape {:?}, expected [{b}]",
+                        y.size()
+                    )));
                 }
-                let y = y.to_device(tch::Device::Cpu).to_kind(Kind::Int64).contiguous();
+                let y = y
+                    .to_device(tch::Device::Cpu)
+                    .to_kind(Kind::Int64)
+                    .contiguous();
                 let mut v = vec![0i64; b];
                 y.f_copy_data(&mut v, b)?;
                 v
@@ -254,7 +289,8 @@ impl LatentWriter {
             None => Vec::new(),
         };
         for i in 0..b {
-            self.buffer.extend_from_slice(&bytes[i * item..(i + 1) * item]);
+            self.buffer
+                .extend_from_slice(&bytes[i * item..(i + 1) * item]);
             if let Some(&y) = ys.get(i) {
                 self.labels.push(y);
             }
@@ -272,7 +308,9 @@ impl LatentWriter {
             return Ok(());
         }
         let file = format!("shard-{:05}.safetensors", self.shards.len());
-        let dtype = dtype_name(self.kind.expect("set on first write")).expect("checked").0;
+        let dtype = dtype_name(self.kind.expect("set on first write"))
+            .expect("checked")
+            .0;
         let mut shape = vec![self.buffered];
         shape.extend_from_slice(&self.sample_shape);
         let label_bytes: Vec<u8> = self.labels.iter().flat_map(|y| y.to_le_bytes()).collect();
@@ -281,7 +319,10 @@ impl LatentWriter {
             tensors.push(("labels", "I64", vec![self.buffered], label_bytes.as_slice()));
         }
         write_safetensors(&self.dir.join(&file), &tensors, &BTreeMap::new())?;
-        self.shards.push(ShardInfo { file, count: self.buffered });
+        self.shards.push(ShardInfo {
+            file,
+            count: self.buffered,
+        });
         self.buffer.clear();
         self.labels.clear();
         self.buffered = 0;
@@ -337,11 +378,13 @@ impl LatentDataset {
         let dir = dir.as_ref().to_path_buf();
         let ipath = dir.join(LATENT_INDEX);
         let text = std::fs::read(&ipath).map_err(|e| DataError::io(&ipath, e))?;
-        let index: LatentIndex =
-            serde_json::from_slice(&text).map_err(|e| DataError::corrupt(&ipath, format!("bad index: {e}")))?;
+        let index: LatentIndex = serde_json::from_slice(&text)
+            .map_err(|e| DataError::corrupt(&ipath, format!("bad index: {e}")))?;
         let (kind, size) = dtype_kind(&index.dtype)
             .filter(|(k, _)| matches!(k, Kind::Float | Kind::Half | Kind::BFloat16))
-            .ok_or_else(|| DataError::corrupt(&ipath, format!("unsupported dtype {}", index.dtype)))?;
+            .ok_or_else(|| {
+                DataError::corrupt(&ipath, format!("unsupported dtype {}", index.dtype))
+            })?;
         let item_bytes = size * index.sample_shape.iter().product::<usize>();
         let mut shards = Vec::with_capacity(index.shards.len());
         let mut first = 0;
@@ -358,7 +401,10 @@ impl LatentDataset {
             if lat.dtype != index.dtype || lat.shape != want {
                 return Err(DataError::corrupt(
                     &path,
-                    format!("latents are {} {:?}, the index says {} {want:?}", lat.dtype, lat.shape, index.dtype),
+                    format!(
+                        "latents are {} {:?}, the index says {} {want:?}",
+                        lat.dtype, lat.shape, index.dtype
+                    ),
                 ));
             }
             let labels = if index.has_labels {
@@ -366,11 +412,18 @@ impl LatentDataset {
                     .tensors
                     .get("labels")
                     .filter(|l| l.dtype == "I64" && l.shape == [s.count])
-                    .ok_or_else(|| DataError::corrupt(&path, format!("no `labels` I64 [{}] tensor", s.count)))?;
+                    .ok_or_else(|| {
+                        DataError::corrupt(&path, format!("no `labels` I64 [{}] tensor", s.count))
+                    })?;
                 let mut bytes = vec![0u8; s.count * 8];
                 file.read_exact_at(&mut bytes, h.data_start + l.data_offsets[0] as u64)
                     .map_err(|e| DataError::io(&path, e))?;
-                Some(bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+                Some(
+                    bytes
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect(),
+                )
             } else {
                 None
             };
@@ -385,10 +438,22 @@ impl LatentDataset {
             first += s.count;
         }
         if first != index.count {
-            return Err(DataError::corrupt(&ipath, format!("shards hold {first} samples, the index says {}", index.count)));
+            return Err(DataError::corrupt(
+                &ipath,
+                format!(
+                    "shards hold {first} samples, the index says {}",
+                    index.count
+                ),
+            ));
         }
         tracing::info!(dir = %dir.display(), count = index.count, "latent cache opened");
-        Ok(Self { dir, index, kind, item_bytes, shards })
+        Ok(Self {
+            dir,
+            index,
+            kind,
+            item_bytes,
+            shards,
+        })
     }
 
     /// The index.
@@ -403,7 +468,10 @@ impl Dataset for LatentDataset {
     }
 
     fn get_raw(&self, _index: usize, _seed: u64) -> Result<RawSample> {
-        Err(DataError::corrupt(&self.dir, "latents are not pixels; pixel transforms do not apply"))
+        Err(DataError::corrupt(
+            &self.dir,
+            "latents are not pixels; pixel transforms do not apply",
+        ))
     }
 
     fn get(&self, index: usize, _seed: u64) -> Result<Sample> {
@@ -416,11 +484,18 @@ impl Dataset for LatentDataset {
             .map_err(|e| DataError::io(&s.path, e))?;
         let shape: Vec<i64> = self.index.sample_shape.iter().map(|&d| d as i64).collect();
         let data = Tensor::f_from_data_size(&bytes, &shape, self.kind)?.to_kind(Kind::Float);
-        Ok(Sample { data, label: s.labels.as_ref().map(|l| l[k]) })
+        Ok(Sample {
+            data,
+            label: s.labels.as_ref().map(|l| l[k]),
+        })
     }
 
     fn num_classes(&self) -> Option<usize> {
-        let max = self.shards.iter().filter_map(|s| s.labels.as_ref()?.iter().max()).max()?;
+        let max = self
+            .shards
+            .iter()
+            .filter_map(|s| s.labels.as_ref()?.iter().max())
+            .max()?;
         Some(*max as usize + 1)
     }
 
@@ -441,16 +516,24 @@ mod tests {
             let mut w = LatentWriter::create(&cache, 4).unwrap();
             let x = Tensor::randn([10, 2, 3, 3], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
             let y = Tensor::arange(10, (Kind::Int64, tch::Device::Cpu)) * 3;
-            w.write(&x.narrow(0, 0, 7), Some(&y.narrow(0, 0, 7))).unwrap();
-            w.write(&x.narrow(0, 7, 3), Some(&y.narrow(0, 7, 3))).unwrap();
+            w.write(&x.narrow(0, 0, 7), Some(&y.narrow(0, 0, 7)))
+                .unwrap();
+            w.write(&x.narrow(0, 7, 3), Some(&y.narrow(0, 7, 3)))
+                .unwrap();
             let index = w.finish().unwrap();
-            assert_eq!(index.shards.iter().map(|s| s.count).collect::<Vec<_>>(), [4, 4, 2]);
+            assert_eq!(
+                index.shards.iter().map(|s| s.count).collect::<Vec<_>>(),
+                [4, 4, 2]
+            );
             let ds = LatentDataset::open(&cache).unwrap();
             assert_eq!(ds.len(), 10);
             for i in 0..10 {
                 let s = ds.get(i, 0).unwrap();
                 assert_eq!(s.label, Some(3 * i as i64));
-                assert!(s.data.equal(&x.get(i as i64).to_kind(Kind::Float)), "sample {i}");
+                assert!(
+                    s.data.equal(&x.get(i as i64).to_kind(Kind::Float)),
+                    "sample {i}"
+                );
             }
             // The independent `safetensors` crate reads our shards.
             let bytes = std::fs::read(cache.join("shard-00002.safetensors")).unwrap();
@@ -464,15 +547,27 @@ mod tests {
     fn truncated_shard_and_mixed_batches_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = LatentWriter::create(dir.path(), 8).unwrap();
-        w.write(&Tensor::zeros([3, 4], (Kind::Float, tch::Device::Cpu)), None).unwrap();
-        let e = w.write(&Tensor::zeros([3, 5], (Kind::Float, tch::Device::Cpu)), None).unwrap_err();
+        w.write(
+            &Tensor::zeros([3, 4], (Kind::Float, tch::Device::Cpu)),
+            None,
+        )
+        .unwrap();
+        let e = w
+            .write(
+                &Tensor::zeros([3, 5], (Kind::Float, tch::Device::Cpu)),
+                None,
+            )
+            .unwrap_err();
         assert!(e.to_string().contains("differs"), "{e}");
         w.finish().unwrap();
         let shard = dir.path().join("shard-00000.safetensors");
         let bytes = std::fs::read(&shard).unwrap();
         std::fs::write(&shard, &bytes[..bytes.len() - 5]).unwrap();
         let e = LatentDataset::open(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("shard-00000.safetensors") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("shard-00000.safetensors") && e.contains("truncated"),
+            "{e}"
+        );
         assert!(LatentWriter::create(dir.path(), 8).is_err());
     }
 }

@@ -29,8 +29,8 @@ pub mod video;
 
 pub use arrays::ArrayDataset;
 pub use config::{
-    DataConfig, FashionMnistConfig, IdxConfig, ImageFolderConfig, LatentsConfig, MovingFashionMnistConfig,
-    NpyConfig, SafetensorsConfig, Ucf101Config, VideoFolderConfig,
+    DataConfig, FashionMnistConfig, IdxConfig, ImageFolderConfig, LatentsConfig,
+    MovingFashionMnistConfig, NpyConfig, SafetensorsConfig, Ucf101Config, VideoFolderConfig,
 };
 pub use dataset::{Dataset, RawSample, Sample, Transformed};
 pub use error::{DataError, Result};
@@ -38,6 +38,8 @@ pub use frames::{Filter, Frames, Transform};
 pub use idx::{IdxDataset, Split, FASHION_MNIST_DIR};
 pub use image_folder::{decode_rgb, ImageFolder};
 pub use latents::{LatentDataset, LatentIndex, LatentWriter, ShardInfo, LATENT_INDEX};
-pub use loader::{sample_seed, Batch, EpochBatches, ErrorPolicy, Loader, LoaderConfig, LoaderState};
+pub use loader::{
+    sample_seed, Batch, EpochBatches, ErrorPolicy, Loader, LoaderConfig, LoaderState,
+};
 pub use moving::{default_cache_path, MovingConfig, MovingFashionMnist};
 pub use video::{ClipSampling, ClipSource, ClipStart, DecodeOptions, VideoDataset, VideoInfo};

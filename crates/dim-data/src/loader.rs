@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -134,6 +133,8 @@ pub struct Batch {
     pub epoch: u64,
     /// Position of this batch within the epoch.
     pub step: u64,
+    /// Samples of this batch dropped under [`ErrorPolicy::Skip`].
+    pub skipped: usize,
 }
 
 struct Job {
@@ -143,7 +144,9 @@ struct Job {
     indices: Vec<usize>,
 }
 
-type Done = (u64, Result<Option<Batch>>);
+/// A loaded batch (`None` when every sample was skipped) and its skip count.
+type Loaded = Result<(Option<Batch>, u64)>;
+type Done = (u64, Loaded);
 
 /// Loads batches from a [`Dataset`] as an endless stream across epochs.
 ///
@@ -163,12 +166,12 @@ pub struct Loader {
     next_seq: u64,
     yield_seq: u64,
     in_flight: usize,
-    pending: BTreeMap<u64, Result<Option<Batch>>>,
+    pending: BTreeMap<u64, Loaded>,
     plan: Option<(u64, Arc<Vec<usize>>)>,
     jobs: Option<Sender<Job>>,
     results: Option<Receiver<Done>>,
     handles: Vec<JoinHandle<()>>,
-    skipped: Arc<AtomicU64>,
+    skipped: u64,
     skipped_logged: u64,
     failed: bool,
 }
@@ -210,7 +213,6 @@ impl Loader {
                 ),
             ));
         }
-        let skipped = Arc::new(AtomicU64::new(0));
         let (jobs, results, handles) = if config.workers == 0 {
             (None, None, Vec::new())
         } else {
@@ -223,10 +225,9 @@ impl Loader {
                     let done_tx = done_tx.clone();
                     let dataset = Arc::clone(&dataset);
                     let config = config.clone();
-                    let skipped = Arc::clone(&skipped);
                     std::thread::Builder::new()
                         .name(format!("dim-data-{w}"))
-                        .spawn(move || worker(job_rx, done_tx, dataset, config, skipped))
+                        .spawn(move || worker(job_rx, done_tx, dataset, config))
                         .map_err(|e| DataError::Worker(format!("cannot spawn a thread: {e}")))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -254,7 +255,7 @@ impl Loader {
             jobs,
             results,
             handles,
-            skipped,
+            skipped: 0,
             skipped_logged: 0,
             failed: false,
         })
@@ -275,9 +276,10 @@ impl Loader {
         &self.config
     }
 
-    /// Samples dropped so far under [`ErrorPolicy::Skip`].
+    /// Samples dropped under [`ErrorPolicy::Skip`] in the batches yielded so
+    /// far (prefetched batches are not counted until they are yielded).
     pub fn skipped(&self) -> u64 {
-        self.skipped.load(Ordering::Relaxed)
+        self.skipped
     }
 
     /// The position of the next batch; save it to resume later.
@@ -387,7 +389,7 @@ impl Loader {
             let outcome = if self.jobs.is_none() {
                 let job = self.make_job();
                 self.yield_seq = self.next_seq;
-                load_batch(&*self.dataset, &self.config, &self.skipped, job)
+                load_batch(&*self.dataset, &self.config, job)
             } else {
                 match self.next_from_workers() {
                     Ok(r) => r,
@@ -399,13 +401,16 @@ impl Loader {
             };
             let (epoch, step) = self.yield_pos;
             self.yield_pos = normalise((epoch, step + 1), self.batches_per_epoch);
+            if let Ok((_, skipped)) = &outcome {
+                self.skipped += skipped;
+            }
             if self.yield_pos.0 != epoch {
                 self.log_skips(epoch);
             }
             match outcome {
-                Ok(Some(batch)) => return Some(Ok(batch)),
+                Ok((Some(batch), _)) => return Some(Ok(batch)),
                 // Every sample of the batch was skipped: go on to the next.
-                Ok(None) => continue,
+                Ok((None, _)) => continue,
                 Err(e) => {
                     self.failed = true;
                     return Some(Err(e));
@@ -414,20 +419,22 @@ impl Loader {
         }
     }
 
-    fn next_from_workers(&mut self) -> Result<Result<Option<Batch>>> {
-        while self.in_flight < self.config.prefetch {
-            let job = self.make_job();
-            self.in_flight += 1;
-            if let Some(tx) = &self.jobs {
-                tx.send(job)
-                    .map_err(|_| DataError::Worker("all loader workers have exited".into()))?;
-            }
-        }
+    fn next_from_workers(&mut self) -> Result<Loaded> {
         let want = self.yield_seq;
         loop {
             if let Some(r) = self.pending.remove(&want) {
                 self.yield_seq += 1;
                 return Ok(r);
+            }
+            // Top up inside the loop: after a resume the window may be full of
+            // stale jobs, and the wanted one is only sent as they drain.
+            while self.in_flight < self.config.prefetch {
+                let job = self.make_job();
+                self.in_flight += 1;
+                if let Some(tx) = &self.jobs {
+                    tx.send(job)
+                        .map_err(|_| DataError::Worker("all loader workers have exited".into()))?;
+                }
             }
             let rx = self.results.as_ref().expect("workers exist when jobs do");
             let (seq, r) = rx
@@ -510,7 +517,6 @@ fn worker(
     done: Sender<Done>,
     dataset: Arc<dyn Dataset>,
     config: LoaderConfig,
-    skipped: Arc<AtomicU64>,
 ) {
     loop {
         let job = {
@@ -522,17 +528,17 @@ fn worker(
         };
         let seq = job.seq;
         // A panic in a decoder must not leave the consumer waiting forever.
-        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            load_batch(&*dataset, &config, &skipped, job)
-        }))
-        .unwrap_or_else(|p| {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(DataError::Worker(format!("panic while loading batch {seq}: {msg}")))
-        });
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| load_batch(&*dataset, &config, job)))
+            .unwrap_or_else(|p| {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(DataError::Worker(format!(
+                    "panic while loading batch {seq}: {msg}"
+                )))
+            });
         if done.send((seq, r)).is_err() {
             return;
         }
@@ -544,12 +550,8 @@ pub fn sample_seed(seed: u64, epoch: u64, index: usize) -> u64 {
     derive(seed, &[epoch, index as u64])
 }
 
-fn load_batch(
-    dataset: &dyn Dataset,
-    config: &LoaderConfig,
-    skipped: &AtomicU64,
-    job: Job,
-) -> Result<Option<Batch>> {
+fn load_batch(dataset: &dyn Dataset, config: &LoaderConfig, job: Job) -> Loaded {
+    let mut skipped = 0u64;
     let mut xs = Vec::with_capacity(job.indices.len());
     let mut ys = Vec::with_capacity(job.indices.len());
     let mut indices = Vec::with_capacity(job.indices.len());
@@ -562,13 +564,13 @@ fn load_batch(
             }
             Err(e) if config.on_error == ErrorPolicy::Skip && e.is_sample_error() => {
                 tracing::warn!(index = i, error = %e, "skipping bad sample");
-                skipped.fetch_add(1, Ordering::Relaxed);
+                skipped += 1;
             }
             Err(e) => return Err(e),
         }
     }
     if xs.is_empty() {
-        return Ok(None);
+        return Ok((None, skipped));
     }
     if let Some(k) = xs.iter().position(|x| x.size() != xs[0].size()) {
         return Err(DataError::Worker(format!(
@@ -594,11 +596,15 @@ fn load_batch(
     if config.pin_memory && tch::Cuda::is_available() {
         x = x.f_pin_memory(tch::Device::Cuda(0))?;
     }
-    Ok(Some(Batch {
-        x,
-        y,
-        indices,
-        epoch: job.epoch,
-        step: job.step,
-    }))
+    Ok((
+        Some(Batch {
+            x,
+            y,
+            indices,
+            epoch: job.epoch,
+            step: job.step,
+            skipped: skipped as usize,
+        }),
+        skipped,
+    ))
 }

@@ -73,10 +73,16 @@ impl MovingConfig {
                 format!("{} is smaller than the {item}-pixel items", self.canvas),
             ));
         }
-        if !(self.min_speed >= 0.0 && self.max_speed >= self.min_speed && self.max_speed.is_finite()) {
+        if !(self.min_speed >= 0.0
+            && self.max_speed >= self.min_speed
+            && self.max_speed.is_finite())
+        {
             return Err(DataError::config(
                 key("max_speed"),
-                format!("need 0 <= min_speed <= max_speed, got {} and {}", self.min_speed, self.max_speed),
+                format!(
+                    "need 0 <= min_speed <= max_speed, got {} and {}",
+                    self.min_speed, self.max_speed
+                ),
             ));
         }
         Ok(())
@@ -98,15 +104,26 @@ impl MovingFashionMnist {
     pub fn new(source: IdxDataset, config: MovingConfig) -> Result<Self> {
         config.validate("data", source.image_size().0.max(source.image_size().1))?;
         if source.label(0).is_none() {
-            return Err(DataError::config("data", "Moving Fashion-MNIST needs a labelled source"));
+            return Err(DataError::config(
+                "data",
+                "Moving Fashion-MNIST needs a labelled source",
+            ));
         }
-        Ok(Self { config, source, cached: None })
+        Ok(Self {
+            config,
+            source,
+            cached: None,
+        })
     }
 
     /// Like [`MovingFashionMnist::new`], but serves clips from `cache`
     /// (safetensors), generating and writing it first if it does not exist.
     /// A cache written with other settings is an error.
-    pub fn with_cache(source: IdxDataset, config: MovingConfig, cache: impl AsRef<Path>) -> Result<Self> {
+    pub fn with_cache(
+        source: IdxDataset,
+        config: MovingConfig,
+        cache: impl AsRef<Path>,
+    ) -> Result<Self> {
         let mut me = Self::new(source, config)?;
         let cache = cache.as_ref();
         if !cache.exists() {
@@ -180,7 +197,12 @@ impl MovingFashionMnist {
         write_safetensors(
             path,
             &[
-                ("videos", "U8", vec![c.len, c.frames, c.canvas, c.canvas], &videos),
+                (
+                    "videos",
+                    "U8",
+                    vec![c.len, c.frames, c.canvas, c.canvas],
+                    &videos,
+                ),
                 ("labels", "I64", vec![c.len], &labels),
             ],
             &meta,
@@ -204,18 +226,26 @@ impl MovingFashionMnist {
             ));
         }
         let read = |name: &str| -> Result<Vec<u8>> {
-            let e = h.tensors.get(name).ok_or_else(|| DataError::corrupt(path, format!("no `{name}` tensor")))?;
+            let e = h
+                .tensors
+                .get(name)
+                .ok_or_else(|| DataError::corrupt(path, format!("no `{name}` tensor")))?;
             let mut v = vec![0u8; e.data_offsets[1] - e.data_offsets[0]];
             file.read_exact_at(&mut v, h.data_start + e.data_offsets[0] as u64)
                 .map_err(|err| DataError::io(path, err))?;
             Ok(v)
         };
         let videos = read("videos")?;
-        let labels: Vec<i64> =
-            read("labels")?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+        let labels: Vec<i64> = read("labels")?
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
         let c = &self.config;
         if videos.len() != c.len * c.frames * c.canvas * c.canvas || labels.len() != c.len {
-            return Err(DataError::corrupt(path, "cache tensors do not match its settings"));
+            return Err(DataError::corrupt(
+                path,
+                "cache tensors do not match its settings",
+            ));
         }
         Ok((videos, labels))
     }
@@ -251,11 +281,17 @@ impl Dataset for MovingFashionMnist {
                 let c = &self.config;
                 let k = c.frames * c.canvas * c.canvas;
                 let data = videos[index * k..(index + 1) * k].to_vec();
-                (Frames::clip(c.frames, c.canvas, c.canvas, 1, data), labels[index])
+                (
+                    Frames::clip(c.frames, c.canvas, c.canvas, 1, data),
+                    labels[index],
+                )
             }
             None => self.generate(index),
         };
-        Ok(RawSample { frames, label: Some(label) })
+        Ok(RawSample {
+            frames,
+            label: Some(label),
+        })
     }
 
     fn num_classes(&self) -> Option<usize> {
@@ -263,7 +299,10 @@ impl Dataset for MovingFashionMnist {
     }
 
     fn describe(&self) -> String {
-        format!("Moving Fashion-MNIST ({} clips of {} frames)", self.config.len, self.config.frames)
+        format!(
+            "Moving Fashion-MNIST ({} clips of {} frames)",
+            self.config.len, self.config.frames
+        )
     }
 }
 

@@ -124,7 +124,10 @@ pub struct DecodeOptions {
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        Self { threads: 1, strict: true }
+        Self {
+            threads: 1,
+            strict: true,
+        }
     }
 }
 
@@ -136,6 +139,28 @@ impl Default for DecodeOptions {
 /// does by default, so frames are byte-identical to
 /// `ffmpeg -i FILE -fps_mode passthrough -f rawvideo -pix_fmt rgb24 -`.
 pub fn decode_frames(path: &Path, wanted: &[usize], options: DecodeOptions) -> Result<Frames> {
+    let mut out = Vec::new();
+    let (mut w, mut h) = (0, 0);
+    decode_each(path, wanted, options, |rgb, fw, fh| {
+        if out.is_empty() {
+            // One allocation for the whole clip.
+            out.reserve(wanted.len() * rgb.len());
+        }
+        (w, h) = (fw, fh);
+        out.extend_from_slice(rgb);
+    })?;
+    Ok(Frames::clip(wanted.len(), h, w, 3, out))
+}
+
+/// Like [`decode_frames`], but hands each wanted frame to `sink` as packed
+/// RGB24 bytes `(H, W, 3)` with its width and height, reusing one buffer,
+/// instead of collecting the clip (for streaming and benchmarks).
+pub fn decode_each(
+    path: &Path,
+    wanted: &[usize],
+    options: DecodeOptions,
+    mut sink: impl FnMut(&[u8], usize, usize),
+) -> Result<()> {
     debug_assert!(wanted.windows(2).all(|w| w[0] <= w[1]));
     let (mut ictx, index) = open_input(path)?;
     let declared = ictx.stream(index).map_or(0, |s| s.frames().max(0) as usize);
@@ -150,7 +175,7 @@ pub fn decode_frames(path: &Path, wanted: &[usize], options: DecodeOptions) -> R
     if options.strict {
         // SAFETY: `ctx` owns a valid, not yet opened AVCodecContext.
         unsafe {
-            (*ctx.as_mut_ptr()).err_recognition |= ffmpeg::ffi::AV_EF_EXPLODE as i32;
+            (*ctx.as_mut_ptr()).err_recognition |= ffmpeg::ffi::AV_EF_EXPLODE;
         }
     }
     let mut decoder = ctx
@@ -158,7 +183,7 @@ pub fn decode_frames(path: &Path, wanted: &[usize], options: DecodeOptions) -> R
         .video()
         .map_err(|e| ff_err(path, "cannot open the decoder", e))?;
 
-    let mut out: Vec<u8> = Vec::new();
+    let mut packed: Vec<u8> = Vec::new();
     let (mut w, mut h) = (0usize, 0usize);
     let mut scaler: Option<ffmpeg::software::scaling::Context> = None;
     let mut next = 0usize; // position in `wanted`
@@ -197,7 +222,7 @@ pub fn decode_frames(path: &Path, wanted: &[usize], options: DecodeOptions) -> R
                     .map_err(|e| ff_err(path, "no pixel converter", e))?,
                 );
                 (w, h) = (fw, fh);
-                out.reserve(wanted.len() * w * h * 3);
+                packed.reserve(w * h * 3);
             }
             if (fw, fh) != (w, h) {
                 return Err(DataError::corrupt(
@@ -212,12 +237,14 @@ pub fn decode_frames(path: &Path, wanted: &[usize], options: DecodeOptions) -> R
                 .map_err(|e| ff_err(path, "pixel conversion", e))?;
             let stride = rgb.stride(0);
             let data = rgb.data(0);
-            let mut row_block = Vec::with_capacity(w * h * 3);
+            packed.clear();
             for y in 0..h {
-                row_block.extend_from_slice(&data[y * stride..y * stride + w * 3]);
+                packed.extend_from_slice(&data[y * stride..y * stride + w * 3]);
             }
+            // A frame wanted twice (target fps above the source's) is
+            // converted once.
             while next < wanted.len() && wanted[next] == k {
-                out.extend_from_slice(&row_block);
+                sink(&packed, w, h);
                 next += 1;
             }
         }
@@ -267,8 +294,7 @@ pub fn decode_frames(path: &Path, wanted: &[usize], options: DecodeOptions) -> R
             }
         });
     }
-    let t = wanted.len();
-    Ok(Frames::clip(t, h, w, 3, out))
+    Ok(())
 }
 
 /// Where a clip starts.
@@ -314,28 +340,48 @@ impl ClipSampling {
     /// Checks the settings; errors name keys under `prefix`.
     pub fn validate(&self, prefix: &str) -> Result<()> {
         if self.frames == 0 {
-            return Err(DataError::config(format!("{prefix}.frames"), "must be at least 1"));
+            return Err(DataError::config(
+                format!("{prefix}.frames"),
+                "must be at least 1",
+            ));
         }
         if self.stride == 0 {
-            return Err(DataError::config(format!("{prefix}.stride"), "must be at least 1"));
+            return Err(DataError::config(
+                format!("{prefix}.stride"),
+                "must be at least 1",
+            ));
         }
         if let Some(f) = self.fps {
             if !(f > 0.0 && f.is_finite()) {
-                return Err(DataError::config(format!("{prefix}.fps"), format!("must be positive, got {f}")));
+                return Err(DataError::config(
+                    format!("{prefix}.fps"),
+                    format!("must be positive, got {f}"),
+                ));
             }
             if self.stride != 1 {
-                return Err(DataError::config(format!("{prefix}.fps"), "give either fps or stride, not both"));
+                return Err(DataError::config(
+                    format!("{prefix}.fps"),
+                    "give either fps or stride, not both",
+                ));
             }
         }
-        if !(self.frame_folder_fps > 0.0) {
-            return Err(DataError::config(format!("{prefix}.frame_folder_fps"), "must be positive"));
+        if self.frame_folder_fps.is_nan() || self.frame_folder_fps <= 0.0 {
+            return Err(DataError::config(
+                format!("{prefix}.frame_folder_fps"),
+                "must be positive",
+            ));
         }
         Ok(())
     }
 
     /// Source frame positions of one clip from a video of `total` frames at
     /// `fps`, or `Err(needed)` with the frames a clip needs when too short.
-    pub fn indices(&self, total: usize, fps: f64, rng: &mut Rng) -> std::result::Result<Vec<usize>, usize> {
+    pub fn indices(
+        &self,
+        total: usize,
+        fps: f64,
+        rng: &mut Rng,
+    ) -> std::result::Result<Vec<usize>, usize> {
         let step = match self.fps {
             Some(target) if fps > 0.0 => fps / target,
             _ => self.stride as f64,
@@ -471,7 +517,12 @@ impl VideoDataset {
         if classes {
             for p in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
                 let label = names.len() as i64;
-                names.push(p.file_name().unwrap_or_default().to_string_lossy().into_owned());
+                names.push(
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
                 clips.extend(clips_in(&p)?.into_iter().map(|c| (c, Some(label))));
             }
         } else {
@@ -488,7 +539,12 @@ impl VideoDataset {
             });
         }
         tracing::info!(root = %root.display(), clips = clips.len(), classes = names.len(), "video folder");
-        Self::from_clips(format!("video folder {}", root.display()), clips, names, sampling)
+        Self::from_clips(
+            format!("video folder {}", root.display()),
+            clips,
+            names,
+            sampling,
+        )
     }
 
     /// UCF-101: `root/<Class>/v_<Class>_gXX_cYY.avi` (or a folder of frame
@@ -504,25 +560,41 @@ impl VideoDataset {
     ) -> Result<Self> {
         let (root, splits) = (root.as_ref(), splits.as_ref());
         if !(1..=3).contains(&fold) {
-            return Err(DataError::config("data.fold", format!("UCF-101 has folds 1, 2, 3; got {fold}")));
+            return Err(DataError::config(
+                "data.fold",
+                format!("UCF-101 has folds 1, 2, 3; got {fold}"),
+            ));
         }
         let read = |name: &str| -> Result<(PathBuf, String)> {
             let p = splits.join(name);
             let text = std::fs::read_to_string(&p).map_err(|e| {
-                DataError::io(&p, std::io::Error::new(e.kind(), format!("missing or unreadable UCF-101 split file: {e}")))
+                DataError::io(
+                    &p,
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("missing or unreadable UCF-101 split file: {e}"),
+                    ),
+                )
             })?;
             Ok((p, text))
         };
         let (ind_path, ind) = read("classInd.txt")?;
         let mut classes = BTreeMap::new();
-        for (n, line) in ind.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (n, line) in ind
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let mut it = line.split_whitespace();
             let (Some(id), Some(name), None) = (it.next(), it.next(), it.next()) else {
-                return Err(DataError::corrupt(&ind_path, format!("line {}: expected `<index> <class>`", n + 1)));
+                return Err(DataError::corrupt(
+                    &ind_path,
+                    format!("line {}: expected `<index> <class>`", n + 1),
+                ));
             };
-            let id: i64 = id
-                .parse()
-                .map_err(|_| DataError::corrupt(&ind_path, format!("line {}: bad class index `{id}`", n + 1)))?;
+            let id: i64 = id.parse().map_err(|_| {
+                DataError::corrupt(&ind_path, format!("line {}: bad class index `{id}`", n + 1))
+            })?;
             classes.insert(name.to_string(), id - 1);
         }
         if classes.is_empty() {
@@ -534,11 +606,18 @@ impl VideoDataset {
         };
         let (list_path, text) = read(&list)?;
         let mut clips = Vec::new();
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let rel = line.split_whitespace().next().expect("non-empty line");
             let class = rel.split('/').next().unwrap_or_default();
             let label = *classes.get(class).ok_or_else(|| {
-                DataError::corrupt(&list_path, format!("line {}: class `{class}` is not in classInd.txt", n + 1))
+                DataError::corrupt(
+                    &list_path,
+                    format!("line {}: class `{class}` is not in classInd.txt", n + 1),
+                )
             })?;
             let file = root.join(rel);
             let source = if file.is_file() {
@@ -550,7 +629,11 @@ impl VideoDataset {
                     &file,
                     std::io::Error::new(
                         std::io::ErrorKind::NotFound,
-                        format!("listed in {} line {} but neither the video nor a frame folder exists", list_path.display(), n + 1),
+                        format!(
+                            "listed in {} line {} but neither the video nor a frame folder exists",
+                            list_path.display(),
+                            n + 1
+                        ),
                     ),
                 ));
             };
@@ -559,9 +642,17 @@ impl VideoDataset {
         if clips.is_empty() {
             return Err(DataError::corrupt(&list_path, "the split lists no clips"));
         }
-        let names = classes.into_iter().map(|(name, _)| name).collect::<Vec<_>>();
+        // Names indexed by label, in classInd order (not name order).
+        let mut by_label: Vec<(i64, String)> = classes.into_iter().map(|(n, l)| (l, n)).collect();
+        by_label.sort();
+        let names = by_label.into_iter().map(|(_, n)| n).collect::<Vec<_>>();
         tracing::info!(list = %list_path.display(), clips = clips.len(), "UCF-101");
-        Self::from_clips(format!("UCF-101 {}", list_path.display()), clips, names, sampling)
+        Self::from_clips(
+            format!("UCF-101 {}", list_path.display()),
+            clips,
+            names,
+            sampling,
+        )
     }
 
     /// Sets decoder options (threads per clip).
@@ -616,7 +707,13 @@ impl VideoDataset {
                     if *size.get_or_insert(dims) != dims {
                         return Err(DataError::corrupt(
                             &files[i],
-                            format!("frame is {}x{}, earlier frames of the clip are {}x{}", dims.1, dims.0, size.unwrap().1, size.unwrap().0),
+                            format!(
+                                "frame is {}x{}, earlier frames of the clip are {}x{}",
+                                dims.1,
+                                dims.0,
+                                size.unwrap().1,
+                                size.unwrap().0
+                            ),
                         ));
                     }
                     data.extend_from_slice(&img.data);
@@ -657,25 +754,54 @@ mod tests {
     #[test]
     fn clip_indices_respect_stride_fps_and_start() {
         let mut rng = Rng::new(1);
-        let s = ClipSampling { frames: 4, stride: 2, start: ClipStart::Center, ..Default::default() };
+        let s = ClipSampling {
+            frames: 4,
+            stride: 2,
+            start: ClipStart::Center,
+            ..Default::default()
+        };
         // Needs 7 frames; 11 frames leave slack 4, centre start 2.
         assert_eq!(s.indices(11, 25.0, &mut rng), Ok(vec![2, 4, 6, 8]));
         assert_eq!(s.indices(6, 25.0, &mut rng), Err(7));
-        let f = ClipSampling { frames: 3, fps: Some(10.0), start: ClipStart::Center, ..Default::default() };
+        let f = ClipSampling {
+            frames: 3,
+            fps: Some(10.0),
+            start: ClipStart::Center,
+            ..Default::default()
+        };
         // 30 fps to 10 fps: every third frame; needs 7; slack 0.
         assert_eq!(f.indices(7, 30.0, &mut rng), Ok(vec![0, 3, 6]));
-        let r = ClipSampling { frames: 2, ..Default::default() };
-        let starts: std::collections::BTreeSet<usize> =
-            (0..200).map(|_| r.indices(5, 25.0, &mut rng).unwrap()[0]).collect();
+        let r = ClipSampling {
+            frames: 2,
+            ..Default::default()
+        };
+        let starts: std::collections::BTreeSet<usize> = (0..200)
+            .map(|_| r.indices(5, 25.0, &mut rng).unwrap()[0])
+            .collect();
         assert_eq!(starts.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
     }
 
     #[test]
     fn clip_sampling_validation_names_keys() {
-        let bad = ClipSampling { fps: Some(8.0), stride: 2, ..Default::default() };
-        assert!(bad.validate("data.clip").unwrap_err().to_string().contains("data.clip.fps"));
-        let zero = ClipSampling { frames: 0, ..Default::default() };
-        assert!(zero.validate("data.clip").unwrap_err().to_string().contains("data.clip.frames"));
+        let bad = ClipSampling {
+            fps: Some(8.0),
+            stride: 2,
+            ..Default::default()
+        };
+        assert!(bad
+            .validate("data.clip")
+            .unwrap_err()
+            .to_string()
+            .contains("data.clip.fps"));
+        let zero = ClipSampling {
+            frames: 0,
+            ..Default::default()
+        };
+        assert!(zero
+            .validate("data.clip")
+            .unwrap_err()
+            .to_string()
+            .contains("data.clip.frames"));
     }
 
     #[test]

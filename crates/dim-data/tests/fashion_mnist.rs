@@ -3,7 +3,8 @@
 mod common;
 
 use dim_data::{
-    DataConfig, Dataset, IdxDataset, MovingConfig, MovingFashionMnist, Split, Transform, Transformed,
+    DataConfig, Dataset, IdxDataset, MovingConfig, MovingFashionMnist, Split, Transform,
+    Transformed,
 };
 
 #[test]
@@ -42,7 +43,10 @@ fn fashion_mnist_config_pads_to_32_in_range() {
     let s = ds.get(0, 1).unwrap();
     assert_eq!(s.data.size(), [1, 32, 32]);
     assert_eq!(s.label, Some(9));
-    let (min, max) = (s.data.min().double_value(&[]), s.data.max().double_value(&[]));
+    let (min, max) = (
+        s.data.min().double_value(&[]),
+        s.data.max().double_value(&[]),
+    );
     assert!((-1.0..=1.0).contains(&min) && (-1.0..=1.0).contains(&max));
     // The padded border is black (-1).
     assert_eq!(s.data.double_value(&[0, 0, 0]), -1.0);
@@ -66,20 +70,38 @@ fn fashion_mnist_config_pads_to_32_in_range() {
 #[test]
 fn moving_fashion_mnist_is_deterministic_bounded_and_cacheable() {
     let source = IdxDataset::mnist_layout(common::fashion_dir(), Split::Train).unwrap();
-    let cfg = MovingConfig { len: 20, frames: 10, ..MovingConfig::default() };
+    let cfg = MovingConfig {
+        len: 20,
+        frames: 10,
+        ..MovingConfig::default()
+    };
     let gen = MovingFashionMnist::new(source.clone(), cfg.clone()).unwrap();
     let s = gen.get(3, 0).unwrap();
     assert_eq!(s.data.size(), [1, 10, 64, 64]);
     // Same (seed, index): same clip, whatever the per-access seed.
     assert!(s.data.equal(&gen.get(3, 99).unwrap().data));
     assert!(!s.data.equal(&gen.get(4, 0).unwrap().data));
-    let other_seed = MovingFashionMnist::new(source.clone(), MovingConfig { seed: 1, ..cfg.clone() }).unwrap();
+    let other_seed = MovingFashionMnist::new(
+        source.clone(),
+        MovingConfig {
+            seed: 1,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
     assert!(!s.data.equal(&other_seed.get(3, 0).unwrap().data));
 
     // Independent check of the item drawing: with one item, every frame
     // holds exactly the source image's bytes (pixel multiset) somewhere in the
     // canvas, since items never leave it.
-    let one = MovingFashionMnist::new(source.clone(), MovingConfig { items: 1, ..cfg.clone() }).unwrap();
+    let one = MovingFashionMnist::new(
+        source.clone(),
+        MovingConfig {
+            items: 1,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
     let (frames, label) = one.generate(5);
     let ink: u64 = frames.data[..64 * 64].iter().map(|&v| v as u64).sum();
     for t in 0..10 {
@@ -101,8 +123,13 @@ fn moving_fashion_mnist_is_deterministic_bounded_and_cacheable() {
     }
     // Reopening reads the cache; other settings are refused with the path.
     MovingFashionMnist::with_cache(source.clone(), cfg.clone(), &path).unwrap();
-    let e = MovingFashionMnist::with_cache(source, MovingConfig { frames: 5, ..cfg }, &path).unwrap_err().to_string();
-    assert!(e.contains("mfm.safetensors") && e.contains("settings"), "{e}");
+    let e = MovingFashionMnist::with_cache(source, MovingConfig { frames: 5, ..cfg }, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mfm.safetensors") && e.contains("settings"),
+        "{e}"
+    );
 }
 
 #[test]

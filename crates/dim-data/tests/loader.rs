@@ -5,8 +5,8 @@ mod common;
 use std::sync::Arc;
 
 use dim_data::{
-    DataError, Dataset, ErrorPolicy, Frames, IdxDataset, Loader, LoaderConfig, LoaderState, RawSample, Split,
-    Transform, Transformed,
+    DataError, Dataset, ErrorPolicy, Frames, IdxDataset, Loader, LoaderConfig, LoaderState,
+    RawSample, Split, Transform, Transformed,
 };
 
 /// A cheap synthetic dataset: sample `i` is a 2x3 image of value `i % 256`,
@@ -26,9 +26,15 @@ impl Dataset for Synthetic {
             panic!("decoder bug on {index}");
         }
         if self.bad.contains(&index) {
-            return Err(DataError::corrupt(format!("/data/bad-{index}.jpg"), "truncated JPEG"));
+            return Err(DataError::corrupt(
+                format!("/data/bad-{index}.jpg"),
+                "truncated JPEG",
+            ));
         }
-        Ok(RawSample { frames: Frames::image(2, 3, 1, vec![(index % 256) as u8; 6]), label: Some(index as i64 % 10) })
+        Ok(RawSample {
+            frames: Frames::image(2, 3, 1, vec![(index % 256) as u8; 6]),
+            label: Some(index as i64 % 10),
+        })
     }
     fn describe(&self) -> String {
         "synthetic".into()
@@ -36,12 +42,25 @@ impl Dataset for Synthetic {
 }
 
 fn synthetic(n: usize) -> Arc<dyn Dataset> {
-    Arc::new(Transformed::new(Synthetic { n, bad: vec![], panic_at: None }, vec![Transform::RandomFlip { p: 0.5 }]))
+    Arc::new(Transformed::new(
+        Synthetic {
+            n,
+            bad: vec![],
+            panic_at: None,
+        },
+        vec![Transform::RandomFlip { p: 0.5 }],
+    ))
 }
 
 fn fashion_test() -> Arc<dyn Dataset> {
     let ds = IdxDataset::mnist_layout(common::fashion_dir(), Split::Test).unwrap();
-    Arc::new(Transformed::new(ds, vec![Transform::Pad { size: 32, value: 0 }, Transform::RandomFlip { p: 0.5 }]))
+    Arc::new(Transformed::new(
+        ds,
+        vec![
+            Transform::Pad { size: 32, value: 0 },
+            Transform::RandomFlip { p: 0.5 },
+        ],
+    ))
 }
 
 /// (epoch, step, indices, sum of x, labels) of the next `n` batches.
@@ -52,13 +71,26 @@ fn take(loader: &mut Loader, n: usize) -> Vec<Seen> {
         .map(|_| {
             let b = loader.next_batch().unwrap().unwrap();
             let y: Vec<i64> = Vec::try_from(b.y.as_ref().unwrap()).unwrap();
-            (b.epoch, b.step, b.indices.clone(), b.x.sum(tch::Kind::Double).double_value(&[]), y)
+            (
+                b.epoch,
+                b.step,
+                b.indices.clone(),
+                b.x.sum(tch::Kind::Double).double_value(&[]),
+                y,
+            )
         })
         .collect()
 }
 
 fn cfg(batch: usize, workers: usize, seed: u64) -> LoaderConfig {
-    LoaderConfig { batch_size: batch, workers, prefetch: 3, seed, pin_memory: false, ..LoaderConfig::default() }
+    LoaderConfig {
+        batch_size: batch,
+        workers,
+        prefetch: 3,
+        seed,
+        pin_memory: false,
+        ..LoaderConfig::default()
+    }
 }
 
 #[test]
@@ -66,7 +98,14 @@ fn same_seed_same_batches_for_any_worker_count() {
     let ds = fashion_test();
     let reference = take(&mut Loader::new(ds.clone(), cfg(50, 0, 7)).unwrap(), 12);
     for workers in [1, 2, 4] {
-        let mut l = Loader::new(ds.clone(), LoaderConfig { prefetch: 1 + workers * 2, ..cfg(50, workers, 7) }).unwrap();
+        let mut l = Loader::new(
+            ds.clone(),
+            LoaderConfig {
+                prefetch: 1 + workers * 2,
+                ..cfg(50, workers, 7)
+            },
+        )
+        .unwrap();
         assert_eq!(take(&mut l, 12), reference, "{workers} workers");
     }
     let other = take(&mut Loader::new(ds.clone(), cfg(50, 2, 8)).unwrap(), 12);
@@ -84,7 +123,14 @@ fn same_seed_same_batches_for_any_worker_count() {
 
 #[test]
 fn epochs_are_permutations_and_differ() {
-    let mut l = Loader::new(synthetic(103), LoaderConfig { drop_last: false, ..cfg(10, 2, 3) }).unwrap();
+    let mut l = Loader::new(
+        synthetic(103),
+        LoaderConfig {
+            drop_last: false,
+            ..cfg(10, 2, 3)
+        },
+    )
+    .unwrap();
     assert_eq!(l.batches_per_epoch(), 11);
     let e0: Vec<usize> = l.epoch_batches().flat_map(|b| b.unwrap().indices).collect();
     let e1: Vec<usize> = l.epoch_batches().flat_map(|b| b.unwrap().indices).collect();
@@ -96,7 +142,14 @@ fn epochs_are_permutations_and_differ() {
     }
     assert_eq!(l.position().epoch, 2);
     // drop_last drops the short batch; shuffle = false keeps file order.
-    let mut l = Loader::new(synthetic(103), LoaderConfig { shuffle: false, ..cfg(10, 1, 3) }).unwrap();
+    let mut l = Loader::new(
+        synthetic(103),
+        LoaderConfig {
+            shuffle: false,
+            ..cfg(10, 1, 3)
+        },
+    )
+    .unwrap();
     let e: Vec<Vec<usize>> = l.epoch_batches().map(|b| b.unwrap().indices).collect();
     assert_eq!(e.len(), 10);
     assert_eq!(e[3], (30..40).collect::<Vec<_>>());
@@ -122,7 +175,10 @@ fn resume_yields_exactly_the_uninterrupted_batches() {
         assert_eq!([head, tail].concat(), full, "stop at {stop}");
     }
     let mut l = Loader::new(ds.clone(), cfg(300, 1, 11)).unwrap();
-    let wrong = LoaderState { seed: 12, ..l.position() };
+    let wrong = LoaderState {
+        seed: 12,
+        ..l.position()
+    };
     assert!(l.resume(&wrong).unwrap_err().to_string().contains("seed"));
 }
 
@@ -131,7 +187,15 @@ fn ranks_partition_each_epoch() {
     let n = 100;
     let mut all = Vec::new();
     for rank in 0..3 {
-        let mut l = Loader::new(synthetic(n), LoaderConfig { rank, world_size: 3, ..cfg(11, 1, 5) }).unwrap();
+        let mut l = Loader::new(
+            synthetic(n),
+            LoaderConfig {
+                rank,
+                world_size: 3,
+                ..cfg(11, 1, 5)
+            },
+        )
+        .unwrap();
         assert_eq!(l.batches_per_epoch(), 3); // 33 per rank, drop_last
         let idx: Vec<usize> = l.epoch_batches().flat_map(|b| b.unwrap().indices).collect();
         assert_eq!(idx.len(), 33);
@@ -141,31 +205,68 @@ fn ranks_partition_each_epoch() {
     s.sort();
     s.dedup();
     assert_eq!(s.len(), 99, "ranks overlap");
-    let e = Loader::new(synthetic(10), LoaderConfig { rank: 3, world_size: 3, ..cfg(2, 0, 0) }).unwrap_err();
+    let e = Loader::new(
+        synthetic(10),
+        LoaderConfig {
+            rank: 3,
+            world_size: 3,
+            ..cfg(2, 0, 0)
+        },
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("loader.rank"), "{e}");
 }
 
 #[test]
 fn stop_policy_reports_the_file_and_ends() {
-    let ds = Arc::new(Synthetic { n: 40, bad: vec![13], panic_at: None });
-    let mut l = Loader::new(ds, LoaderConfig { shuffle: false, ..cfg(5, 2, 0) }).unwrap();
+    let ds = Arc::new(Synthetic {
+        n: 40,
+        bad: vec![13],
+        panic_at: None,
+    });
+    let mut l = Loader::new(
+        ds,
+        LoaderConfig {
+            shuffle: false,
+            ..cfg(5, 2, 0)
+        },
+    )
+    .unwrap();
     for _ in 0..2 {
         assert!(l.next_batch().unwrap().is_ok());
     }
     let e = l.next_batch().unwrap().unwrap_err().to_string();
-    assert!(e.contains("/data/bad-13.jpg") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("/data/bad-13.jpg") && e.contains("truncated"),
+        "{e}"
+    );
     assert!(l.next_batch().is_none());
 }
 
 #[test]
 fn skip_policy_drops_and_counts_bad_samples() {
-    let ds = Arc::new(Synthetic { n: 40, bad: vec![3, 4, 17], panic_at: None });
-    let mut l =
-        Loader::new(ds, LoaderConfig { shuffle: false, on_error: ErrorPolicy::Skip, ..cfg(5, 2, 0) }).unwrap();
+    let ds = Arc::new(Synthetic {
+        n: 40,
+        bad: vec![3, 4, 17],
+        panic_at: None,
+    });
+    let mut l = Loader::new(
+        ds,
+        LoaderConfig {
+            shuffle: false,
+            on_error: ErrorPolicy::Skip,
+            ..cfg(5, 2, 0)
+        },
+    )
+    .unwrap();
     let batches: Vec<_> = l.epoch_batches().map(|b| b.unwrap()).collect();
     assert_eq!(batches.len(), 8);
     assert_eq!(batches[0].indices, [0, 1, 2]);
     assert_eq!(batches[0].x.size()[0], 3);
+    assert_eq!(
+        batches.iter().map(|b| b.skipped).collect::<Vec<_>>(),
+        [2, 0, 0, 1, 0, 0, 0, 0]
+    );
     assert_eq!(batches[3].indices, [15, 16, 18, 19]);
     let y: Vec<i64> = Vec::try_from(batches[3].y.as_ref().unwrap()).unwrap();
     assert_eq!(y, [5, 6, 8, 9]);
@@ -174,8 +275,19 @@ fn skip_policy_drops_and_counts_bad_samples() {
 
 #[test]
 fn a_panicking_sample_is_an_error_not_a_hang() {
-    let ds = Arc::new(Synthetic { n: 20, bad: vec![], panic_at: Some(7) });
-    let mut l = Loader::new(ds, LoaderConfig { shuffle: false, ..cfg(5, 2, 0) }).unwrap();
+    let ds = Arc::new(Synthetic {
+        n: 20,
+        bad: vec![],
+        panic_at: Some(7),
+    });
+    let mut l = Loader::new(
+        ds,
+        LoaderConfig {
+            shuffle: false,
+            ..cfg(5, 2, 0)
+        },
+    )
+    .unwrap();
     assert!(l.next_batch().unwrap().is_ok());
     let e = l.next_batch().unwrap().unwrap_err().to_string();
     assert!(e.contains("panic") && e.contains("decoder bug on 7"), "{e}");
@@ -183,6 +295,8 @@ fn a_panicking_sample_is_an_error_not_a_hang() {
 
 #[test]
 fn too_small_dataset_is_a_clear_error() {
-    let e = Loader::new(synthetic(3), cfg(4, 1, 0)).unwrap_err().to_string();
+    let e = Loader::new(synthetic(3), cfg(4, 1, 0))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("3 samples") && e.contains("batch_size"), "{e}");
 }

@@ -32,14 +32,22 @@ pub struct SampleOptions {
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, kind: Kind::Float, seed: 0, first_row: 0 }
+        Self {
+            device: Device::Cpu,
+            kind: Kind::Float,
+            seed: 0,
+            first_row: 0,
+        }
     }
 }
 
 impl SampleOptions {
     /// CPU, f32, the given seed.
     pub fn seeded(seed: u64) -> Self {
-        Self { seed, ..Self::default() }
+        Self {
+            seed,
+            ..Self::default()
+        }
     }
 }
 
@@ -77,7 +85,9 @@ pub fn mean_flat(x: &Tensor) -> Tensor {
 pub fn per_sample(v: &Tensor, x: &Tensor) -> Tensor {
     let mut shape = vec![v.size()[0]];
     shape.extend(std::iter::repeat_n(1, x.dim() - 1));
-    v.to_kind(x.kind()).to_device(x.device()).view(shape.as_slice())
+    v.to_kind(x.kind())
+        .to_device(x.device())
+        .view(shape.as_slice())
 }
 
 /// Calls the model (with classifier-free guidance when `guidance` is set) at a
@@ -126,8 +136,14 @@ pub(crate) fn check_input(x: &Tensor, what: &str) -> Result<()> {
             x.size()
         )));
     }
-    if !matches!(x.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
-        return Err(DiffusionError::Shape(format!("{what} must be floating point, got {:?}", x.kind())));
+    if !matches!(
+        x.kind(),
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    ) {
+        return Err(DiffusionError::Shape(format!(
+            "{what} must be floating point, got {:?}",
+            x.kind()
+        )));
     }
     Ok(())
 }
@@ -135,7 +151,10 @@ pub(crate) fn check_input(x: &Tensor, what: &str) -> Result<()> {
 pub(crate) fn check_labels(y: Option<&Tensor>, b: i64) -> Result<()> {
     if let Some(y) = y {
         if y.size() != [b] {
-            return Err(DiffusionError::Shape(format!("labels y must have shape [{b}], got {:?}", y.size())));
+            return Err(DiffusionError::Shape(format!(
+                "labels y must have shape [{b}], got {:?}",
+                y.size()
+            )));
         }
     }
     Ok(())

@@ -134,12 +134,18 @@ impl Default for DiffusionConfig {
 impl DiffusionConfig {
     /// DiT's diffusion: linear schedule, T = 1000, eps prediction, learned sigma, hybrid loss.
     pub fn dit() -> Self {
-        Self { learn_sigma: true, ..Self::default() }
+        Self {
+            learn_sigma: true,
+            ..Self::default()
+        }
     }
 
     /// Flow matching with uniform `t` and velocity prediction.
     pub fn flow() -> Self {
-        Self { kind: ProcessKind::Flow, ..Self::default() }
+        Self {
+            kind: ProcessKind::Flow,
+            ..Self::default()
+        }
     }
 
     /// Parses a TOML document holding these keys at top level, and validates it.
@@ -169,7 +175,10 @@ impl DiffusionConfig {
     /// Checks every value and combination; errors say which key is wrong.
     pub fn validate(&self) -> Result<()> {
         if self.timesteps < 2 {
-            return config_err(format!("timesteps must be at least 2, got {}", self.timesteps));
+            return config_err(format!(
+                "timesteps must be at least 2, got {}",
+                self.timesteps
+            ));
         }
         match self.kind {
             ProcessKind::Gaussian => {
@@ -180,7 +189,8 @@ impl DiffusionConfig {
                 }
                 if self.schedule != BetaSchedule::Cosine {
                     let ok = |b: f64| b.is_finite() && b > 0.0 && b < 1.0;
-                    if !ok(self.beta_start) || !ok(self.beta_end) || self.beta_start > self.beta_end {
+                    if !ok(self.beta_start) || !ok(self.beta_end) || self.beta_start > self.beta_end
+                    {
                         return config_err(format!(
                             "need 0 < beta_start <= beta_end < 1, got beta_start = {}, beta_end = {}",
                             self.beta_start, self.beta_end
@@ -204,8 +214,9 @@ impl DiffusionConfig {
                 if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
                     return config_err(format!("time_scale must be > 0, got {}", self.time_scale));
                 }
-                if !(self.logit_normal_std.is_finite() && self.logit_normal_std > 0.0)
-                    || !self.logit_normal_mean.is_finite()
+                if !(self.logit_normal_std.is_finite()
+                    && self.logit_normal_std > 0.0
+                    && self.logit_normal_mean.is_finite())
                 {
                     return config_err("logit_normal_std must be > 0 and logit_normal_mean finite");
                 }
@@ -259,7 +270,8 @@ pub struct SamplerConfig {
     pub sampler: SamplerKind,
     /// Number of sampling steps (grid points); at most T for Gaussian diffusion.
     pub steps: usize,
-    /// Timestep spacing; default `adm` for Gaussian, `uniform` for flow.
+    /// Timestep spacing; default `adm` for ddpm/ddim, `linspace` for
+    /// dpm++2m/euler/heun, `uniform` for flow (see [`SamplerConfig::spacing`]).
     pub spacing: Option<Spacing>,
     /// improved-DDPM respacing string ("250", "ddim50", "10,15,20"); overrides
     /// `steps`/`spacing` (then `steps` must be left at its default or agree).
@@ -295,7 +307,11 @@ impl Default for SamplerConfig {
 impl SamplerConfig {
     /// A config with `sampler` and `steps`, everything else default.
     pub fn new(sampler: SamplerKind, steps: usize) -> Self {
-        Self { sampler, steps, ..Self::default() }
+        Self {
+            sampler,
+            steps,
+            ..Self::default()
+        }
     }
 
     /// Parses a TOML document holding these keys at top level (not validated:
@@ -304,11 +320,16 @@ impl SamplerConfig {
         Ok(toml::from_str(s)?)
     }
 
-    /// The spacing after defaults.
+    /// The spacing after defaults: flow `uniform`; ddpm/ddim `adm` (improved
+    /// DDPM / DiT); dpm++2m, euler and heun `linspace` (their diffusers
+    /// defaults). Grids that contain t = 0 (`adm`) make the last interval in
+    /// log-SNR very long, which DPM-Solver++'s second-order extrapolation
+    /// handles badly, hence its different default.
     pub fn spacing(&self, kind: ProcessKind) -> Spacing {
-        self.spacing.unwrap_or(match kind {
-            ProcessKind::Gaussian => Spacing::Adm,
-            ProcessKind::Flow => Spacing::Uniform,
+        self.spacing.unwrap_or(match (kind, self.sampler) {
+            (ProcessKind::Flow, _) => Spacing::Uniform,
+            (_, SamplerKind::Ddpm | SamplerKind::Ddim) => Spacing::Adm,
+            _ => Spacing::Linspace,
         })
     }
 
@@ -326,7 +347,10 @@ impl SamplerConfig {
             return config_err("steps must be at least 1");
         }
         if !(self.cfg_scale.is_finite() && self.cfg_scale >= 0.0) {
-            return config_err(format!("cfg_scale must be finite and >= 0, got {}", self.cfg_scale));
+            return config_err(format!(
+                "cfg_scale must be finite and >= 0, got {}",
+                self.cfg_scale
+            ));
         }
         if self.guided() && self.null_class.is_none() {
             return config_err(format!(
@@ -341,13 +365,17 @@ impl SamplerConfig {
             return config_err(format!("eta must be >= 0, got {}", self.eta));
         }
         if self.eta != 0.0 && self.sampler != SamplerKind::Ddim {
-            return config_err(format!("eta applies only to sampler = \"ddim\", not {name}"));
+            return config_err(format!(
+                "eta applies only to sampler = \"ddim\", not {name}"
+            ));
         }
         let spacing = self.spacing(diffusion.kind);
         match diffusion.kind {
             ProcessKind::Gaussian => {
                 if spacing == Spacing::Uniform {
-                    return config_err("spacing = \"uniform\" is for flow matching; use adm, leading, trailing or linspace");
+                    return config_err(
+                        "spacing = \"uniform\" is for flow matching; use adm, leading, trailing or linspace",
+                    );
                 }
                 if self.shift != 1.0 {
                     return config_err("shift applies only to flow matching");
@@ -369,7 +397,10 @@ impl SamplerConfig {
                     && self.sampler == SamplerKind::DpmSolverPp2M
                     && t / (self.steps + 1) == 0
                 {
-                    return config_err(format!("leading spacing needs steps < T for dpm++2m, got {}", self.steps));
+                    return config_err(format!(
+                        "leading spacing needs steps < T for dpm++2m, got {}",
+                        self.steps
+                    ));
                 }
             }
             ProcessKind::Flow => {

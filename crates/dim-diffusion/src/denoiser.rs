@@ -66,7 +66,11 @@ pub struct ClassifierFreeGuidance<D> {
 impl<D: Denoiser> ClassifierFreeGuidance<D> {
     /// Wraps `inner`.
     pub fn new(inner: D, scale: f64, null_class: i64) -> Self {
-        Self { inner, scale, null_class }
+        Self {
+            inner,
+            scale,
+            null_class,
+        }
     }
 }
 
@@ -91,7 +95,10 @@ pub fn guided_forward<D: Denoiser + ?Sized>(
     let b = x_t.size()[0];
     let c = x_t.size()[1];
     if y.size() != [b] {
-        return Err(DiffusionError::Shape(format!("labels y must have shape [{b}], got {:?}", y.size())));
+        return Err(DiffusionError::Shape(format!(
+            "labels y must have shape [{b}], got {:?}",
+            y.size()
+        )));
     }
     let x_in = Tensor::cat(&[x_t, x_t], 0);
     let t_in = Tensor::cat(&[t, t], 0);
@@ -110,5 +117,9 @@ pub fn guided_forward<D: Denoiser + ?Sized>(
     let (cp, up) = (cond.narrow(1, 0, c), uncond.narrow(1, 0, c));
     let guided = &up + (&cp - &up) * scale;
     let rest = cond.size()[1] - c;
-    Ok(if rest > 0 { Tensor::cat(&[guided, cond.narrow(1, c, rest)], 1) } else { guided })
+    Ok(if rest > 0 {
+        Tensor::cat(&[guided, cond.narrow(1, c, rest)], 1)
+    } else {
+        guided
+    })
 }

@@ -8,7 +8,10 @@
 
 use tch::{Kind, Tensor};
 
-use crate::common::{call_model, check_input, time_kind, check_labels, check_output, mean_flat, per_sample, Losses, Progress, SampleOptions};
+use crate::common::{
+    call_model, check_input, check_labels, check_output, mean_flat, per_sample, time_kind, Losses,
+    Progress, SampleOptions,
+};
 use crate::config::{DiffusionConfig, ProcessKind, SamplerConfig, SamplerKind, TimeSampling};
 use crate::denoiser::Denoiser;
 use crate::error::{config_err, DiffusionError, Result};
@@ -90,18 +93,30 @@ impl FlowMatching {
             )));
         }
         let x_t = self.interpolate(x0, t, noise);
-        let t_model = (t.to_kind(Kind::Double) * self.cfg.time_scale).to_kind(time_kind(x0)).to_device(x0.device());
+        let t_model = (t.to_kind(Kind::Double) * self.cfg.time_scale)
+            .to_kind(time_kind(x0))
+            .to_device(x0.device());
         let out = model.denoise(&x_t, &t_model, y)?;
         check_output(&out, &x_t, x0.size()[1])?;
         let target = noise - x0;
         let mse = mean_flat(&(out - target).square());
-        Ok(Losses { loss: mse.shallow_clone(), mse, vlb: None, t: t.shallow_clone() })
+        Ok(Losses {
+            loss: mse.shallow_clone(),
+            mse,
+            vlb: None,
+            t: t.shallow_clone(),
+        })
     }
 
     /// The decreasing time grid (in [0, 1], ending with 0) `cfg` samples with.
     pub fn sampling_grid(&self, cfg: &SamplerConfig) -> Result<Vec<f64>> {
         cfg.validate(&self.cfg)?;
-        flow_grid(cfg.steps, cfg.spacing(ProcessKind::Flow), self.cfg.timesteps, cfg.shift)
+        flow_grid(
+            cfg.steps,
+            cfg.spacing(ProcessKind::Flow),
+            self.cfg.timesteps,
+            cfg.shift,
+        )
     }
 
     /// Draws `shape` samples from seeded noise; see [`FlowMatching::sample_from_noise`].
@@ -133,7 +148,9 @@ impl FlowMatching {
         check_labels(y, noise.size()[0])?;
         let grid = self.sampling_grid(cfg)?;
         let _guard = tch::no_grad_guard();
-        let guidance = cfg.guided().then(|| (cfg.cfg_scale, cfg.null_class.unwrap_or(0)));
+        let guidance = cfg
+            .guided()
+            .then(|| (cfg.cfg_scale, cfg.null_class.unwrap_or(0)));
         let c = noise.size()[1];
         let scale = self.cfg.time_scale;
         let n = grid.len() - 1;
@@ -141,7 +158,11 @@ impl FlowMatching {
         let heun = cfg.sampler == SamplerKind::Heun;
         let mut x = noise.shallow_clone();
         for i in 0..n {
-            progress(Progress { step: i, total: n, t: grid[i] * scale });
+            progress(Progress {
+                step: i,
+                total: n,
+                t: grid[i] * scale,
+            });
             let (t, t_next) = (grid[i], grid[i + 1]);
             let dt = t_next - t;
             let v = call(&x, t)?;

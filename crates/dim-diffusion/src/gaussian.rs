@@ -10,10 +10,12 @@ use std::f64::consts::LN_2;
 use tch::{Kind, Tensor};
 
 use crate::common::{
-    call_model, check_input, time_kind, check_labels, check_output, mean_flat, per_sample, Losses, Progress,
-    SampleOptions,
+    call_model, check_input, check_labels, check_output, mean_flat, per_sample, time_kind, Losses,
+    Progress, SampleOptions,
 };
-use crate::config::{DiffusionConfig, FixedVariance, Prediction, ProcessKind, SamplerConfig, SamplerKind};
+use crate::config::{
+    DiffusionConfig, FixedVariance, Prediction, ProcessKind, SamplerConfig, SamplerKind,
+};
 use crate::denoiser::Denoiser;
 use crate::error::{config_err, DiffusionError, Result};
 use crate::rng::NoiseRng;
@@ -31,7 +33,9 @@ fn coef(at: At<'_>, x: &Tensor, f: impl Fn(usize) -> f64) -> Tensor {
 
 /// Improved-DDPM `normal_kl` (elementwise, nats).
 pub fn normal_kl(mean1: &Tensor, logvar1: &Tensor, mean2: &Tensor, logvar2: &Tensor) -> Tensor {
-    ((logvar2 - logvar1) + (logvar1 - logvar2).exp() + (mean1 - mean2).square() * logvar2.neg().exp()
+    ((logvar2 - logvar1)
+        + (logvar1 - logvar2).exp()
+        + (mean1 - mean2).square() * logvar2.neg().exp()
         - 1.0)
         * 0.5
 }
@@ -44,7 +48,11 @@ fn approx_standard_normal_cdf(x: &Tensor) -> Tensor {
 /// Improved-DDPM `discretized_gaussian_log_likelihood`: log-likelihood (nats,
 /// elementwise) of data `x` in [-1, 1] quantised to 256 bins of width 2/255,
 /// under `N(means, exp(log_scales)^2)`, edge bins open-ended.
-pub fn discretized_gaussian_log_likelihood(x: &Tensor, means: &Tensor, log_scales: &Tensor) -> Tensor {
+pub fn discretized_gaussian_log_likelihood(
+    x: &Tensor,
+    means: &Tensor,
+    log_scales: &Tensor,
+) -> Tensor {
     let centered = x - means;
     let inv_stdv = log_scales.neg().exp();
     let plus_in = &inv_stdv * (&centered + 1.0 / 255.0);
@@ -96,7 +104,7 @@ impl SamplingSchedule {
         self.timesteps.is_empty()
     }
 
-    fn split<'a>(&self, out: &'a Tensor, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    fn split(&self, out: &Tensor, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let c = x.size()[1];
         check_output(out, x, if self.learn_sigma { 2 * c } else { c })?;
         Ok(if self.learn_sigma {
@@ -121,9 +129,11 @@ impl SamplingSchedule {
     }
 
     fn table(&self) -> Result<&Tables> {
-        self.respaced
-            .as_ref()
-            .ok_or_else(|| DiffusionError::Config("this sampler needs integer timesteps (use another spacing)".into()))
+        self.respaced.as_ref().ok_or_else(|| {
+            DiffusionError::Config(
+                "this sampler needs integer timesteps (use another spacing)".into(),
+            )
+        })
     }
 
     /// One ancestral (DDPM) step from grid point `i` (0 = noisiest) given the
@@ -160,16 +170,28 @@ impl SamplingSchedule {
     /// the last); `noise` is required when `eta > 0`. Matches improved-DDPM
     /// `ddim_sample` and diffusers `DDIMScheduler.step` (with
     /// `use_clipped_model_output = True` when clipping).
-    pub fn ddim_step(&self, out: &Tensor, x: &Tensor, i: usize, eta: f64, noise: Option<&Tensor>) -> Result<Tensor> {
+    pub fn ddim_step(
+        &self,
+        out: &Tensor,
+        x: &Tensor,
+        i: usize,
+        eta: f64,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (pred, _) = self.split(out, x)?;
         let a = self.alphas_cumprod[i];
-        let a_prev = if i + 1 < self.len() { self.alphas_cumprod[i + 1] } else { 1.0 };
+        let a_prev = if i + 1 < self.len() {
+            self.alphas_cumprod[i + 1]
+        } else {
+            1.0
+        };
         let x0 = self.x0_from(&pred, x, a);
         let eps = (x * (1.0 / a).sqrt() - &x0) / (1.0 / a - 1.0).sqrt();
         let sigma = eta * ((1.0 - a_prev) / (1.0 - a)).sqrt() * (1.0 - a / a_prev).sqrt();
         let mean = x0 * a_prev.sqrt() + eps * (1.0 - a_prev - sigma * sigma).max(0.0).sqrt();
         if sigma > 0.0 {
-            let noise = noise.ok_or_else(|| DiffusionError::Config("ddim with eta > 0 needs noise".into()))?;
+            let noise = noise
+                .ok_or_else(|| DiffusionError::Config("ddim with eta > 0 needs noise".into()))?;
             Ok(mean + noise * sigma)
         } else {
             Ok(mean)
@@ -180,7 +202,13 @@ impl SamplingSchedule {
     /// `DPMSolverMultistepScheduler` defaults: data prediction, midpoint,
     /// first order at the first and last step, final sigma 0). `prev_x0` is the
     /// data prediction of the previous step. Returns `(x_next, x0)`.
-    pub fn dpm_step(&self, out: &Tensor, x: &Tensor, i: usize, prev_x0: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    pub fn dpm_step(
+        &self,
+        out: &Tensor,
+        x: &Tensor,
+        i: usize,
+        prev_x0: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let (pred, _) = self.split(out, x)?;
         let n = self.len();
         let x0 = self.x0_from(&pred, x, self.alphas_cumprod[i]);
@@ -238,7 +266,10 @@ impl GaussianDiffusion {
         if cfg.kind != ProcessKind::Gaussian {
             return config_err("GaussianDiffusion needs kind = \"gaussian\"");
         }
-        Ok(Self { cfg: cfg.clone(), tables: Tables::from_betas(betas(cfg)) })
+        Ok(Self {
+            cfg: cfg.clone(),
+            tables: Tables::from_betas(betas(cfg)),
+        })
     }
 
     /// The config.
@@ -261,14 +292,20 @@ impl GaussianDiffusion {
     }
 
     fn indices(&self, t: &Tensor) -> Result<Vec<usize>> {
-        let v: Vec<i64> = Vec::try_from(t.to_device(tch::Device::Cpu).to_kind(Kind::Int64).flatten(0, -1))?;
+        let v: Vec<i64> = Vec::try_from(
+            t.to_device(tch::Device::Cpu)
+                .to_kind(Kind::Int64)
+                .flatten(0, -1),
+        )?;
         let n = self.num_timesteps() as i64;
         v.into_iter()
             .map(|i| {
                 if (0..n).contains(&i) {
                     Ok(i as usize)
                 } else {
-                    Err(DiffusionError::Shape(format!("timestep {i} outside 0..{n}")))
+                    Err(DiffusionError::Shape(format!(
+                        "timestep {i} outside 0..{n}"
+                    )))
                 }
             })
             .collect()
@@ -286,16 +323,20 @@ impl GaussianDiffusion {
         let ac = &self.tables.alphas_cumprod;
         match self.cfg.prediction() {
             Prediction::Eps => {
-                coef(at, x, |j| (1.0 / ac[j]).sqrt()) * x - coef(at, x, |j| (1.0 / ac[j] - 1.0).sqrt()) * pred
+                coef(at, x, |j| (1.0 / ac[j]).sqrt()) * x
+                    - coef(at, x, |j| (1.0 / ac[j] - 1.0).sqrt()) * pred
             }
             Prediction::X0 | Prediction::Velocity => pred.shallow_clone(),
-            Prediction::V => coef(at, x, |j| ac[j].sqrt()) * x - coef(at, x, |j| (1.0 - ac[j]).sqrt()) * pred,
+            Prediction::V => {
+                coef(at, x, |j| ac[j].sqrt()) * x - coef(at, x, |j| (1.0 - ac[j]).sqrt()) * pred
+            }
         }
     }
 
     fn posterior_mean(&self, x0: &Tensor, x_t: &Tensor, at: At<'_>) -> Tensor {
         let tb = &self.tables;
-        coef(at, x_t, |j| tb.posterior_mean_coef1[j]) * x0 + coef(at, x_t, |j| tb.posterior_mean_coef2[j]) * x_t
+        coef(at, x_t, |j| tb.posterior_mean_coef1[j]) * x0
+            + coef(at, x_t, |j| tb.posterior_mean_coef2[j]) * x_t
     }
 
     /// Per-sample VLB term `L_t` in bits/dim (improved-DDPM `_vb_terms_bpd`,
@@ -303,7 +344,13 @@ impl GaussianDiffusion {
     /// the discretised decoder NLL for `t = 0`. `model_out` is the raw model
     /// output (`2C` channels with learned variance); gradients flow only into
     /// the variance channels (the mean is detached).
-    pub fn vlb_terms(&self, model_out: &Tensor, x0: &Tensor, x_t: &Tensor, t: &Tensor) -> Result<Tensor> {
+    pub fn vlb_terms(
+        &self,
+        model_out: &Tensor,
+        x0: &Tensor,
+        x_t: &Tensor,
+        t: &Tensor,
+    ) -> Result<Tensor> {
         check_input(x_t, "x_t")?;
         let c = x_t.size()[1];
         check_output(model_out, x_t, self.out_channels(c))?;
@@ -326,9 +373,15 @@ impl GaussianDiffusion {
         let true_log_var = coef(at, x_t, |j| tb.posterior_log_variance_clipped[j]);
         let x0_pred = self.x0_from(&pred, x_t, at);
         let model_mean = self.posterior_mean(&x0_pred, x_t, at);
-        let kl = mean_flat(&normal_kl(&true_mean, &true_log_var, &model_mean, &model_log_var)) / LN_2;
-        let nll = mean_flat(&discretized_gaussian_log_likelihood(x0, &model_mean, &(&model_log_var * 0.5)).neg())
-            / LN_2;
+        let kl = mean_flat(&normal_kl(
+            &true_mean,
+            &true_log_var,
+            &model_mean,
+            &model_log_var,
+        )) / LN_2;
+        let nll = mean_flat(
+            &discretized_gaussian_log_likelihood(x0, &model_mean, &(&model_log_var * 0.5)).neg(),
+        ) / LN_2;
         let is_zero: Vec<bool> = idx.iter().map(|&j| j == 0).collect();
         let mask = Tensor::from_slice(&is_zero).to_device(x_t.device());
         Ok(nll.where_self(&mask, &kl))
@@ -385,7 +438,9 @@ impl GaussianDiffusion {
         let target = match self.cfg.prediction() {
             Prediction::Eps => noise.shallow_clone(),
             Prediction::X0 | Prediction::Velocity => x0.shallow_clone(),
-            Prediction::V => coef(at, x0, |j| ac[j].sqrt()) * noise - coef(at, x0, |j| (1.0 - ac[j]).sqrt()) * x0,
+            Prediction::V => {
+                coef(at, x0, |j| ac[j].sqrt()) * noise - coef(at, x0, |j| (1.0 - ac[j]).sqrt()) * x0
+            }
         };
         let mse = mean_flat(&(target - &pred).square());
         let vlb = if self.cfg.learn_sigma {
@@ -398,7 +453,12 @@ impl GaussianDiffusion {
             Some(v) => &mse + v,
             None => mse.shallow_clone(),
         };
-        Ok(Losses { loss, mse, vlb, t: t.shallow_clone() })
+        Ok(Losses {
+            loss,
+            mse,
+            vlb,
+            t: t.shallow_clone(),
+        })
     }
 
     /// The timestep grid and tables `cfg` samples with.
@@ -467,12 +527,20 @@ impl GaussianDiffusion {
         check_labels(y, noise.size()[0])?;
         let sched = self.sampling_schedule(cfg)?;
         let _guard = tch::no_grad_guard();
-        let guidance = cfg.guided().then(|| (cfg.cfg_scale, cfg.null_class.unwrap_or(0)));
+        let guidance = cfg
+            .guided()
+            .then(|| (cfg.cfg_scale, cfg.null_class.unwrap_or(0)));
         let oc = self.out_channels(noise.size()[1]);
         let n = sched.len();
         let shape = noise.size();
         let call = |x: &Tensor, i: usize| call_model(model, x, sched.timesteps[i], y, guidance, oc);
-        let mut report = |i: usize| progress(Progress { step: i, total: n, t: sched.timesteps[i] });
+        let mut report = |i: usize| {
+            progress(Progress {
+                step: i,
+                total: n,
+                t: sched.timesteps[i],
+            })
+        };
         match cfg.sampler {
             SamplerKind::Ddpm => {
                 let mut x = noise.shallow_clone();
@@ -493,7 +561,8 @@ impl GaussianDiffusion {
                 for i in 0..n {
                     report(i);
                     let out = call(&x, i)?;
-                    let z = (cfg.eta > 0.0 && i + 1 < n).then(|| rng.randn(&shape, noise.kind(), noise.device()));
+                    let z = (cfg.eta > 0.0 && i + 1 < n)
+                        .then(|| rng.randn(&shape, noise.kind(), noise.device()));
                     x = sched.ddim_step(&out, &x, i, cfg.eta, z.as_ref())?;
                 }
                 Ok(x)

@@ -26,8 +26,8 @@ pub mod schedule;
 
 pub use common::{mean_flat, per_sample, Losses, Progress, SampleOptions};
 pub use config::{
-    BetaSchedule, Config, DiffusionConfig, FixedVariance, Prediction, ProcessKind, SamplerConfig, SamplerKind,
-    Spacing, TimeSampling,
+    BetaSchedule, Config, DiffusionConfig, FixedVariance, Prediction, ProcessKind, SamplerConfig,
+    SamplerKind, Spacing, TimeSampling,
 };
 pub use denoiser::{guided_forward, ClassifierFreeGuidance, Denoiser, FallibleFn};
 pub use error::{DiffusionError, Result};
@@ -39,6 +39,7 @@ use tch::Tensor;
 
 /// A Gaussian diffusion or a flow-matching process, chosen by `kind`.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // built once per run
 pub enum Diffusion {
     /// `kind = "gaussian"`.
     Gaussian(GaussianDiffusion),

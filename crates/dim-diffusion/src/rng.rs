@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 /// Above this many values, rows are filled in parallel (rayon).
-const PARALLEL_MIN: usize = 1 << 15;
+const PARALLEL_MIN: usize = 1 << 18;
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -100,7 +100,11 @@ impl NoiseRng {
     /// generator draws exactly what row `first_row + r` of `NoiseRng::new(seed)`
     /// draws (given the same sequence of calls).
     pub fn with_first_row(seed: u64, first_row: u64) -> Self {
-        Self { seed, first_row, streams: Vec::new() }
+        Self {
+            seed,
+            first_row,
+            streams: Vec::new(),
+        }
     }
 
     /// The seed this generator was created with.
@@ -117,8 +121,14 @@ impl NoiseRng {
     }
 
     fn split_shape(shape: &[i64]) -> (usize, usize) {
-        assert!(!shape.is_empty(), "NoiseRng needs at least one dimension (the batch)");
-        assert!(shape.iter().all(|&d| d >= 0), "negative dimension in {shape:?}");
+        assert!(
+            !shape.is_empty(),
+            "NoiseRng needs at least one dimension (the batch)"
+        );
+        assert!(
+            shape.iter().all(|&d| d >= 0),
+            "negative dimension in {shape:?}"
+        );
         let rows = shape[0] as usize;
         let per_row = shape[1..].iter().product::<i64>() as usize;
         (rows, per_row)
@@ -127,34 +137,56 @@ impl NoiseRng {
     /// Standard normal noise of `shape` (first dimension = rows).
     pub fn randn(&mut self, shape: &[i64], kind: Kind, device: Device) -> Tensor {
         let (rows, per_row) = Self::split_shape(shape);
-        let mut buf = vec![0f64; rows * per_row];
-        let fill = |(stream, chunk): (&mut Xoshiro256pp, &mut [f64])| {
+        if kind == Kind::Float {
+            // Same values as generating f64 and converting (both round to nearest).
+            let buf = self.normals(rows, per_row, |v| v as f32);
+            return Tensor::from_slice(&buf).view(shape).to_device(device);
+        }
+        let buf = self.normals(rows, per_row, |v| v);
+        to_tensor(&buf, shape, kind, device)
+    }
+
+    fn normals<T: Copy + Default + Send>(
+        &mut self,
+        rows: usize,
+        per_row: usize,
+        conv: fn(f64) -> T,
+    ) -> Vec<T> {
+        let mut buf = vec![T::default(); rows * per_row];
+        let fill = |(stream, chunk): (&mut Xoshiro256pp, &mut [T])| {
             let mut pairs = chunk.chunks_exact_mut(2);
             for pair in &mut pairs {
                 let (a, b) = stream.next_normal_pair();
-                pair[0] = a;
-                pair[1] = b;
+                pair[0] = conv(a);
+                pair[1] = conv(b);
             }
             if let [last] = pairs.into_remainder() {
-                *last = stream.next_normal_pair().0;
+                *last = conv(stream.next_normal_pair().0);
             }
         };
         let streams = self.rows(rows);
         let chunk = per_row.max(1);
         if rows * per_row >= PARALLEL_MIN {
             // Rows are independent streams, so the result does not depend on threading.
-            streams.par_iter_mut().zip(buf.par_chunks_mut(chunk)).for_each(fill);
+            streams
+                .par_iter_mut()
+                .zip(buf.par_chunks_mut(chunk))
+                .for_each(fill);
         } else {
             streams.iter_mut().zip(buf.chunks_mut(chunk)).for_each(fill);
         }
-        to_tensor(&buf, shape, kind, device)
+        buf
     }
 
     /// Uniform noise in [0, 1) of `shape` (first dimension = rows).
     pub fn rand(&mut self, shape: &[i64], kind: Kind, device: Device) -> Tensor {
         let (rows, per_row) = Self::split_shape(shape);
         let mut buf = vec![0f64; rows * per_row];
-        for (stream, chunk) in self.rows(rows).iter_mut().zip(buf.chunks_mut(per_row.max(1))) {
+        for (stream, chunk) in self
+            .rows(rows)
+            .iter_mut()
+            .zip(buf.chunks_mut(per_row.max(1)))
+        {
             for v in chunk {
                 *v = stream.next_f64();
             }
@@ -175,7 +207,10 @@ impl NoiseRng {
 }
 
 fn to_tensor(buf: &[f64], shape: &[i64], kind: Kind, device: Device) -> Tensor {
-    Tensor::from_slice(buf).view(shape).to_kind(kind).to_device(device)
+    Tensor::from_slice(buf)
+        .view(shape)
+        .to_kind(kind)
+        .to_device(device)
 }
 
 #[cfg(test)]
@@ -192,6 +227,13 @@ mod tests {
         assert!(a.narrow(0, 2, 2).equal(&c));
         let d = NoiseRng::new(8).randn(&[4, 3, 5], Kind::Double, Device::Cpu);
         assert!(!a.equal(&d));
+        // The f32 fast path equals generating f64 and converting.
+        let f = NoiseRng::new(7).randn(&[4, 3, 5], Kind::Float, Device::Cpu);
+        assert!(f.equal(&a.to_kind(Kind::Float)));
+        // Large (parallel) draws equal sequential ones row by row.
+        let big = NoiseRng::new(7).randn(&[64, 8192], Kind::Double, Device::Cpu);
+        let small = NoiseRng::with_first_row(7, 63).randn(&[1, 8192], Kind::Double, Device::Cpu);
+        assert!(big.narrow(0, 63, 1).equal(&small));
     }
 
     #[test]

@@ -13,7 +13,11 @@ pub fn betas(cfg: &DiffusionConfig) -> Vec<f64> {
             .map(|b| b * b)
             .collect(),
         BetaSchedule::Cosine => {
-            let f = |s: f64| ((s + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+            let f = |s: f64| {
+                ((s + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                    .cos()
+                    .powi(2)
+            };
             (0..t)
                 .map(|i| {
                     let (t1, t2) = (i as f64 / t as f64, (i + 1) as f64 / t as f64);
@@ -45,9 +49,9 @@ pub fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
 pub fn parse_respacing(num_timesteps: usize, s: &str) -> Result<Vec<usize>> {
     let s = s.trim();
     if let Some(rest) = s.strip_prefix("ddim") {
-        let n: usize = rest
-            .parse()
-            .map_err(|_| crate::DiffusionError::Config(format!("bad respacing {s:?}: expected ddimN")))?;
+        let n: usize = rest.parse().map_err(|_| {
+            crate::DiffusionError::Config(format!("bad respacing {s:?}: expected ddimN"))
+        })?;
         for stride in 1..num_timesteps {
             if num_timesteps.div_ceil(stride) == n {
                 return Ok((0..num_timesteps).step_by(stride).collect());
@@ -80,7 +84,11 @@ pub fn parse_respacing(num_timesteps: usize, s: &str) -> Result<Vec<usize>> {
                 "respacing {s:?}: cannot divide a section of {size} timesteps into {count} steps (T = {num_timesteps})"
             ));
         }
-        let frac_stride = if count <= 1 { 1.0 } else { (size - 1) as f64 / (count - 1) as f64 };
+        let frac_stride = if count <= 1 {
+            1.0
+        } else {
+            (size - 1) as f64 / (count - 1) as f64
+        };
         let mut cur = 0.0f64;
         for _ in 0..count {
             all.push(start + cur.round_ties_even() as usize);
@@ -112,7 +120,11 @@ pub fn gaussian_grid(
     let t = num_timesteps;
     let n = steps;
     if let Some(r) = respacing {
-        return Ok(parse_respacing(t, r)?.into_iter().rev().map(|v| v as f64).collect());
+        return Ok(parse_respacing(t, r)?
+            .into_iter()
+            .rev()
+            .map(|v| v as f64)
+            .collect());
     }
     if n == 0 || n > t {
         return config_err(format!("steps must be in 1..={t}, got {n}"));
@@ -120,7 +132,10 @@ pub fn gaussian_grid(
     let dpm = sampler == SamplerKind::DpmSolverPp2M;
     let continuous = matches!(sampler, SamplerKind::Euler | SamplerKind::Heun);
     let mut grid: Vec<f64> = match spacing {
-        Spacing::Adm => parse_respacing(t, &n.to_string())?.into_iter().map(|v| v as f64).collect(),
+        Spacing::Adm => parse_respacing(t, &n.to_string())?
+            .into_iter()
+            .map(|v| v as f64)
+            .collect(),
         Spacing::Leading if dpm => {
             let ratio = t / (n + 1);
             if ratio == 0 {
@@ -134,7 +149,9 @@ pub fn gaussian_grid(
         }
         Spacing::Trailing => {
             let step = t as f64 / n as f64;
-            (0..n).map(|k| (t as f64 - k as f64 * step).round_ties_even() - 1.0).collect()
+            (0..n)
+                .map(|k| (t as f64 - k as f64 * step).round_ties_even() - 1.0)
+                .collect()
         }
         Spacing::Linspace if dpm => {
             let mut v: Vec<f64> = linspace(0.0, (t - 1) as f64, n + 1)
@@ -162,7 +179,12 @@ pub fn gaussian_grid(
 /// points including the final 0. `Uniform`: `1 - i/N`. `Linspace`: diffusers
 /// FlowMatchEulerDiscreteScheduler, `linspace(1, shift(1/T), N)` then `0`.
 /// Every point except the final 0 is then shifted by `t' = s t / (1 + (s-1) t)`.
-pub fn flow_grid(steps: usize, spacing: Spacing, num_timesteps: usize, shift: f64) -> Result<Vec<f64>> {
+pub fn flow_grid(
+    steps: usize,
+    spacing: Spacing,
+    num_timesteps: usize,
+    shift: f64,
+) -> Result<Vec<f64>> {
     let sh = |t: f64| shift * t / (1.0 + (shift - 1.0) * t);
     let n = steps;
     if n == 0 {
@@ -173,7 +195,10 @@ pub fn flow_grid(steps: usize, spacing: Spacing, num_timesteps: usize, shift: f6
         Spacing::Linspace => {
             let t = num_timesteps as f64;
             // diffusers: sigma_max = 1, sigma_min = shift(1/T), timesteps in units of T.
-            linspace(1.0 * t, sh(1.0 / t) * t, n).into_iter().map(|v| v / t).collect()
+            linspace(1.0 * t, sh(1.0 / t) * t, n)
+                .into_iter()
+                .map(|v| v / t)
+                .collect()
         }
         other => return config_err(format!("flow matching has no {other:?} spacing")),
     };
@@ -220,14 +245,26 @@ impl Tables {
             prod *= 1.0 - b;
             ac.push(prod);
         }
-        let acp: Vec<f64> = std::iter::once(1.0).chain(ac[..n - 1].iter().copied()).collect();
-        let pv: Vec<f64> = (0..n).map(|i| betas[i] * (1.0 - acp[i]) / (1.0 - ac[i])).collect();
+        let acp: Vec<f64> = std::iter::once(1.0)
+            .chain(ac[..n - 1].iter().copied())
+            .collect();
+        let pv: Vec<f64> = (0..n)
+            .map(|i| betas[i] * (1.0 - acp[i]) / (1.0 - ac[i]))
+            .collect();
         let pv1 = if n > 1 { pv[1] } else { pv[0] };
-        let plvc: Vec<f64> = (0..n).map(|i| if i == 0 { pv1.ln() } else { pv[i].ln() }).collect();
-        let c1 = (0..n).map(|i| betas[i] * acp[i].sqrt() / (1.0 - ac[i])).collect();
-        let c2 = (0..n).map(|i| (1.0 - acp[i]) * (1.0 - betas[i]).sqrt() / (1.0 - ac[i])).collect();
+        let plvc: Vec<f64> = (0..n)
+            .map(|i| if i == 0 { pv1.ln() } else { pv[i].ln() })
+            .collect();
+        let c1 = (0..n)
+            .map(|i| betas[i] * acp[i].sqrt() / (1.0 - ac[i]))
+            .collect();
+        let c2 = (0..n)
+            .map(|i| (1.0 - acp[i]) * (1.0 - betas[i]).sqrt() / (1.0 - ac[i]))
+            .collect();
         let log_betas = betas.iter().map(|b| b.ln()).collect();
-        let fl = (0..n).map(|i| if i == 0 { pv1.ln() } else { betas[i].ln() }).collect();
+        let fl = (0..n)
+            .map(|i| if i == 0 { pv1.ln() } else { betas[i].ln() })
+            .collect();
         Self {
             betas,
             alphas_cumprod: ac,
@@ -270,7 +307,10 @@ impl Tables {
 
     /// `sigma_i = sqrt((1 - alpha_bar_i) / alpha_bar_i)` (variance-exploding noise level).
     pub fn sigmas(&self) -> Vec<f64> {
-        self.alphas_cumprod.iter().map(|a| ((1.0 - a) / a).sqrt()).collect()
+        self.alphas_cumprod
+            .iter()
+            .map(|a| ((1.0 - a) / a).sqrt())
+            .collect()
     }
 
     /// Sigma at a fractional timestep, linearly interpolated between integer
@@ -308,14 +348,20 @@ mod tests {
     #[test]
     fn respacing_matches_improved_ddpm() {
         // Values from improved-diffusion's space_timesteps.
-        assert_eq!(parse_respacing(1000, "ddim50").unwrap(), (0..1000).step_by(20).collect::<Vec<_>>());
+        assert_eq!(
+            parse_respacing(1000, "ddim50").unwrap(),
+            (0..1000).step_by(20).collect::<Vec<_>>()
+        );
         let r = parse_respacing(1000, "250").unwrap();
         assert_eq!(r.len(), 250);
         assert_eq!(&r[..6], &[0, 4, 8, 12, 16, 20]);
         assert_eq!(*r.last().unwrap(), 999);
         assert_eq!(parse_respacing(300, "10,15,20").unwrap().len(), 45);
         assert_eq!(parse_respacing(100, "10,10").unwrap()[..3], [0, 5, 11]);
-        assert_eq!(parse_respacing(1000, "1000").unwrap(), (0..1000).collect::<Vec<_>>());
+        assert_eq!(
+            parse_respacing(1000, "1000").unwrap(),
+            (0..1000).collect::<Vec<_>>()
+        );
         assert!(parse_respacing(10, "20").is_err());
         assert!(parse_respacing(10, "ddim7").is_err());
         assert!(parse_respacing(10, "abc").is_err());

@@ -3,8 +3,8 @@
 //! Every value must match to 1e-6 (relative for values above 1).
 
 use dim_diffusion::{
-    BetaSchedule, DiffusionConfig, FixedVariance, FlowMatching, GaussianDiffusion, NoiseRng, Prediction,
-    ProcessKind, SamplerConfig, SamplerKind, Spacing,
+    BetaSchedule, DiffusionConfig, FixedVariance, FlowMatching, GaussianDiffusion, NoiseRng,
+    Prediction, ProcessKind, SamplerConfig, SamplerKind, Spacing,
 };
 use serde_json::Value;
 use tch::{Kind, Tensor};
@@ -17,22 +17,45 @@ fn fixtures() -> Value {
 }
 
 fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<i64> = v["shape"].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
-    let data: Vec<f64> = v["data"].as_array().unwrap().iter().map(|d| d.as_f64().unwrap()).collect();
+    let shape: Vec<i64> = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_i64().unwrap())
+        .collect();
+    let data: Vec<f64> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_f64().unwrap())
+        .collect();
     Tensor::from_slice(&data).view(shape.as_slice())
 }
 
 fn floats(v: &Value) -> Vec<f64> {
     match v.get("data") {
-        Some(d) => d.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
-        None => v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+        Some(d) => d
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect(),
+        None => v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect(),
     }
 }
 
 /// Max of |a - b| / max(1, |b|).
 fn max_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f64::max)
 }
 
 fn tensor_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -104,9 +127,13 @@ fn single_steps_match() {
     let f = fixtures();
     let cases = f["steps"].as_array().unwrap();
     assert!(cases.len() >= 30);
+    let mut worst = 0.0f64;
     for (k, c) in cases.iter().enumerate() {
         let kind = c["sampler"].as_str().unwrap();
-        let mut cfg = diffusion_cfg(c["schedule"].as_str().unwrap(), c["prediction"].as_str().unwrap());
+        let mut cfg = diffusion_cfg(
+            c["schedule"].as_str().unwrap(),
+            c["prediction"].as_str().unwrap(),
+        );
         if kind == "ddpm" {
             match c["variance"].as_str().unwrap() {
                 "fixed_small" => cfg.variance = FixedVariance::Small,
@@ -129,14 +156,27 @@ fn single_steps_match() {
         assert_eq!(sched.timesteps, ts, "case {k}: timesteps");
         let t = c["t"].as_f64().unwrap();
         let i = sched.timesteps.iter().position(|&v| v == t).unwrap();
-        let (x, out, noise) = (tensor(&c["x"]), tensor(&c["model_output"]), tensor(&c["noise"]));
+        let (x, out, noise) = (
+            tensor(&c["x"]),
+            tensor(&c["model_output"]),
+            tensor(&c["noise"]),
+        );
         let prev = match kind {
             "ddpm" => sched.ddpm_step(&out, &x, i, &noise).unwrap(),
             _ => sched.ddim_step(&out, &x, i, sc.eta, Some(&noise)).unwrap(),
         };
         let err = tensor_err(&prev, &tensor(&c["prev"]));
-        assert!(err < TOL, "case {k} ({kind}, {c_desc}): step differs by {err:e}", c_desc = describe(c));
+        worst = worst.max(err);
+        assert!(
+            err < TOL,
+            "case {k} ({kind}, {c_desc}): step differs by {err:e}",
+            c_desc = describe(c)
+        );
     }
+    println!(
+        "{} single steps, worst relative error {worst:e}",
+        cases.len()
+    );
 }
 
 fn describe(c: &Value) -> String {
@@ -151,6 +191,7 @@ fn sampling_loops_match() {
     let f = fixtures();
     let loops = f["loops"].as_array().unwrap();
     assert!(loops.len() >= 15);
+    let mut worst = 0.0f64;
     for (k, c) in loops.iter().enumerate() {
         let kind = c["sampler"].as_str().unwrap();
         let steps = c["steps"].as_u64().unwrap() as usize;
@@ -166,7 +207,11 @@ fn sampling_loops_match() {
             ..SamplerConfig::default()
         };
         let got = if kind == "flow_euler" {
-            let fm = FlowMatching::new(&DiffusionConfig { kind: ProcessKind::Flow, ..Default::default() }).unwrap();
+            let fm = FlowMatching::new(&DiffusionConfig {
+                kind: ProcessKind::Flow,
+                ..Default::default()
+            })
+            .unwrap();
             let grid = fm.sampling_grid(&sc).unwrap();
             let ref_sig = floats(&c["sigmas"]);
             let e = max_err(&grid, &ref_sig);
@@ -174,13 +219,22 @@ fn sampling_loops_match() {
             let ts: Vec<f64> = grid[..steps].iter().map(|t| t * 1000.0).collect();
             let e = max_err(&ts, &ref_ts);
             assert!(e < TOL, "case {k}: flow timesteps differ by {e:e}");
-            fm.sample_from_noise(&test_model, &(x_t * init), None, &sc, |_| {}).unwrap()
+            fm.sample_from_noise(&test_model, &(x_t * init), None, &sc, |_| {})
+                .unwrap()
         } else {
-            let cfg = diffusion_cfg(c["schedule"].as_str().unwrap(), c["prediction"].as_str().unwrap());
+            let cfg = diffusion_cfg(
+                c["schedule"].as_str().unwrap(),
+                c["prediction"].as_str().unwrap(),
+            );
             let gd = GaussianDiffusion::new(&cfg).unwrap();
             let sched = gd.sampling_schedule(&sc).unwrap();
             let e = max_err(&sched.timesteps, &ref_ts);
-            assert!(e < TOL, "case {k} ({kind}): timesteps differ by {e:e}: {:?} vs {:?}", &sched.timesteps[..4], &ref_ts[..4]);
+            assert!(
+                e < TOL,
+                "case {k} ({kind}): timesteps differ by {e:e}: {:?} vs {:?}",
+                &sched.timesteps[..4],
+                &ref_ts[..4]
+            );
             if !c["sigmas"].is_null() {
                 let e = max_err(&sched.sigmas, &dedup(floats(&c["sigmas"])));
                 assert!(e < TOL, "case {k} ({kind}): sigmas differ by {e:e}");
@@ -193,11 +247,30 @@ fn sampling_loops_match() {
                 _ => 1.0,
             };
             let noise = x_t * (init / ours);
-            gd.sample_from_noise(&test_model, &noise, None, &sc, &mut NoiseRng::new(0), |_| {}).unwrap()
+            gd.sample_from_noise(
+                &test_model,
+                &noise,
+                None,
+                &sc,
+                &mut NoiseRng::new(0),
+                |_| {},
+            )
+            .unwrap()
         };
         let err = tensor_err(&got, &want);
-        assert!(err < TOL, "case {k} ({kind} {} {} {}): final sample differs by {err:e}", c["schedule"], c["prediction"], c["spacing"]);
+        worst = worst.max(err);
+        assert!(
+            err < TOL,
+            "case {k} ({kind} {} {} {}): final sample differs by {err:e}",
+            c["schedule"],
+            c["prediction"],
+            c["spacing"]
+        );
     }
+    println!(
+        "{} sampling loops, worst relative error {worst:e}",
+        loops.len()
+    );
 }
 
 /// Heun repeats interior timesteps/sigmas; keep each once.

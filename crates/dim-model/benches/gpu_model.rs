@@ -43,11 +43,19 @@ fn parse_sizes(s: &str) -> Result<Vec<(i64, i64)>, String> {
     s.split(',')
         .map(|item| {
             let (tok, batch) = item.split_once(':').unwrap_or((item, "1"));
-            let tok: i64 = tok.trim().parse().map_err(|_| format!("bad token count {tok:?}"))?;
-            let batch: i64 = batch.trim().parse().map_err(|_| format!("bad batch {batch:?}"))?;
+            let tok: i64 = tok
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad token count {tok:?}"))?;
+            let batch: i64 = batch
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad batch {batch:?}"))?;
             let side = (tok as f64).sqrt().round() as i64;
             if side * side != tok || batch < 1 {
-                return Err(format!("{item:?}: tokens must be a perfect square and batch positive"));
+                return Err(format!(
+                    "{item:?}: tokens must be a perfect square and batch positive"
+                ));
             }
             Ok((tok, batch))
         })
@@ -67,13 +75,17 @@ fn parse_archs(s: &str) -> Result<Vec<Arch>, String> {
 fn parse_args() -> Result<Args, String> {
     let env = |k: &str| std::env::var(k).ok();
     let mut a = Args {
-        sizes: parse_sizes(&env("DIM_BENCH_TOKENS").unwrap_or_else(|| "256:32,1024:8,4096:2,16384:1".into()))?,
+        sizes: parse_sizes(
+            &env("DIM_BENCH_TOKENS").unwrap_or_else(|| "256:32,1024:8,4096:2,16384:1".into()),
+        )?,
         archs: parse_archs(&env("DIM_BENCH_ARCH").unwrap_or_else(|| "dim,dit".into()))?,
         size: env("DIM_BENCH_SIZE").unwrap_or_else(|| "XL".into()),
         patch: 2,
         depth: env("DIM_BENCH_DEPTH").and_then(|d| d.parse().ok()),
         warmup: 2,
-        steps: env("DIM_BENCH_STEPS").and_then(|d| d.parse().ok()).unwrap_or(5),
+        steps: env("DIM_BENCH_STEPS")
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(5),
         reps: 5,
         breakdown: true,
         cpu: false,
@@ -102,31 +114,6 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     Ok(a)
-}
-
-// tch's autocast uses libtorch's CUDA autocast dtype, f16 by default, and does
-// not expose the setter: call libtorch's (stable, exported) C++ functions.
-// `c10::DeviceType` and `c10::ScalarType` are `int8_t` enums: CUDA = 1, BFloat16 = 15.
-extern "C" {
-    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-    fn at_set_autocast_dtype(device_type: i8, dtype: i8);
-    #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
-    fn at_get_autocast_dtype(device_type: i8) -> i8;
-}
-
-fn use_bf16_autocast() -> Result<(), String> {
-    const CUDA: i8 = 1;
-    const BF16: i8 = 15;
-    // SAFETY: plain setters/getters of libtorch's thread-local autocast state.
-    let got = unsafe {
-        at_set_autocast_dtype(CUDA, BF16);
-        at_get_autocast_dtype(CUDA)
-    };
-    if got == BF16 {
-        Ok(())
-    } else {
-        Err(format!("could not set the CUDA autocast dtype to bf16 (it is ScalarType {got})"))
-    }
 }
 
 fn sync(device: Device) {
@@ -180,7 +167,12 @@ struct StepResult {
 }
 
 fn config(args: &Args, arch: Arch, tokens: i64) -> ModelConfig {
-    let name = format!("{}-{}/{}", if arch == Arch::Dim { "DiM" } else { "DiT" }, args.size, args.patch);
+    let name = format!(
+        "{}-{}/{}",
+        if arch == Arch::Dim { "DiM" } else { "DiT" },
+        args.size,
+        args.patch
+    );
     let mut cfg = ModelConfig::preset(&name).unwrap_or_else(|e| panic!("{e}"));
     let side = (tokens as f64).sqrt().round() as i64 * args.patch;
     cfg.input_size = [side, side];
@@ -199,16 +191,27 @@ fn randn_inputs(cfg: &ModelConfig, batch: i64, device: Device) -> (Tensor, Tenso
     (x, noise, t, y)
 }
 
-fn train_step_bench(args: &Args, cfg: &ModelConfig, batch: i64, device: Device) -> (StepResult, Model, nn::VarStore) {
+fn train_step_bench(
+    args: &Args,
+    cfg: &ModelConfig,
+    batch: i64,
+    device: Device,
+) -> (StepResult, Model, nn::VarStore) {
     let vs = nn::VarStore::new(device);
     let model = Model::new(vs.root(), cfg).unwrap_or_else(|e| panic!("{e}"));
-    let mut opt = nn::AdamW::default().build(&vs, 1e-4).unwrap_or_else(|e| panic!("{e}"));
+    let mut opt = nn::AdamW::default()
+        .build(&vs, 1e-4)
+        .unwrap_or_else(|e| panic!("{e}"));
     let (x, noise, t, y) = randn_inputs(cfg, batch, device);
     let c = cfg.in_channels;
     let mut step = || {
         let loss = tch::autocast(true, || {
-            let out = model.forward(&x, &t, Some(&y), true).unwrap_or_else(|e| panic!("{e}"));
-            out.narrow(1, 0, c).to_kind(Kind::Float).mse_loss(&noise, Reduction::Mean)
+            let out = model
+                .forward(&x, &t, Some(&y), true)
+                .unwrap_or_else(|e| panic!("{e}"));
+            out.narrow(1, 0, c)
+                .to_kind(Kind::Float)
+                .mse_loss(&noise, Reduction::Mean)
         });
         opt.zero_grad();
         loss.backward();
@@ -253,61 +256,132 @@ fn leaf(t: &Tensor) -> Tensor {
 }
 
 /// Per-block breakdown (forward + backward, ms) of the first block, in the model's step shapes.
-fn breakdown(model: &Model, block: &Block, batch: i64, reps: usize, device: Device) -> Vec<(String, f64)> {
+fn breakdown(
+    model: &Model,
+    block: &Block,
+    batch: i64,
+    reps: usize,
+    device: Device,
+) -> Vec<(String, f64)> {
     let cfg = model.config();
     let [h, w] = cfg.input_size;
-    let g = cfg.token_grid(&[batch, cfg.in_channels, h, w]).unwrap_or_else(|e| panic!("{e}"));
-    let tokens = Tensor::randn([batch, g.len(), cfg.width], (Kind::Float, device)).set_requires_grad(true);
+    let g = cfg
+        .token_grid(&[batch, cfg.in_channels, h, w])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let tokens =
+        Tensor::randn([batch, g.len(), cfg.width], (Kind::Float, device)).set_requires_grad(true);
     let c = Tensor::randn([batch, cfg.width], (Kind::Float, device));
     let mut parts = Vec::new();
-    let total = fwd_bwd_ms(device, reps, || block.forward(&tokens, &c, &g).unwrap_or_else(|e| panic!("{e}")));
+    let total = fwd_bwd_ms(device, reps, || {
+        block
+            .forward(&tokens, &c, &g)
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
     let mlp = fwd_bwd_ms(device, reps, || block.mlp.forward(&tokens));
     match &block.mixer {
         Mixer::Mamba(m) => {
-            parts.push(("in_proj".to_string(), fwd_bwd_ms(device, reps, || {
-                let (xs, z) = m.project_in(&tokens);
-                xs + z
-            })));
+            parts.push((
+                "in_proj".to_string(),
+                fwd_bwd_ms(device, reps, || {
+                    let (xs, z) = m.project_in(&tokens);
+                    xs + z
+                }),
+            ));
             let (xs, z) = tch::autocast(true, || m.project_in(&tokens));
             let (xs, z) = (leaf(&xs), leaf(&z));
-            parts.push(("conv+SiLU+x_proj+dt_proj (2 dirs)".into(), fwd_bwd_ms(device, reps, || {
-                let (f, r) = m.direction_inputs(&xs);
-                f.u.sum(Kind::Float) + f.delta.sum(Kind::Float) + f.b.sum(Kind::Float) + f.c.sum(Kind::Float)
-                    + r.u.sum(Kind::Float) + r.delta.sum(Kind::Float) + r.b.sum(Kind::Float) + r.c.sum(Kind::Float)
-            })));
+            parts.push((
+                "conv+SiLU+x_proj+dt_proj (2 dirs)".into(),
+                fwd_bwd_ms(device, reps, || {
+                    let (f, r) = m.direction_inputs(&xs);
+                    f.u.sum(Kind::Float)
+                        + f.delta.sum(Kind::Float)
+                        + f.b.sum(Kind::Float)
+                        + f.c.sum(Kind::Float)
+                        + r.u.sum(Kind::Float)
+                        + r.delta.sum(Kind::Float)
+                        + r.b.sum(Kind::Float)
+                        + r.c.sum(Kind::Float)
+                }),
+            ));
             let (f, r) = tch::autocast(true, || m.direction_inputs(&xs));
-            let lf = dim_model::network::DirectionInputs { u: leaf(&f.u), delta: leaf(&f.delta), a: f.a.detach(), b: leaf(&f.b), c: leaf(&f.c) };
-            let lr = dim_model::network::DirectionInputs { u: leaf(&r.u), delta: leaf(&r.delta), a: r.a.detach(), b: leaf(&r.b), c: leaf(&r.c) };
-            parts.push(("scan op (fused bidirectional)".into(), fwd_bwd_ms(device, reps, || {
+            let lf = dim_model::network::DirectionInputs {
+                u: leaf(&f.u),
+                delta: leaf(&f.delta),
+                a: f.a.detach(),
+                b: leaf(&f.b),
+                c: leaf(&f.c),
+            };
+            let lr = dim_model::network::DirectionInputs {
+                u: leaf(&r.u),
+                delta: leaf(&r.delta),
+                a: r.a.detach(),
+                b: leaf(&r.b),
+                c: leaf(&r.c),
+            };
+            parts.push((
+                "scan op (fused bidirectional)".into(),
+                fwd_bwd_ms(device, reps, || {
+                    m.scan_op(&lf, &lr, &z).unwrap_or_else(|e| panic!("{e}"))
+                }),
+            ));
+            let y = leaf(&tch::autocast(true, || {
                 m.scan_op(&lf, &lr, &z).unwrap_or_else(|e| panic!("{e}"))
-            })));
-            let y = leaf(&tch::autocast(true, || m.scan_op(&lf, &lr, &z).unwrap_or_else(|e| panic!("{e}"))));
-            parts.push(("out_proj".into(), fwd_bwd_ms(device, reps, || m.out_proj.weight.matmul(&y))));
+            }));
+            parts.push((
+                "out_proj".into(),
+                fwd_bwd_ms(device, reps, || m.out_proj.weight.matmul(&y)),
+            ));
         }
         Mixer::Attention(a) => {
             let (b, l, wd) = (batch, g.len(), cfg.width);
             let hd = wd / cfg.heads;
-            parts.push(("qkv".into(), fwd_bwd_ms(device, reps, || a.qkv.forward(&tokens))));
+            parts.push((
+                "qkv".into(),
+                fwd_bwd_ms(device, reps, || a.qkv.forward(&tokens)),
+            ));
             let qkv = tch::autocast(true, || a.qkv.forward(&tokens))
                 .reshape([b, l, 3, cfg.heads, hd])
                 .permute([2, 0, 3, 1, 4]);
             let (q, k, v) = (leaf(&qkv.get(0)), leaf(&qkv.get(1)), leaf(&qkv.get(2)));
-            parts.push(("scaled_dot_product_attention".into(), fwd_bwd_ms(device, reps, || {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None::<f64>, false)
-            })));
-            parts.push(("proj".into(), fwd_bwd_ms(device, reps, || a.proj.forward(&tokens))));
+            parts.push((
+                "scaled_dot_product_attention".into(),
+                fwd_bwd_ms(device, reps, || {
+                    Tensor::scaled_dot_product_attention(
+                        &q,
+                        &k,
+                        &v,
+                        None::<Tensor>,
+                        0.0,
+                        false,
+                        None::<f64>,
+                        false,
+                    )
+                }),
+            ));
+            parts.push((
+                "proj".into(),
+                fwd_bwd_ms(device, reps, || a.proj.forward(&tokens)),
+            ));
         }
     }
     parts.push(("MLP (fc1, GELU, fc2)".into(), mlp));
     let named: f64 = parts.iter().map(|(_, v)| v).sum();
-    parts.push(("rest: adaLN, LayerNorm, modulate, gates, residuals".into(), (total - named).max(0.0)));
+    parts.push((
+        "rest: adaLN, LayerNorm, modulate, gates, residuals".into(),
+        (total - named).max(0.0),
+    ));
     parts.push(("block total".into(), total));
     parts
 }
 
 fn card_name() -> String {
     std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name,driver_version", "--format=csv,noheader", "-i", "0"])
+        .args([
+            "--query-gpu=name,driver_version",
+            "--format=csv,noheader",
+            "-i",
+            "0",
+        ])
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
@@ -326,7 +400,8 @@ fn main() {
     };
     let device = if args.cpu {
         // Smoke test: a tiny network, tiny sizes, unless given explicitly.
-        if std::env::var("DIM_BENCH_TOKENS").is_err() && !std::env::args().any(|a| a == "--tokens") {
+        if std::env::var("DIM_BENCH_TOKENS").is_err() && !std::env::args().any(|a| a == "--tokens")
+        {
             args.sizes = vec![(16, 2), (64, 1)];
         }
         if args.depth.is_none() {
@@ -348,13 +423,17 @@ fn main() {
         Device::Cuda(0)
     };
     if device != Device::Cpu {
-        if let Err(e) = use_bf16_autocast() {
+        if let Err(e) = dim_model::set_cuda_autocast_dtype(Kind::BFloat16) {
             println!("gpu_model: skipped: {e}");
             return;
         }
     }
     tch::manual_seed(0);
-    let card = if device == Device::Cpu { "CPU (smoke run)".to_string() } else { card_name() };
+    let card = if device == Device::Cpu {
+        "CPU (smoke run)".to_string()
+    } else {
+        card_name()
+    };
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -379,12 +458,23 @@ fn main() {
     for &(tokens, batch) in &args.sizes {
         for &arch in &args.archs {
             let cfg = config(&args, arch, tokens);
-            let label = format!("{}-{}/{}", if arch == Arch::Dim { "DiM" } else { "DiT" }, args.size, args.patch);
+            let label = format!(
+                "{}-{}/{}",
+                if arch == Arch::Dim { "DiM" } else { "DiT" },
+                args.size,
+                args.patch
+            );
             let args_ref = &args;
             let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let (r, model, vs) = train_step_bench(args_ref, &cfg, batch, device);
                 let parts = if args_ref.breakdown {
-                    Some(breakdown(&model, &model.blocks[0], batch, args_ref.reps, device))
+                    Some(breakdown(
+                        &model,
+                        &model.blocks[0],
+                        batch,
+                        args_ref.reps,
+                        device,
+                    ))
                 } else {
                     None
                 };
@@ -415,7 +505,13 @@ fn main() {
                         .cloned()
                         .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_default();
-                    let first = msg.lines().next().unwrap_or("").chars().take(160).collect::<String>();
+                    let first = msg
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(160)
+                        .collect::<String>();
                     println!("{label:<10} {tokens:>7} {batch:>6}   FAILED: {first}");
                     results.push((arch, tokens, None));
                 }
@@ -425,7 +521,12 @@ fn main() {
 
     println!("\n# DiM / DiT at equal tokens and batch (targets: ≥0.8× at 1024, ≥1× at 4096, ≥2× at 16384; lower memory from 4096)");
     for &(tokens, _) in &args.sizes {
-        let get = |a: Arch| results.iter().find(|(ar, t, _)| *ar == a && *t == tokens).and_then(|(_, _, r)| r.as_ref());
+        let get = |a: Arch| {
+            results
+                .iter()
+                .find(|(ar, t, _)| *ar == a && *t == tokens)
+                .and_then(|(_, _, r)| r.as_ref())
+        };
         if let (Some(m), Some(t)) = (get(Arch::Dim), get(Arch::Dit)) {
             let mem = match (m.peak_gib, t.peak_gib) {
                 (Some(a), Some(b)) => format!("{:.2}×", a / b),

@@ -37,7 +37,10 @@ pub struct Checkpoint {
 }
 
 fn ck_err(path: &Path, msg: impl Into<String>) -> ModelError {
-    ModelError::Checkpoint { path: path.to_path_buf(), msg: msg.into() }
+    ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 fn to_dtype(kind: Kind) -> Option<Dtype> {
@@ -57,7 +60,10 @@ fn to_dtype(kind: Kind) -> Option<Dtype> {
 }
 
 fn is_float(kind: Kind) -> bool {
-    matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
+    matches!(
+        kind,
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    )
 }
 
 fn to_kind(dtype: Dtype) -> Option<Kind> {
@@ -80,16 +86,28 @@ fn to_kind(dtype: Dtype) -> Option<Kind> {
 /// `extra` in the header. The file appears complete or not at all: it is
 /// written to a temporary file in the same directory, synced, then renamed.
 /// `extra` keys may not start with `dim_model.`.
-pub fn save_checkpoint(path: &Path, vs: &VarStore, cfg: &ModelConfig, extra: &BTreeMap<String, String>) -> Result<()> {
+pub fn save_checkpoint(
+    path: &Path,
+    vs: &VarStore,
+    cfg: &ModelConfig,
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
     if let Some(key) = extra.keys().find(|k| k.starts_with(RESERVED_PREFIX)) {
-        return Err(ck_err(path, format!("metadata key {key:?} uses the reserved prefix {RESERVED_PREFIX:?}")));
+        return Err(ck_err(
+            path,
+            format!("metadata key {key:?} uses the reserved prefix {RESERVED_PREFIX:?}"),
+        ));
     }
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut buffers = Vec::with_capacity(named.len());
     for (name, t) in &named {
-        let dtype = to_dtype(t.kind())
-            .ok_or_else(|| ck_err(path, format!("tensor `{name}` has dtype {:?}, not storable", t.kind())))?;
+        let dtype = to_dtype(t.kind()).ok_or_else(|| {
+            ck_err(
+                path,
+                format!("tensor `{name}` has dtype {:?}, not storable", t.kind()),
+            )
+        })?;
         let cpu = t.detach().to_device(Device::Cpu).contiguous();
         let numel = cpu.numel();
         let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
@@ -105,17 +123,22 @@ pub fn save_checkpoint(path: &Path, vs: &VarStore, cfg: &ModelConfig, extra: &BT
                 .map_err(|e| ck_err(path, format!("tensor `{name}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut meta: HashMap<String, String> =
+        extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     meta.insert(CONFIG_KEY.into(), cfg.to_toml_string());
     meta.insert(FORMAT_KEY.into(), FORMAT_VERSION.into());
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| ck_err(path, e.to_string()))?;
+    let data =
+        safetensors::serialize(views, Some(meta)).map_err(|e| ck_err(path, e.to_string()))?;
     drop(buffers);
 
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut tmp = tempfile::Builder::new()
         .prefix(".dim-ckpt-")
         .suffix(".tmp")
@@ -130,14 +153,25 @@ pub fn save_checkpoint(path: &Path, vs: &VarStore, cfg: &ModelConfig, extra: &BT
 
 /// Reads a checkpoint file: config, caller metadata and the parsed tensors.
 fn read(path: &Path) -> Result<(Vec<u8>, ModelConfig, BTreeMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| ck_err(path, format!("not a safetensors file: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| ck_err(path, format!("not a safetensors file: {e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let text = meta
-        .get(CONFIG_KEY)
-        .ok_or_else(|| ck_err(path, format!("header has no `{CONFIG_KEY}`: not written by dim-model")))?;
-    let config = ModelConfig::from_toml_str(text).map_err(|e| ck_err(path, format!("config in the header: {e}")))?;
-    let extra = meta.into_iter().filter(|(k, _)| !k.starts_with(RESERVED_PREFIX)).collect();
+    let text = meta.get(CONFIG_KEY).ok_or_else(|| {
+        ck_err(
+            path,
+            format!("header has no `{CONFIG_KEY}`: not written by dim-model"),
+        )
+    })?;
+    let config = ModelConfig::from_toml_str(text)
+        .map_err(|e| ck_err(path, format!("config in the header: {e}")))?;
+    let extra = meta
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX))
+        .collect();
     Ok((bytes, config, extra))
 }
 
@@ -152,7 +186,10 @@ fn copy_into(path: &Path, st: &SafeTensors<'_>, vs: &VarStore) -> Result<()> {
     var_names.sort_unstable();
     for name in &var_names {
         match st.tensor(name) {
-            Err(_) => problems.push(format!("missing from the file: `{name}` {:?}", vars[*name].size())),
+            Err(_) => problems.push(format!(
+                "missing from the file: `{name}` {:?}",
+                vars[*name].size()
+            )),
             Ok(view) => {
                 let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
                 let want = vars[*name].size();
@@ -160,7 +197,10 @@ fn copy_into(path: &Path, st: &SafeTensors<'_>, vs: &VarStore) -> Result<()> {
                     problems.push(format!("shape of `{name}`: file {shape:?}, model {want:?}"));
                 }
                 if to_kind(view.dtype()).is_none() {
-                    problems.push(format!("dtype of `{name}`: {:?} is not supported", view.dtype()));
+                    problems.push(format!(
+                        "dtype of `{name}`: {:?} is not supported",
+                        view.dtype()
+                    ));
                 }
             }
         }
@@ -173,13 +213,18 @@ fn copy_into(path: &Path, st: &SafeTensors<'_>, vs: &VarStore) -> Result<()> {
     if !problems.is_empty() {
         return Err(ck_err(
             path,
-            format!("{} mismatch(es) with the model:\n  {}", problems.len(), problems.join("\n  ")),
+            format!(
+                "{} mismatch(es) with the model:\n  {}",
+                problems.len(),
+                problems.join("\n  ")
+            ),
         ));
     }
     tch::no_grad(|| -> Result<()> {
         for name in var_names {
             let view = st.tensor(name).map_err(|e| ck_err(path, e.to_string()))?;
-            let kind = to_kind(view.dtype()).ok_or_else(|| ck_err(path, format!("dtype of `{name}`")))?;
+            let kind =
+                to_kind(view.dtype()).ok_or_else(|| ck_err(path, format!("dtype of `{name}`")))?;
             let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
             let src = Tensor::f_from_data_size(view.data(), &shape, kind)?;
             let mut dst = vars[name].shallow_clone();
@@ -206,14 +251,23 @@ pub fn load_checkpoint(path: &Path, device: Device) -> Result<Checkpoint> {
         .map(|k| format!("{k:?}"))
         .collect();
     if float_kinds.len() == 1 {
-        let kind = st.tensors().iter().filter_map(|(_, v)| to_kind(v.dtype())).find(|k| is_float(*k));
+        let kind = st
+            .tensors()
+            .iter()
+            .filter_map(|(_, v)| to_kind(v.dtype()))
+            .find(|k| is_float(*k));
         if let Some(kind) = kind {
             vs.set_kind(kind);
         }
     }
     copy_into(path, &st, &vs)?;
     tracing::info!(path = %path.display(), params = model.param_count(), "loaded checkpoint");
-    Ok(Checkpoint { config, vs, model, metadata })
+    Ok(Checkpoint {
+        config,
+        vs,
+        model,
+        metadata,
+    })
 }
 
 /// Loads the weights of a checkpoint into an existing `VarStore` (for

@@ -54,8 +54,7 @@ impl TokenOrder {
         match self {
             TokenOrder::FrameMajor => LayerOrder::FrameMajor,
             TokenOrder::Interleaved => LayerOrder::Interleaved,
-            TokenOrder::Alternating if layer % 2 == 0 => LayerOrder::FrameMajor,
-            TokenOrder::Alternating => LayerOrder::Interleaved,
+            TokenOrder::Alternating => [LayerOrder::FrameMajor, LayerOrder::Interleaved][layer % 2],
         }
     }
 }
@@ -216,10 +215,11 @@ impl ModelConfig {
         if ![2, 4, 8].contains(&patch) {
             return Err(bad());
         }
-        let sizes: BTreeMap<String, Size> = toml::from_str(SIZES_TOML).map_err(|e| ModelError::Config {
-            source_name: Some("configs/models/sizes.toml".into()),
-            msg: e.to_string(),
-        })?;
+        let sizes: BTreeMap<String, Size> =
+            toml::from_str(SIZES_TOML).map_err(|e| ModelError::Config {
+                source_name: Some("configs/models/sizes.toml".into()),
+                msg: e.to_string(),
+            })?;
         let size = sizes.get(&size.to_ascii_uppercase()).ok_or_else(bad)?;
         let cfg = Self {
             arch,
@@ -301,7 +301,8 @@ impl ModelConfig {
             Some(w) => w,
             None => return Err(need("width")),
         };
-        let dflt = |get: fn(&Self) -> i64, fallback: i64| base.as_ref().map(get).unwrap_or(fallback);
+        let dflt =
+            |get: fn(&Self) -> i64, fallback: i64| base.as_ref().map(get).unwrap_or(fallback);
         // dt_rank follows the width unless set: a preset with a new width gets ⌈width/16⌉.
         let dt_rank = raw.dt_rank.unwrap_or(match (&base, raw.width) {
             (Some(b), None) => b.dt_rank,
@@ -386,7 +387,10 @@ impl ModelConfig {
             }
         }
         if self.frames < 0 {
-            return err(format!("`frames` = {}, must be 0 (images) or positive", self.frames));
+            return err(format!(
+                "`frames` = {}, must be 0 (images) or positive",
+                self.frames
+            ));
         }
         if self.frames == 0 && self.temporal_patch != 1 {
             return err(format!(
@@ -407,10 +411,16 @@ impl ModelConfig {
             ));
         }
         if self.num_classes < 0 {
-            return err(format!("`num_classes` = {}, must be 0 (unconditional) or positive", self.num_classes));
+            return err(format!(
+                "`num_classes` = {}, must be 0 (unconditional) or positive",
+                self.num_classes
+            ));
         }
         if !(0.0..1.0).contains(&self.class_dropout_prob) {
-            return err(format!("`class_dropout_prob` = {}, must be in [0, 1)", self.class_dropout_prob));
+            return err(format!(
+                "`class_dropout_prob` = {}, must be in [0, 1)",
+                self.class_dropout_prob
+            ));
         }
         if self.num_classes == 0 && self.class_dropout_prob != 0.0 {
             return err(format!(
@@ -476,7 +486,11 @@ impl ModelConfig {
                     "x",
                     format!(
                         "shape {shape:?}, expected {} for this {} model",
-                        if video { "(B, C, T, H, W)" } else { "(B, C, H, W)" },
+                        if video {
+                            "(B, C, T, H, W)"
+                        } else {
+                            "(B, C, H, W)"
+                        },
                         if video { "video" } else { "image" }
                     ),
                 ))
@@ -485,7 +499,10 @@ impl ModelConfig {
         if c != self.in_channels {
             return Err(ModelError::input(
                 "x",
-                format!("shape {shape:?} has {c} channels, the model takes {}", self.in_channels),
+                format!(
+                    "shape {shape:?} has {c} channels, the model takes {}",
+                    self.in_channels
+                ),
             ));
         }
         let (p, pt) = (self.patch, self.temporal_patch);

@@ -12,14 +12,22 @@
 //! - [`save_checkpoint`] / [`load_checkpoint`]: safetensors with the config in
 //!   the header.
 //!
+//! - [`set_cuda_autocast_dtype`]: make `tch::autocast` compute in bf16.
+//!
 //! See `docs/model.md`.
 
+mod autocast;
 mod checkpoint;
 mod config;
 mod error;
 pub mod network;
 
-pub use checkpoint::{load_checkpoint, load_weights, save_checkpoint, Checkpoint, CONFIG_KEY, FORMAT_KEY};
-pub use config::{Arch, FlopCount, LayerOrder, ModelConfig, TokenGrid, TokenOrder, TIMESTEP_FREQ_DIM};
+pub use autocast::{cuda_autocast_dtype, set_cuda_autocast_dtype};
+pub use checkpoint::{
+    load_checkpoint, load_weights, save_checkpoint, Checkpoint, CONFIG_KEY, FORMAT_KEY,
+};
+pub use config::{
+    Arch, FlopCount, LayerOrder, ModelConfig, TokenGrid, TokenOrder, TIMESTEP_FREQ_DIM,
+};
 pub use error::{ModelError, Result};
 pub use network::Model;

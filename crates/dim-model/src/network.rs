@@ -35,7 +35,13 @@ fn layer_norm(x: &Tensor) -> Tensor {
 }
 
 /// Creates a trainable variable and records it for [`Model::param_count`].
-fn var(p: &nn::Path<'_>, reg: &mut Vec<Tensor>, name: &str, dims: &[i64], init: Init) -> Result<Tensor> {
+fn var(
+    p: &nn::Path<'_>,
+    reg: &mut Vec<Tensor>,
+    name: &str,
+    dims: &[i64],
+    init: Init,
+) -> Result<Tensor> {
     let t = p.f_var(name, dims, init)?;
     reg.push(t.shallow_clone());
     Ok(t)
@@ -50,7 +56,10 @@ fn var_from(p: &nn::Path<'_>, reg: &mut Vec<Tensor>, name: &str, value: &Tensor)
 
 fn xavier(fan_in: i64, fan_out: i64) -> Init {
     let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
-    Init::Uniform { lo: -bound, up: bound }
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }
 
 /// How a [`Linear`]'s weight starts.
@@ -84,7 +93,10 @@ impl Linear {
     ) -> Result<Self> {
         let w_init = match init {
             LinearInit::Xavier => xavier(d_in, d_out),
-            LinearInit::Normal(std) => Init::Randn { mean: 0.0, stdev: std },
+            LinearInit::Normal(std) => Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
             LinearInit::Zero => Init::Const(0.0),
         };
         let weight = var(&p, reg, "weight", &[d_out, d_in], w_init)?;
@@ -129,7 +141,9 @@ impl PatchEmbed {
 /// with `ω_i = 10000^(-i/(dim/2))`; `dim` even. Computed in f64.
 pub fn sincos_1d(pos: &Tensor, dim: i64) -> Tensor {
     let half = dim / 2;
-    let omega = (Tensor::arange(half, (Kind::Double, pos.device())) * (-(10000f64.ln()) / half as f64)).exp();
+    let omega = (Tensor::arange(half, (Kind::Double, pos.device()))
+        * (-(10000f64.ln()) / half as f64))
+        .exp();
     let args = pos.to_kind(Kind::Double).unsqueeze(1) * omega.unsqueeze(0);
     Tensor::cat(&[args.sin(), args.cos()], 1)
 }
@@ -139,11 +153,20 @@ pub fn sincos_1d(pos: &Tensor, dim: i64) -> Tensor {
 /// half the column. Video: `4·⌊width/16⌋` channels encode the frame, the rest
 /// split between row and column. Built for any grid, so a model runs at other
 /// resolutions and frame counts than it was trained at.
-pub fn sincos_pos_embed(width: i64, frames: i64, rows: i64, cols: i64, video: bool, device: Device) -> Tensor {
+pub fn sincos_pos_embed(
+    width: i64,
+    frames: i64,
+    rows: i64,
+    cols: i64,
+    video: bool,
+    device: Device,
+) -> Tensor {
     let opts = (Kind::Int64, device);
     let spatial = rows * cols;
     let t = Tensor::arange(frames, opts).repeat_interleave_self_int(spatial, 0, None);
-    let h = Tensor::arange(rows, opts).repeat_interleave_self_int(cols, 0, None).repeat([frames]);
+    let h = Tensor::arange(rows, opts)
+        .repeat_interleave_self_int(cols, 0, None)
+        .repeat([frames]);
     let w = Tensor::arange(cols, opts).repeat([frames * rows]);
     let d_t = if video { 4 * (width / 16) } else { 0 };
     let d_s = (width - d_t) / 2;
@@ -160,7 +183,8 @@ pub fn sincos_pos_embed(width: i64, frames: i64, rows: i64, cols: i64, video: bo
 /// with `ω_i = 10000^(-i/(dim/2))` (DiT's convention), in f64.
 pub fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
     let half = dim / 2;
-    let freqs = (Tensor::arange(half, (Kind::Double, t.device())) * (-(10000f64.ln()) / half as f64)).exp();
+    let freqs =
+        (Tensor::arange(half, (Kind::Double, t.device())) * (-(10000f64.ln()) / half as f64)).exp();
     let args = t.to_kind(Kind::Double).unsqueeze(1) * freqs.unsqueeze(0);
     Tensor::cat(&[args.cos(), args.sin()], 1)
 }
@@ -204,27 +228,48 @@ impl LabelEmbedder {
         if y.size() != [batch] || y.kind() != Kind::Int64 {
             return Err(ModelError::input(
                 "y",
-                format!("shape {:?} dtype {:?}, expected ({batch}) Int64 labels", y.size(), y.kind()),
+                format!(
+                    "shape {:?} dtype {:?}, expected ({batch}) Int64 labels",
+                    y.size(),
+                    y.kind()
+                ),
             ));
         }
-        let max_label = if self.has_null_class() { self.num_classes } else { self.num_classes - 1 };
+        let max_label = if self.has_null_class() {
+            self.num_classes
+        } else {
+            self.num_classes - 1
+        };
         let (lo, hi) = (y.min().int64_value(&[]), y.max().int64_value(&[]));
         if lo < 0 || hi > max_label {
             return Err(ModelError::input(
                 "y",
                 format!(
                     "labels span [{lo}, {hi}], expected [0, {max_label}]{}",
-                    if self.has_null_class() { " (the last is the null class)" } else { "" }
+                    if self.has_null_class() {
+                        " (the last is the null class)"
+                    } else {
+                        ""
+                    }
                 ),
             ));
         }
         let y = if train && self.dropout_prob > 0.0 {
             let drop = Tensor::rand([batch], (Kind::Float, y.device())).lt(self.dropout_prob);
-            y.where_self(&drop.logical_not(), &Tensor::full([batch], self.num_classes, (Kind::Int64, y.device())))
+            y.where_self(
+                &drop.logical_not(),
+                &Tensor::full([batch], self.num_classes, (Kind::Int64, y.device())),
+            )
         } else {
             y.shallow_clone()
         };
-        Ok(Tensor::embedding(&self.embedding_table, &y, -1, false, false))
+        Ok(Tensor::embedding(
+            &self.embedding_table,
+            &y,
+            -1,
+            false,
+            false,
+        ))
     }
 }
 
@@ -267,42 +312,90 @@ impl MambaDirection {
         let (e, n, r, k) = (cfg.inner_width(), cfg.d_state, cfg.dt_rank, cfg.d_conv);
         // PyTorch's Conv1d default: U(±1/√fan_in) with fan_in = K for a depthwise kernel.
         let conv_bound = 1.0 / (k as f64).sqrt();
-        let conv_init = Init::Uniform { lo: -conv_bound, up: conv_bound };
+        let conv_init = Init::Uniform {
+            lo: -conv_bound,
+            up: conv_bound,
+        };
         let conv_weight = var(&p, reg, "conv_weight", &[e, 1, k], conv_init)?;
         let conv_bias = var(&p, reg, "conv_bias", &[e], conv_init)?;
-        let x_proj = Linear::new(p.sub("x_proj"), reg, e, r + 2 * n, false, LinearInit::Xavier)?;
+        let x_proj = Linear::new(
+            p.sub("x_proj"),
+            reg,
+            e,
+            r + 2 * n,
+            false,
+            LinearInit::Xavier,
+        )?;
         // Mamba's Δ initialisation: weight U(±R^-1/2); bias = softplus⁻¹(dt) with dt
         // log-uniform in [dt_min, dt_max], so softplus(bias) starts in that range.
         let dt_std = (r as f64).powf(-0.5);
         let dt_p = p.sub("dt_proj");
-        let dt_weight = var(&dt_p, reg, "weight", &[e, r], Init::Uniform { lo: -dt_std, up: dt_std })?;
+        let dt_weight = var(
+            &dt_p,
+            reg,
+            "weight",
+            &[e, r],
+            Init::Uniform {
+                lo: -dt_std,
+                up: dt_std,
+            },
+        )?;
         let (lmin, lmax) = (cfg.dt_min.ln(), cfg.dt_max.ln());
         let dt = (Tensor::rand([e], (Kind::Double, Device::Cpu)) * (lmax - lmin) + lmin)
             .exp()
             .clamp_min(1e-4);
         let inv_softplus = &dt + (-(-&dt).expm1()).log();
         let dt_bias = var_from(&dt_p, reg, "bias", &inv_softplus)?;
-        let dt_proj = Linear { weight: dt_weight, bias: Some(dt_bias) };
+        let dt_proj = Linear {
+            weight: dt_weight,
+            bias: Some(dt_bias),
+        };
         // S4D-real: A[:, n] = -(n + 1).
-        let a = Tensor::arange_start(1, n + 1, (Kind::Double, Device::Cpu)).unsqueeze(0).repeat([e, 1]);
+        let a = Tensor::arange_start(1, n + 1, (Kind::Double, Device::Cpu))
+            .unsqueeze(0)
+            .repeat([e, 1]);
         let a_log = var_from(&p, reg, "A_log", &a.log())?;
         let d = var(&p, reg, "D", &[e], Init::Const(1.0))?;
-        Ok(Self { conv_weight, conv_bias, x_proj, dt_proj, a_log, d })
+        Ok(Self {
+            conv_weight,
+            conv_bias,
+            x_proj,
+            dt_proj,
+            a_log,
+            d,
+        })
     }
 
     /// Conv, SiLU and projections for `x (B, E, L)`: the scan's `u`, `Δ`, `A`, `B`, `C`.
     fn inputs(&self, x: &Tensor, reverse: bool, dt_rank: i64, d_state: i64) -> DirectionInputs {
         let (len, k) = (x.size()[2], self.conv_weight.size()[2]);
         let e = self.conv_weight.size()[0];
-        let weight = if reverse { self.conv_weight.flip([-1]) } else { self.conv_weight.shallow_clone() };
+        let weight = if reverse {
+            self.conv_weight.flip([-1])
+        } else {
+            self.conv_weight.shallow_clone()
+        };
         // Pad K-1 on both sides; the first L outputs are causal, the last L anti-causal.
         let conv = x.conv1d(&weight, Some(&self.conv_bias), [1], [k - 1], [1], e);
         let u = conv.narrow(2, if reverse { k - 1 } else { 0 }, len).silu();
-        let dbl = self.x_proj.weight.matmul(&u); // (B, R+2N, L)
-        let delta = self.dt_proj.weight.matmul(&dbl.narrow(1, 0, dt_rank)); // (B, E, L)
+        // (B, R+2N, L)
+        let dbl = self.x_proj.weight.matmul(&u);
+        // (B, E, L); contiguous() is a no-op unless matmul chose a transposed layout.
+        let delta = self
+            .dt_proj
+            .weight
+            .matmul(&dbl.narrow(1, 0, dt_rank))
+            .contiguous();
         let b = dbl.narrow(1, dt_rank, d_state).unsqueeze(1).contiguous();
-        let c = dbl.narrow(1, dt_rank + d_state, d_state).unsqueeze(1).contiguous();
-        let a_kind = if self.a_log.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+        let c = dbl
+            .narrow(1, dt_rank + d_state, d_state)
+            .unsqueeze(1)
+            .contiguous();
+        let a_kind = if self.a_log.kind() == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
         let a = -self.a_log.to_kind(a_kind).exp();
         DirectionInputs { u, delta, a, b, c }
     }
@@ -383,27 +476,47 @@ impl BiMamba {
     pub fn scan_op(&self, f: &DirectionInputs, r: &DirectionInputs, z: &Tensor) -> Result<Tensor> {
         let (fi, ri) = (self.fwd.scan_inputs(f), self.rev.scan_inputs(r));
         if z.kind() == Kind::Double {
-            Ok(reference::selective_scan_bidirectional_ref(fi, ri, Some(z), true))
+            Ok(reference::selective_scan_bidirectional_ref(
+                fi,
+                ri,
+                Some(z),
+                true,
+            ))
         } else {
-            Ok(selective_scan_bidirectional(fi, ri, Some(z), ScanOptions::default())?)
+            Ok(selective_scan_bidirectional(
+                fi,
+                ri,
+                Some(z),
+                ScanOptions::default(),
+            )?)
         }
     }
 
     /// Tokens `(B, L, W)` in frame-major order → `(B, L, W)`, scanning in `order`.
     pub fn forward(&self, x: &Tensor, g: &TokenGrid, order: LayerOrder) -> Result<Tensor> {
         let interleave = order == LayerOrder::Interleaved && g.frames > 1;
-        let x = if interleave { swap_time_space(x, g.frames, g.spatial()) } else { x.shallow_clone() };
+        let x = if interleave {
+            swap_time_space(x, g.frames, g.spatial())
+        } else {
+            x.shallow_clone()
+        };
         let (xs, z) = self.project_in(&x);
         let y = self.scan(&xs, &z)?;
         let out = self.out_proj.weight.matmul(&y).transpose(1, 2); // (B, L, W)
-        Ok(if interleave { swap_time_space(&out, g.spatial(), g.frames) } else { out })
+        Ok(if interleave {
+            swap_time_space(&out, g.spatial(), g.frames)
+        } else {
+            out
+        })
     }
 }
 
 /// Reorders `(B, outer·inner, W)` tokens from `(outer, inner)` to `(inner, outer)` order.
 fn swap_time_space(x: &Tensor, outer: i64, inner: i64) -> Tensor {
     let s = x.size();
-    x.reshape([s[0], outer, inner, s[2]]).transpose(1, 2).reshape([s[0], s[1], s[2]])
+    x.reshape([s[0], outer, inner, s[2]])
+        .transpose(1, 2)
+        .reshape([s[0], s[1], s[2]])
 }
 
 /// Multi-head self-attention (DiT's mixer) through libtorch's
@@ -428,7 +541,16 @@ impl Attention {
             .reshape([b, l, 3, self.heads, w / self.heads])
             .permute([2, 0, 3, 1, 4]); // (3, B, heads, L, head_dim)
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let o = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None::<f64>, false);
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None::<f64>,
+            false,
+        );
         self.proj.forward(&o.transpose(1, 2).reshape([b, l, w]))
     }
 }
@@ -474,7 +596,12 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(p: nn::Path<'_>, reg: &mut Vec<Tensor>, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+    fn new(
+        p: nn::Path<'_>,
+        reg: &mut Vec<Tensor>,
+        cfg: &ModelConfig,
+        layer: usize,
+    ) -> Result<Self> {
         let w = cfg.width;
         let mixer = match cfg.arch {
             Arch::Dim => Mixer::Mamba(BiMamba::new(p.sub("mixer"), reg, cfg)?),
@@ -489,16 +616,46 @@ impl Block {
         };
         let m = p.sub("mlp");
         let mlp = Mlp {
-            fc1: Linear::new(m.sub("fc1"), reg, w, cfg.mlp_width(), true, LinearInit::Xavier)?,
-            fc2: Linear::new(m.sub("fc2"), reg, cfg.mlp_width(), w, true, LinearInit::Xavier)?,
+            fc1: Linear::new(
+                m.sub("fc1"),
+                reg,
+                w,
+                cfg.mlp_width(),
+                true,
+                LinearInit::Xavier,
+            )?,
+            fc2: Linear::new(
+                m.sub("fc2"),
+                reg,
+                cfg.mlp_width(),
+                w,
+                true,
+                LinearInit::Xavier,
+            )?,
         };
-        let ada_ln_modulation = Linear::new(p.sub("adaLN_modulation"), reg, w, 6 * w, true, LinearInit::Zero)?;
-        Ok(Self { ada_ln_modulation, mixer, mlp, order: cfg.token_order.for_layer(layer) })
+        let ada_ln_modulation = Linear::new(
+            p.sub("adaLN_modulation"),
+            reg,
+            w,
+            6 * w,
+            true,
+            LinearInit::Zero,
+        )?;
+        Ok(Self {
+            ada_ln_modulation,
+            mixer,
+            mlp,
+            order: cfg.token_order.for_layer(layer),
+        })
     }
 
     /// Tokens `(B, L, W)` (frame-major), conditioning `c (B, W)` → `(B, L, W)`.
     pub fn forward(&self, x: &Tensor, c: &Tensor, g: &TokenGrid) -> Result<Tensor> {
-        let m = self.ada_ln_modulation.forward(&c.silu()).unsqueeze(1).chunk(6, 2);
+        let m = self
+            .ada_ln_modulation
+            .forward(&c.silu())
+            .unsqueeze(1)
+            .chunk(6, 2);
         let h = modulate(&layer_norm(x), &m[0], &m[1]);
         let h = match &self.mixer {
             Mixer::Mamba(mamba) => mamba.forward(&h, g, self.order)?,
@@ -522,7 +679,11 @@ pub struct FinalLayer {
 impl FinalLayer {
     /// Tokens `(B, L, W)`, `c (B, W)` → `(B, L, pt·p·p·C_out)`.
     pub fn forward(&self, x: &Tensor, c: &Tensor) -> Tensor {
-        let m = self.ada_ln_modulation.forward(&c.silu()).unsqueeze(1).chunk(2, 2);
+        let m = self
+            .ada_ln_modulation
+            .forward(&c.silu())
+            .unsqueeze(1)
+            .chunk(2, 2);
         self.linear.forward(&modulate(&layer_norm(x), &m[0], &m[1]))
     }
 }
@@ -569,8 +730,22 @@ impl Model {
         };
         let tp = p.sub("t_embedder");
         let t_embedder = TimestepEmbedder {
-            fc1: Linear::new(tp.sub("fc1"), &mut reg, TIMESTEP_FREQ_DIM, w, true, LinearInit::Normal(0.02))?,
-            fc2: Linear::new(tp.sub("fc2"), &mut reg, w, w, true, LinearInit::Normal(0.02))?,
+            fc1: Linear::new(
+                tp.sub("fc1"),
+                &mut reg,
+                TIMESTEP_FREQ_DIM,
+                w,
+                true,
+                LinearInit::Normal(0.02),
+            )?,
+            fc2: Linear::new(
+                tp.sub("fc2"),
+                &mut reg,
+                w,
+                w,
+                true,
+                LinearInit::Normal(0.02),
+            )?,
         };
         let y_embedder = if cfg.num_classes > 0 {
             let table = var(
@@ -578,7 +753,10 @@ impl Model {
                 &mut reg,
                 "embedding_table",
                 &[cfg.label_rows(), w],
-                Init::Randn { mean: 0.0, stdev: 0.02 },
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
             )?;
             Some(LabelEmbedder {
                 embedding_table: table,
@@ -594,7 +772,14 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let fp = p.sub("final_layer");
         let final_layer = FinalLayer {
-            ada_ln_modulation: Linear::new(fp.sub("adaLN_modulation"), &mut reg, w, 2 * w, true, LinearInit::Zero)?,
+            ada_ln_modulation: Linear::new(
+                fp.sub("adaLN_modulation"),
+                &mut reg,
+                w,
+                2 * w,
+                true,
+                LinearInit::Zero,
+            )?,
             linear: Linear::new(
                 fp.sub("linear"),
                 &mut reg,
@@ -649,33 +834,70 @@ impl Model {
                 return t.shallow_clone();
             }
         }
-        let t = sincos_pos_embed(self.cfg.width, g.frames, g.rows, g.cols, self.cfg.is_video(), device).to_kind(kind);
+        let t = sincos_pos_embed(
+            self.cfg.width,
+            g.frames,
+            g.rows,
+            g.cols,
+            self.cfg.is_video(),
+            device,
+        )
+        .to_kind(kind);
         *cache = Some((key, t.shallow_clone()));
         t
     }
 
     /// Checks the inputs and computes the tokens `(B, L, W)` (patch embedding
     /// plus position embedding), the conditioning `c (B, W)` and the token grid.
-    pub fn embed(&self, x: &Tensor, t: &Tensor, y: Option<&Tensor>, train: bool) -> Result<(Tensor, Tensor, TokenGrid)> {
+    pub fn embed(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        y: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, TokenGrid)> {
         let g = self.cfg.token_grid(&x.size())?;
         if !x.is_floating_point() {
-            return Err(ModelError::input("x", format!("dtype {:?}, expected floating point", x.kind())));
+            return Err(ModelError::input(
+                "x",
+                format!("dtype {:?}, expected floating point", x.kind()),
+            ));
         }
         if t.size() != [g.batch] {
             return Err(ModelError::input(
                 "t",
-                format!("shape {:?}, expected ({}) timesteps, one per batch item", t.size(), g.batch),
+                format!(
+                    "shape {:?}, expected ({}) timesteps, one per batch item",
+                    t.size(),
+                    g.batch
+                ),
             ));
         }
-        let x5 = if self.cfg.is_video() { x.shallow_clone() } else { x.unsqueeze(2) };
+        let device = self.x_embedder.proj.weight.device();
+        for (name, tensor) in [("x", Some(x)), ("t", Some(t)), ("y", y)] {
+            if let Some(tensor) = tensor {
+                if tensor.device() != device {
+                    return Err(ModelError::input(
+                        name,
+                        format!("is on {:?}, the model on {device:?}", tensor.device()),
+                    ));
+                }
+            }
+        }
+        let x5 = if self.cfg.is_video() {
+            x.shallow_clone()
+        } else {
+            x.unsqueeze(2)
+        };
         let kind = self.x_embedder.proj.weight.kind();
-        let tokens = self.x_embedder.forward(&x5.to_kind(kind), &g) + self.pos_embed(&g, kind, x.device());
+        let tokens =
+            self.x_embedder.forward(&x5.to_kind(kind), &g) + self.pos_embed(&g, kind, x.device());
         let mut c = self.t_embedder.forward(t);
         match (&self.y_embedder, y) {
-            (Some(emb), Some(y)) => c = c + emb.forward(y, g.batch, train)?,
+            (Some(emb), Some(y)) => c += emb.forward(y, g.batch, train)?,
             (Some(emb), None) if emb.has_null_class() => {
                 let null = Tensor::full([g.batch], self.cfg.num_classes, (Kind::Int64, x.device()));
-                c = c + emb.forward(&null, g.batch, false)?;
+                c += emb.forward(&null, g.batch, false)?;
             }
             (Some(_), None) => {
                 return Err(ModelError::input(
@@ -693,7 +915,11 @@ impl Model {
 
     /// `(B, L, pt·p·p·C_out)` → `(B, C_out, T, H, W)` (video) or `(B, C_out, H, W)` (image).
     pub fn unpatchify(&self, out: &Tensor, g: &TokenGrid) -> Tensor {
-        let (p, pt, co) = (self.cfg.patch, self.cfg.temporal_patch, self.cfg.out_channels());
+        let (p, pt, co) = (
+            self.cfg.patch,
+            self.cfg.temporal_patch,
+            self.cfg.out_channels(),
+        );
         let x = out
             .reshape([g.batch, g.frames, g.rows, g.cols, pt, p, p, co])
             .permute([0, 7, 1, 4, 2, 5, 3, 6])
@@ -711,7 +937,13 @@ impl Model {
     /// unconditional ones) → `(B, C_out, …)` with the input's spatial and
     /// temporal size; with learned sigma the first `C` channels are ε, the
     /// last `C` the variance interpolation. `train` enables label dropout.
-    pub fn forward(&self, x: &Tensor, t: &Tensor, y: Option<&Tensor>, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        y: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let (mut tokens, c, g) = self.embed(x, t, y, train)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, &c, &g)?;
@@ -738,7 +970,11 @@ mod tests {
                 arg.cos()
             }
         };
-        for (width, frames, rows, cols, video) in [(20, 1, 3, 5, false), (40, 3, 2, 3, true), (36, 2, 1, 4, true)] {
+        for (width, frames, rows, cols, video) in [
+            (20, 1, 3, 5, false),
+            (40, 3, 2, 3, true),
+            (36, 2, 1, 4, true),
+        ] {
             let got = sincos_pos_embed(width, frames, rows, cols, video, Device::Cpu);
             assert_eq!(got.size(), [frames * rows * cols, width]);
             let d_t = if video { 4 * (width / 16) } else { 0 };
@@ -756,7 +992,10 @@ mod tests {
                                 one_d(w as f64, d_s, i - d_t - d_s)
                             };
                             let v = got.double_value(&[l, i]);
-                            assert!((v - want).abs() < 1e-12, "({t},{h},{w}) channel {i}: {v} vs {want}");
+                            assert!(
+                                (v - want).abs() < 1e-12,
+                                "({t},{h},{w}) channel {i}: {v} vs {want}"
+                            );
                         }
                     }
                 }

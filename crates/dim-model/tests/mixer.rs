@@ -38,11 +38,11 @@ fn causal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Tensor {
     let k = w.size()[2];
     let mut cols = Vec::new();
     for l in 0..len {
-        let mut acc = bias.unsqueeze(0).shallow_clone();
+        let mut acc = x.select(2, 0).zeros_like() + bias.unsqueeze(0); // a fresh (B, E) tensor
         for j in 0..k {
             let src = l - (k - 1) + j;
             if src >= 0 {
-                acc = acc + x.select(2, src) * w.select(2, j).squeeze_dim(1).unsqueeze(0);
+                acc += x.select(2, src) * w.select(2, j).squeeze_dim(1).unsqueeze(0);
             }
         }
         cols.push(acc);
@@ -70,7 +70,9 @@ fn direction_ref(xs: &Tensor, dir: &dim_model::network::MambaDirection, r: i64, 
         let dtl = dt.select(1, l).unsqueeze(2); // (B, E, 1)
         let ul = ut.select(1, l); // (B, E)
         h = (&dtl * &a).exp() * &h + &dtl * bm.select(1, l).unsqueeze(1) * ul.unsqueeze(2);
-        ys.push((&h * cm.select(1, l).unsqueeze(1)).sum_dim_intlist(-1, false, None) + &dskip * &ul);
+        ys.push(
+            (&h * cm.select(1, l).unsqueeze(1)).sum_dim_intlist(-1, false, None) + &dskip * &ul,
+        );
     }
     Tensor::stack(&ys, 2) // (B, E, L)
 }
@@ -106,7 +108,12 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> f64 {
 fn check(case: &str, silence_dir: Option<bool>) {
     tch::manual_seed(7);
     let cfg = small_cfg();
-    let grid = TokenGrid { batch: 2, frames: 1, rows: 3, cols: 5 }; // L = 15
+    let grid = TokenGrid {
+        batch: 2,
+        frames: 1,
+        rows: 3,
+        cols: 5,
+    }; // L = 15
     for kind in [Kind::Double, Kind::Float] {
         tch::manual_seed(11);
         let mut vs = VarStore::new(Device::Cpu);
@@ -120,14 +127,25 @@ fn check(case: &str, silence_dir: Option<bool>) {
             Some(false) => silence(&m.fwd, cfg.dt_rank, cfg.d_state),
             None => {}
         }
-        let x = Tensor::randn([grid.batch, grid.len(), cfg.width], (Kind::Double, Device::Cpu));
-        let got = m.forward(&x.to_kind(kind), &grid, LayerOrder::FrameMajor).unwrap();
+        let x = Tensor::randn(
+            [grid.batch, grid.len(), cfg.width],
+            (Kind::Double, Device::Cpu),
+        );
+        let got = m
+            .forward(&x.to_kind(kind), &grid, LayerOrder::FrameMajor)
+            .unwrap();
         let want = mixer_ref(m, &x, &cfg);
         assert_eq!(got.size(), want.size());
         let err = max_rel_err(&got.to_kind(Kind::Double), &want);
         let tol = if kind == Kind::Double { 1e-10 } else { 2e-5 };
-        assert!(err < tol, "{case} ({kind:?}): relative error {err:e} >= {tol:e}");
-        assert!(want.abs().max().double_value(&[]) > 1e-3, "{case}: reference output is trivially small");
+        assert!(
+            err < tol,
+            "{case} ({kind:?}): relative error {err:e} >= {tol:e}"
+        );
+        assert!(
+            want.abs().max().double_value(&[]) > 1e-3,
+            "{case}: reference output is trivially small"
+        );
     }
 }
 
@@ -159,12 +177,19 @@ fn interleaved_order_matches_reference_on_permuted_tokens() {
     let model = Model::new(vs.root(), &cfg).unwrap();
     vs.double();
     let m = mamba(&model);
-    let grid = TokenGrid { batch: 1, frames: 3, rows: 2, cols: 2 };
+    let grid = TokenGrid {
+        batch: 1,
+        frames: 3,
+        rows: 2,
+        cols: 2,
+    };
     let (t, s, w) = (grid.frames, grid.spatial(), cfg.width);
     let x = Tensor::randn([1, t * s, w], (Kind::Double, Device::Cpu));
     let got = m.forward(&x, &grid, LayerOrder::Interleaved).unwrap();
     // Token (t, s) sits at t·S + s in frame-major order and at s·T + t interleaved.
-    let idx: Vec<i64> = (0..s).flat_map(|si| (0..t).map(move |ti| ti * s + si)).collect();
+    let idx: Vec<i64> = (0..s)
+        .flat_map(|si| (0..t).map(move |ti| ti * s + si))
+        .collect();
     let perm = Tensor::from_slice(&idx);
     let x_int = x.index_select(1, &perm);
     let y_int = mixer_ref(m, &x_int, &cfg);
@@ -173,7 +198,10 @@ fn interleaved_order_matches_reference_on_permuted_tokens() {
     assert!(err < 1e-10, "interleaved: relative error {err:e}");
     // And it really differs from the frame-major scan.
     let fm = m.forward(&x, &grid, LayerOrder::FrameMajor).unwrap();
-    assert!(max_rel_err(&fm, &want) > 1e-6, "orders should give different outputs");
+    assert!(
+        max_rel_err(&fm, &want) > 1e-6,
+        "orders should give different outputs"
+    );
 }
 
 /// DiT's attention against softmax(QKᵀ/√d)V written out, f64.
@@ -205,7 +233,8 @@ fn attention_matches_reference() {
         outs.push(att.matmul(&v));
     }
     let o = Tensor::cat(&outs, 2);
-    let want = o.matmul(&attn.proj.weight.detach().tr()) + attn.proj.bias.as_ref().unwrap().detach();
+    let want =
+        o.matmul(&attn.proj.weight.detach().tr()) + attn.proj.bias.as_ref().unwrap().detach();
     let err = max_rel_err(&got, &want);
     assert!(err < 1e-10, "attention: relative error {err:e}");
 }

@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use dim_model::{load_checkpoint, load_weights, save_checkpoint, Arch, LayerOrder, Model, ModelConfig, TokenOrder};
+use dim_model::{
+    load_checkpoint, load_weights, save_checkpoint, Arch, LayerOrder, Model, ModelConfig,
+    TokenOrder,
+};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -31,7 +34,10 @@ fn tiny(arch: &str, extra: &str) -> ModelConfig {
 }
 
 fn tiny_video(arch: &str, order: &str) -> ModelConfig {
-    tiny(arch, &format!("frames = 4\ntemporal_patch = 2\ntoken_order = \"{order}\""))
+    tiny(
+        arch,
+        &format!("frames = 4\ntemporal_patch = 2\ntoken_order = \"{order}\""),
+    )
 }
 
 /// Gives every parameter a random nudge so that zero-initialised gates and
@@ -67,7 +73,11 @@ fn output_shapes_images_at_several_resolutions() {
         for shape in [[2, 3, 8, 8], [1, 3, 6, 10], [3, 3, 4, 14], [1, 3, 2, 2]] {
             let (x, t, y) = inputs(&cfg, &shape);
             let out = model.forward(&x, &t, Some(&y), false).unwrap();
-            assert_eq!(out.size(), vec![shape[0], 6, shape[2], shape[3]], "{arch} at {shape:?}");
+            assert_eq!(
+                out.size(),
+                vec![shape[0], 6, shape[2], shape[3]],
+                "{arch} at {shape:?}"
+            );
             assert!(out.isfinite().all().int64_value(&[]) == 1);
         }
     }
@@ -85,7 +95,11 @@ fn output_shapes_video_every_token_order() {
             for shape in [[2, 3, 4, 8, 8], [1, 3, 6, 4, 6], [1, 3, 2, 2, 4]] {
                 let (x, t, y) = inputs(&cfg, &shape);
                 let out = model.forward(&x, &t, Some(&y), true).unwrap();
-                assert_eq!(out.size(), vec![shape[0], 6, shape[2], shape[3], shape[4]], "{arch} {order} {shape:?}");
+                assert_eq!(
+                    out.size(),
+                    vec![shape[0], 6, shape[2], shape[3], shape[4]],
+                    "{arch} {order} {shape:?}"
+                );
             }
         }
     }
@@ -108,7 +122,11 @@ fn token_order_matters_for_dim_only() {
             }
             model.forward(&x, &t, Some(&y), false).unwrap()
         };
-        let (a, a2, b) = (run(LayerOrder::FrameMajor), run(LayerOrder::FrameMajor), run(LayerOrder::Interleaved));
+        let (a, a2, b) = (
+            run(LayerOrder::FrameMajor),
+            run(LayerOrder::FrameMajor),
+            run(LayerOrder::Interleaved),
+        );
         assert!(a.equal(&a2), "{arch}: not reproducible");
         let diff = (&a - &b).abs().max().double_value(&[]);
         if arch == "dim" {
@@ -122,19 +140,35 @@ fn token_order_matters_for_dim_only() {
 #[test]
 fn every_block_is_the_identity_at_initialisation() {
     tch::manual_seed(2);
-    for cfg in [tiny("dim", ""), tiny("dit", ""), tiny_video("dim", "alternating")] {
+    for cfg in [
+        tiny("dim", ""),
+        tiny("dit", ""),
+        tiny_video("dim", "alternating"),
+    ] {
         let vs = VarStore::new(Device::Cpu);
         let model = Model::new(vs.root(), &cfg).unwrap();
-        let shape: Vec<i64> = if cfg.is_video() { vec![2, 3, 4, 6, 8] } else { vec![2, 3, 6, 8] };
+        let shape: Vec<i64> = if cfg.is_video() {
+            vec![2, 3, 4, 6, 8]
+        } else {
+            vec![2, 3, 6, 8]
+        };
         let (x, t, y) = inputs(&cfg, &shape);
         let (tokens, c, g) = model.embed(&x, &t, Some(&y), false).unwrap();
         assert!(tokens.abs().max().double_value(&[]) > 0.1);
         for (i, block) in model.blocks.iter().enumerate() {
             let out = block.forward(&tokens, &c, &g).unwrap();
-            assert!(out.equal(&tokens), "{:?} block {i} is not the identity at init", cfg.arch);
+            assert!(
+                out.equal(&tokens),
+                "{:?} block {i} is not the identity at init",
+                cfg.arch
+            );
         }
         let out = model.forward(&x, &t, Some(&y), false).unwrap();
-        assert_eq!(out.abs().max().double_value(&[]), 0.0, "zero final layer must give zero output");
+        assert_eq!(
+            out.abs().max().double_value(&[]),
+            0.0,
+            "zero final layer must give zero output"
+        );
         // Non-zero gates make the blocks act: the check above can fail.
         perturb(&vs, 0.05);
         let (tokens, c, g) = model.embed(&x, &t, Some(&y), false).unwrap();
@@ -145,12 +179,20 @@ fn every_block_is_the_identity_at_initialisation() {
 
 #[test]
 fn gradients_reach_every_parameter() {
-    for cfg in [tiny("dim", ""), tiny("dit", ""), tiny_video("dim", "alternating")] {
+    for cfg in [
+        tiny("dim", ""),
+        tiny("dit", ""),
+        tiny_video("dim", "alternating"),
+    ] {
         tch::manual_seed(4);
         let vs = VarStore::new(Device::Cpu);
         let model = Model::new(vs.root(), &cfg).unwrap();
         perturb(&vs, 0.02);
-        let shape: Vec<i64> = if cfg.is_video() { vec![2, 3, 4, 4, 6] } else { vec![2, 3, 6, 4] };
+        let shape: Vec<i64> = if cfg.is_video() {
+            vec![2, 3, 4, 4, 6]
+        } else {
+            vec![2, 3, 6, 4]
+        };
         let (x, t, _) = inputs(&cfg, &shape);
         // One real label and one null-class label so both kinds of row get gradient.
         let y = Tensor::from_slice(&[1i64, cfg.num_classes]);
@@ -164,7 +206,11 @@ fn gradients_reach_every_parameter() {
             let g = v.grad();
             assert!(g.defined(), "{:?}: no gradient for `{name}`", cfg.arch);
             let norm = g.abs().sum(Kind::Double).double_value(&[]);
-            assert!(norm > 0.0 && norm.is_finite(), "{:?}: gradient of `{name}` is {norm}", cfg.arch);
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{:?}: gradient of `{name}` is {norm}",
+                cfg.arch
+            );
         }
     }
 }
@@ -182,7 +228,11 @@ fn param_counts_match_closed_form_for_every_preset() {
             let model = Model::new(vs.root(), &cfg).unwrap();
             let in_store: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
             assert_eq!(model.param_count(), in_store, "{name}");
-            assert_eq!(in_store, cfg.param_count(), "{name}: instantiated vs closed form");
+            assert_eq!(
+                in_store,
+                cfg.param_count(),
+                "{name}: instantiated vs closed form"
+            );
             assert_eq!(
                 full.param_count(),
                 cfg.param_count() + (full.depth - 1) * full.block_param_count(),
@@ -201,9 +251,19 @@ fn dit_xl2_has_the_published_675m_parameters() {
         let model = Model::new(vs.root(), &cfg).unwrap();
         let n = model.param_count();
         assert_eq!(n, cfg.param_count());
-        assert_eq!(n, vs.variables().values().map(|t| t.numel() as i64).sum::<i64>());
+        assert_eq!(
+            n,
+            vs.variables()
+                .values()
+                .map(|t| t.numel() as i64)
+                .sum::<i64>()
+        );
         let rel = (n as f64 - 675e6).abs() / 675e6;
-        assert!(rel < 0.005, "DiT-XL/2 has {n} parameters, {:.2}% from 675M", rel * 100.0);
+        assert!(
+            rel < 0.005,
+            "DiT-XL/2 has {n} parameters, {:.2}% from 675M",
+            rel * 100.0
+        );
     });
 }
 
@@ -234,7 +294,10 @@ fn dit_flops_match_published_numbers() {
 fn save_then_load_reproduces_outputs_bit_for_bit() {
     tch::manual_seed(6);
     let dir = tempfile::tempdir().unwrap();
-    for (i, cfg) in [tiny("dim", ""), tiny_video("dit", "interleaved")].into_iter().enumerate() {
+    for (i, cfg) in [tiny("dim", ""), tiny_video("dit", "interleaved")]
+        .into_iter()
+        .enumerate()
+    {
         let vs = VarStore::new(Device::Cpu);
         let model = Model::new(vs.root(), &cfg).unwrap();
         perturb(&vs, 0.05);
@@ -245,7 +308,11 @@ fn save_then_load_reproduces_outputs_bit_for_bit() {
         let ck = load_checkpoint(&path, Device::Cpu).unwrap();
         assert_eq!(ck.config, cfg);
         assert_eq!(ck.metadata, extra);
-        let shape: Vec<i64> = if cfg.is_video() { vec![2, 3, 4, 6, 4] } else { vec![2, 3, 10, 6] };
+        let shape: Vec<i64> = if cfg.is_video() {
+            vec![2, 3, 4, 6, 4]
+        } else {
+            vec![2, 3, 10, 6]
+        };
         let (x, t, y) = inputs(&cfg, &shape);
         let a = model.forward(&x, &t, Some(&y), false).unwrap();
         let b = ck.model.forward(&x, &t, Some(&y), false).unwrap();
@@ -270,41 +337,80 @@ fn loading_into_another_architecture_lists_every_mismatch() {
     let _m2 = Model::new(vs2.root(), &other).unwrap();
     let msg = load_weights(&path, &vs2).unwrap_err().to_string();
     assert!(msg.contains("ck.safetensors"), "{msg}");
-    assert!(msg.contains("shape of `blocks.0.mixer.fwd.A_log`: file [64, 4], model [64, 8]"), "{msg}");
-    assert!(msg.contains("missing from the file: `blocks.2.mlp.fc1.weight`"), "{msg}");
+    assert!(
+        msg.contains("shape of `blocks.0.mixer.fwd.A_log`: file [64, 4], model [64, 8]"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("missing from the file: `blocks.2.mlp.fc1.weight`"),
+        "{msg}"
+    );
 
     let dit = tiny("dit", "");
     let vs3 = VarStore::new(Device::Cpu);
     let _m3 = Model::new(vs3.root(), &dit).unwrap();
     let msg = load_weights(&path, &vs3).unwrap_err().to_string();
-    assert!(msg.contains("not in the model: `blocks.1.mixer.in_proj.weight`"), "{msg}");
-    assert!(msg.contains("missing from the file: `blocks.1.attn.qkv.bias`"), "{msg}");
+    assert!(
+        msg.contains("not in the model: `blocks.1.mixer.in_proj.weight`"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("missing from the file: `blocks.1.attn.qkv.bias`"),
+        "{msg}"
+    );
 
     let bad = dir.path().join("bad.safetensors");
     std::fs::write(&bad, b"not a checkpoint").unwrap();
     let msg = load_checkpoint(&bad, Device::Cpu).unwrap_err().to_string();
-    assert!(msg.contains("bad.safetensors") && msg.contains("not a safetensors file"), "{msg}");
+    assert!(
+        msg.contains("bad.safetensors") && msg.contains("not a safetensors file"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn configs_parse_validate_and_match_presets() {
-    let cfg = ModelConfig::from_toml_str("preset = \"DiM-L/4\"\nlearn_sigma = false\nnum_classes = 0\nclass_dropout_prob = 0.0").unwrap();
-    assert_eq!((cfg.arch, cfg.depth, cfg.width, cfg.patch, cfg.dt_rank), (Arch::Dim, 24, 1024, 4, 64));
+    let cfg = ModelConfig::from_toml_str(
+        "preset = \"DiM-L/4\"\nlearn_sigma = false\nnum_classes = 0\nclass_dropout_prob = 0.0",
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg.arch, cfg.depth, cfg.width, cfg.patch, cfg.dt_rank),
+        (Arch::Dim, 24, 1024, 4, 64)
+    );
     assert_eq!(cfg.out_channels(), 4);
     let xl = ModelConfig::preset("DiM-XL/2").unwrap();
-    assert_eq!((xl.d_state, xl.expand, xl.dt_rank, xl.d_conv), (16, 2, 72, 4));
+    assert_eq!(
+        (xl.d_state, xl.expand, xl.dt_rank, xl.d_conv),
+        (16, 2, 72, 4)
+    );
     // Round trip through the full TOML form.
-    assert_eq!(ModelConfig::from_toml_str(&xl.to_toml_string()).unwrap(), xl);
+    assert_eq!(
+        ModelConfig::from_toml_str(&xl.to_toml_string()).unwrap(),
+        xl
+    );
 
     for (text, needle) in [
         ("preset = \"DiM-XL/3\"", "unknown preset"),
         ("preset = \"DiM-S/2\"\nwidht = 3", "widht"),
         ("preset = \"DiT-S/2\"\nheads = 5", "`heads` = 5"),
-        ("preset = \"DiM-S/2\"\ninput_size = [32, 31]", "input_size[1]"),
-        ("preset = \"DiM-S/2\"\nframes = 5\ntemporal_patch = 2", "`frames` = 5"),
+        (
+            "preset = \"DiM-S/2\"\ninput_size = [32, 31]",
+            "input_size[1]",
+        ),
+        (
+            "preset = \"DiM-S/2\"\nframes = 5\ntemporal_patch = 2",
+            "`frames` = 5",
+        ),
         ("preset = \"DiM-S/2\"\ntoken_order = \"zigzag\"", "zigzag"),
-        ("arch = \"dim\"\ndepth = 2\npatch = 2", "`width` is required"),
-        ("preset = \"DiM-S/2\"\nnum_classes = 0", "class_dropout_prob"),
+        (
+            "arch = \"dim\"\ndepth = 2\npatch = 2",
+            "`width` is required",
+        ),
+        (
+            "preset = \"DiM-S/2\"\nnum_classes = 0",
+            "class_dropout_prob",
+        ),
     ] {
         let msg = ModelConfig::from_toml_str(text).unwrap_err().to_string();
         assert!(msg.contains(needle), "{text:?}: {msg}");
@@ -329,7 +435,9 @@ fn configs_parse_validate_and_match_presets() {
         n += 1;
     }
     assert!(n >= 3, "expected example configs in {}", dir.display());
-    let msg = ModelConfig::from_file(&dir.join("missing.toml")).unwrap_err().to_string();
+    let msg = ModelConfig::from_file(&dir.join("missing.toml"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("missing.toml"), "{msg}");
 }
 
@@ -340,9 +448,19 @@ fn bad_inputs_are_errors_naming_the_argument() {
     let model = Model::new(vs.root(), &cfg).unwrap();
     let (x, t, y) = inputs(&cfg, &[2, 3, 8, 8]);
     let err = |r: dim_model::Result<Tensor>| r.unwrap_err().to_string();
-    let m = err(model.forward(&Tensor::zeros([2, 4, 8, 8], (Kind::Float, Device::Cpu)), &t, Some(&y), false));
+    let m = err(model.forward(
+        &Tensor::zeros([2, 4, 8, 8], (Kind::Float, Device::Cpu)),
+        &t,
+        Some(&y),
+        false,
+    ));
     assert!(m.contains("`x`") && m.contains("4 channels"), "{m}");
-    let m = err(model.forward(&Tensor::zeros([2, 3, 7, 8], (Kind::Float, Device::Cpu)), &t, Some(&y), false));
+    let m = err(model.forward(
+        &Tensor::zeros([2, 3, 7, 8], (Kind::Float, Device::Cpu)),
+        &t,
+        Some(&y),
+        false,
+    ));
     assert!(m.contains("`x`") && m.contains("patch 2"), "{m}");
     let m = err(model.forward(&x.unsqueeze(2), &t, Some(&y), false));
     assert!(m.contains("image model"), "{m}");
@@ -357,7 +475,10 @@ fn bad_inputs_are_errors_naming_the_argument() {
     let model = Model::new(vs.root(), &uncond).unwrap();
     let m = err(model.forward(&x, &t, Some(&y), false));
     assert!(m.contains("unconditional"), "{m}");
-    assert_eq!(model.forward(&x, &t, None, false).unwrap().size(), vec![2, 6, 8, 8]);
+    assert_eq!(
+        model.forward(&x, &t, None, false).unwrap().size(),
+        vec![2, 6, 8, 8]
+    );
 }
 
 /// In training, labels are replaced by the null class with the dropout
@@ -372,7 +493,13 @@ fn label_dropout_uses_the_null_class_in_training_only() {
     let n = 4000;
     let y = Tensor::full([n], 2, (Kind::Int64, Device::Cpu));
     let null_row = emb.embedding_table.get(cfg.num_classes);
-    let is_null = |e: &Tensor| e.eq_tensor(&null_row.unsqueeze(0)).all_dim(1, false).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    let is_null = |e: &Tensor| {
+        e.eq_tensor(&null_row.unsqueeze(0))
+            .all_dim(1, false)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[])
+    };
     let frac = is_null(&emb.forward(&y, n, true).unwrap());
     assert!((frac - 0.5).abs() < 0.04, "dropped fraction {frac}");
     assert_eq!(is_null(&emb.forward(&y, n, false).unwrap()), 0.0);

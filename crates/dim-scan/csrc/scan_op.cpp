@@ -14,7 +14,10 @@
 #include <string>
 #include <vector>
 
+#include <torch/csrc/autograd/autograd.h>
+
 #ifdef DIM_WITH_CUDA
+#include <cuda_runtime.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -330,6 +333,62 @@ int dim_cuda_peak_memory(int device, uint64_t* out, int reset, char* err, size_t
     (void)device;
     (void)reset;
     *out = 0;
+    TORCH_CHECK(false, "this build has no CUDA support");
+#endif
+  });
+}
+
+// torch::autograd::backward({y}, {dy}): tch has no call with output gradients.
+int dim_backward_with_grad(void* y_t, void* dy_t, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    const at::Tensor& y = *static_cast<at::Tensor*>(y_t);
+    const at::Tensor& dy = *static_cast<at::Tensor*>(dy_t);
+    torch::autograd::backward({y}, {dy});
+  });
+}
+
+// CUDA events on libtorch's current stream, for benchmarks. op: 0 create
+// (*ev), 1 record ev, 2 elapsed ms from ev to ev2 (waits for ev2), 3 destroy.
+int dim_cuda_event(int op, void** ev, void* ev2, float* ms, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+#ifdef DIM_WITH_CUDA
+    cudaError_t rc = cudaSuccess;
+    switch (op) {
+      case 0: rc = cudaEventCreate(reinterpret_cast<cudaEvent_t*>(ev)); break;
+      case 1:
+        rc = cudaEventRecord(static_cast<cudaEvent_t>(*ev),
+                             c10::cuda::getCurrentCUDAStream().stream());
+        break;
+      case 2:
+        rc = cudaEventSynchronize(static_cast<cudaEvent_t>(ev2));
+        if (rc == cudaSuccess)
+          rc = cudaEventElapsedTime(ms, static_cast<cudaEvent_t>(*ev),
+                                    static_cast<cudaEvent_t>(ev2));
+        break;
+      case 3: rc = cudaEventDestroy(static_cast<cudaEvent_t>(*ev)); break;
+      default: TORCH_CHECK(false, "bad event op");
+    }
+    TORCH_CHECK(rc == cudaSuccess, "CUDA event call failed: ", cudaGetErrorString(rc));
+#else
+    (void)op; (void)ev; (void)ev2; (void)ms;
+    TORCH_CHECK(false, "this build has no CUDA support");
+#endif
+  });
+}
+
+// Special-function (MUFU ex2) rate probe: see kernels/smoke.cu.
+int dim_probe_exp2(void* out_t, int iters, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+#ifdef DIM_WITH_CUDA
+    at::Tensor& out = *static_cast<at::Tensor*>(out_t);
+    TORCH_CHECK(out.is_cuda() && out.scalar_type() == at::kFloat && out.is_contiguous(),
+                "probe: out must be a contiguous f32 CUDA tensor");
+    c10::cuda::CUDAGuard guard(out.device());
+    int rc = dim_probe_exp2_rate(ptr<float>(out), out.numel(), iters,
+                                 c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(rc == 0, "probe launch failed with CUDA error ", rc);
+#else
+    (void)out_t; (void)iters;
     TORCH_CHECK(false, "this build has no CUDA support");
 #endif
   });

@@ -105,8 +105,9 @@ pub struct DirGrads<'a, E> {
 /// e^r, |r| ≤ 0.35, from its Taylor series to degree 7 (error below 6e-9).
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_751_953_125;
-    const LN2_LO: f32 = 1.428_606_765_330_187e-6;
+    // 0.693145751953125 exactly (few mantissa bits, so i·LN2_HI is exact) and ln 2 − LN2_HI.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
     let xc = x.clamp(-87.0, 88.0);
     // Round to nearest by the 1.5·2^23 trick (exact for |t| < 2^22).
     let i = (xc * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
@@ -284,6 +285,8 @@ struct Scratch {
     dts: Vec<(f32, f32)>,
     carry: Vec<f32>,
     h: Vec<f32>,
+    /// dA of the channel, accumulated in f64: sums run over up to millions of positions.
+    da: Vec<f64>,
 }
 
 impl<E: Elem> Channel<'_, E> {
@@ -294,6 +297,8 @@ impl<E: Elem> Channel<'_, E> {
         let len = self.len();
         let nseg = len.div_ceil(SEGMENT);
         s.carry.fill(0.0);
+        s.da.fill(0.0);
+        let (mut dd_sum, mut dbias_sum) = (0f64, 0f64);
         for seg in (0..nseg).rev() {
             let (i0, i1) = (seg * SEGMENT, ((seg + 1) * SEGMENT).min(len));
             // Recompute the segment's states and decays from its stored start.
@@ -330,18 +335,23 @@ impl<E: Elem> Channel<'_, E> {
                     dc[j] += yb * h[j];
                     let gdecay = gj * hprev[j] * decay[j]; // dL/d(Δ·A)
                     ddt += gdecay * self.a[j] + gj * b[j] * u;
-                    g.da[j] += gdecay * dt;
+                    s.da[j] += f64::from(gdecay * dt);
                     db[j] += gj * dt * u;
                     du += gj * dt * b[j];
                     s.carry[j] = decay[j] * gj;
                 }
                 g.du[l] = E::from_f32(du + self.d * yb);
-                *g.dd += yb * u;
+                dd_sum += f64::from(yb * u);
                 let dd = ddt * dsp;
                 g.ddelta[l] = E::from_f32(dd);
-                *g.dbias += dd;
+                dbias_sum += f64::from(dd);
             }
         }
+        for (out, v) in g.da.iter_mut().zip(&s.da) {
+            *out = *v as f32;
+        }
+        *g.dd = dd_sum as f32;
+        *g.dbias = dbias_sum as f32;
     }
 }
 
@@ -361,27 +371,25 @@ pub fn forward<E: Elem>(
         .iter()
         .map(|x| (transpose_bc(x.b, s), transpose_bc(x.c, s)))
         .collect();
-    y.par_chunks_mut(s.len)
-        .enumerate()
-        .for_each_init(
-            || (vec![0f32; s.dstate], vec![0f32; s.len]),
-            |(h, acc), (row, y)| {
-                let (b, d) = (row / s.dim, row % s.dim);
-                acc.fill(0.0);
-                for (x, (bt, ct)) in dirs.iter().zip(&bcs) {
-                    Channel::new(x, s, delta_softplus, b, d, bt, ct).forward(h, acc, None);
-                }
-                let zrow = z.map(|z| &z[row * s.len..(row + 1) * s.len]);
-                for l in 0..s.len {
-                    let gate = zrow.map_or(1.0, |z| silu(z[l].to_f32()));
-                    y[l] = E::from_f32(acc[l] * gate);
-                }
-            },
-        );
+    y.par_chunks_mut(s.len).enumerate().for_each_init(
+        || (vec![0f32; s.dstate], vec![0f32; s.len]),
+        |(h, acc), (row, y)| {
+            let (b, d) = (row / s.dim, row % s.dim);
+            acc.fill(0.0);
+            for (x, (bt, ct)) in dirs.iter().zip(&bcs) {
+                Channel::new(x, s, delta_softplus, b, d, bt, ct).forward(h, acc, None);
+            }
+            let zrow = z.map(|z| &z[row * s.len..(row + 1) * s.len]);
+            for l in 0..s.len {
+                let gate = zrow.map_or(1.0, |z| silu(z[l].to_f32()));
+                y[l] = E::from_f32(acc[l] * gate);
+            }
+        },
+    );
 }
 
 /// Splits `s` into consecutive pieces of the given lengths.
-fn split_mut<'a, T>(mut s: &'a mut [T], lens: impl Iterator<Item = usize>) -> Vec<&'a mut [T]> {
+fn split_mut<T>(mut s: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     let mut out = Vec::new();
     for n in lens {
         let (head, tail) = s.split_at_mut(n);
@@ -455,7 +463,14 @@ pub fn backward<E: Elem>(
             let dbias = split_mut(pbias.next().unwrap(), widths.iter().copied());
             let db = split_mut(pb.next().unwrap(), widths.iter().map(|_| slab));
             let dc = split_mut(pc.next().unwrap(), widths.iter().map(|_| slab));
-            let pieces = du.into_iter().zip(ddelta).zip(da).zip(dd).zip(dbias).zip(db).zip(dc);
+            let pieces = du
+                .into_iter()
+                .zip(ddelta)
+                .zip(da)
+                .zip(dd)
+                .zip(dbias)
+                .zip(db)
+                .zip(dc);
             for (t, ((((((du, ddelta), da), dd), dbias), db), dc)) in pieces.enumerate() {
                 per_task[t].push(TaskDir {
                     du,
@@ -489,6 +504,7 @@ pub fn backward<E: Elem>(
                 dts: vec![(0.0, 0.0); SEGMENT],
                 carry: vec![0f32; n],
                 h: vec![0f32; n],
+                da: vec![0f64; n],
             };
             let mut ckpt = vec![0f32; ndirs * nseg * n];
             let mut ysum = vec![0f32; len];
@@ -514,7 +530,8 @@ pub fn backward<E: Elem>(
                             let (zl, g) = (zrow[l].to_f32(), dyrow[l].to_f32());
                             let sg = sigmoid(zl);
                             ybar[l] = g * zl * sg;
-                            dz[ci * len + l] = E::from_f32(g * ysum[l] * sg * (1.0 + zl * (1.0 - sg)));
+                            dz[ci * len + l] =
+                                E::from_f32(g * ysum[l] * sg * (1.0 + zl * (1.0 - sg)));
                         }
                     }
                     None => {

@@ -83,6 +83,21 @@ extern "C" {
         err: *mut c_char,
         errlen: usize,
     ) -> c_int;
+    fn dim_backward_with_grad(
+        y: *mut c_void,
+        dy: *mut c_void,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+    fn dim_cuda_event(
+        op: c_int,
+        ev: *mut *mut c_void,
+        ev2: *mut c_void,
+        ms: *mut f32,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
+    fn dim_probe_exp2(out: *mut c_void, iters: c_int, err: *mut c_char, errlen: usize) -> c_int;
     fn dim_cuda_peak_memory(
         device: c_int,
         out: *mut u64,
@@ -174,4 +189,34 @@ pub(crate) fn cuda_peak_memory(device: usize, reset: bool) -> Result<u64, ScanEr
         unsafe { dim_cuda_peak_memory(device as c_int, &mut bytes, c_int::from(reset), err, len) }
     })?;
     Ok(bytes)
+}
+
+/// `torch::autograd::backward({y}, {dy})`.
+pub(crate) fn backward_with_grad(y: &Tensor, dy: &Tensor) -> Result<(), ScanError> {
+    checked(|err, len| {
+        // SAFETY: live tensor handles borrowed for the call.
+        unsafe { dim_backward_with_grad(handle(Some(y)), handle(Some(dy)), err, len) }
+    })
+}
+
+/// A CUDA event (`op` codes of `dim_cuda_event` in the shim).
+pub(crate) fn cuda_event(
+    op: c_int,
+    ev: &mut *mut c_void,
+    ev2: *mut c_void,
+) -> Result<f32, ScanError> {
+    let mut ms = 0f32;
+    checked(|err, len| {
+        // SAFETY: `ev` is a handle made by op 0 (or receives one), `ms` outlives the call.
+        unsafe { dim_cuda_event(op, ev, ev2, &mut ms, err, len) }
+    })?;
+    Ok(ms)
+}
+
+/// Runs the ex2 rate probe over `out` (one f32 per thread).
+pub(crate) fn probe_exp2(out: &Tensor, iters: i32) -> Result<(), ScanError> {
+    checked(|err, len| {
+        // SAFETY: live tensor handle borrowed for the call.
+        unsafe { dim_probe_exp2(handle(Some(out)), iters, err, len) }
+    })
 }

@@ -35,7 +35,9 @@ mod op;
 pub mod reference;
 
 pub use error::ScanError;
-pub use op::{cuda_kernels_built, selective_scan, selective_scan_bidirectional};
+pub use op::{
+    backward_with_grad, cuda_kernels_built, selective_scan, selective_scan_bidirectional,
+};
 
 use tch::Tensor;
 

@@ -38,6 +38,19 @@ pub fn selective_scan_bidirectional(
     crate::ffi::apply(&[forward, reverse], false, z, opts, dims)
 }
 
+/// Backpropagates `dy` from `y` through libtorch autograd (`y.backward(dy)`),
+/// which tch does not offer for non-scalar outputs. `dy` has `y`'s shape.
+pub fn backward_with_grad(y: &Tensor, dy: &Tensor) -> Result<(), ScanError> {
+    if y.size() != dy.size() {
+        return Err(ScanError::Shape {
+            name: "dy".into(),
+            got: dy.size(),
+            expected: format!("{:?}, the shape of y", y.size()),
+        });
+    }
+    crate::ffi::backward_with_grad(y, dy)
+}
+
 /// Sizes of a validated call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Dims {

@@ -12,13 +12,16 @@ fn scan_direction(x: &ScanInputs<'_>, direction: Direction, delta_softplus: bool
     let (batch, dim, len) = x.u.size3().expect("u is (batch, D, L)");
     let groups = x.b.size()[1];
     let n = x.a.size()[1];
-    let mut delta = x.delta.shallow_clone();
-    if let Some(bias) = x.delta_bias {
-        delta = delta + bias.view([1, dim, 1]);
-    }
-    if delta_softplus {
-        delta = delta.softplus();
-    }
+    // Out of place throughout: the inputs are the caller's autograd leaves.
+    let delta = match x.delta_bias {
+        Some(bias) => x.delta + bias.view([1, dim, 1]),
+        None => x.delta.shallow_clone(),
+    };
+    let delta = if delta_softplus {
+        delta.softplus()
+    } else {
+        delta
+    };
     // (batch, G, N, L) -> (batch, D, N, L): channel d reads group d / (D / G).
     let per_group = dim / groups;
     let b = x.b.repeat_interleave_self_int(per_group, 1, None);
@@ -34,13 +37,17 @@ fn scan_direction(x: &ScanInputs<'_>, direction: Direction, delta_softplus: bool
         let dt = delta.select(2, l).unsqueeze(-1); // (batch, D, 1)
         let ul = x.u.select(2, l).unsqueeze(-1);
         h = (&dt * &a).exp() * &h + &dt * b.select(3, l) * &ul;
-        let mut y = (&h * c.select(3, l)).sum_dim_intlist(-1, false, None);
-        if let Some(d) = x.d {
-            y = y + d.view([1, dim]) * ul.squeeze_dim(-1);
-        }
+        let y = (&h * c.select(3, l)).sum_dim_intlist(-1, false, None);
+        let y = match x.d {
+            Some(d) => y + d.view([1, dim]) * ul.squeeze_dim(-1),
+            None => y,
+        };
         ys[l as usize] = Some(y);
     }
-    let ys: Vec<Tensor> = ys.into_iter().map(|y| y.expect("every l visited")).collect();
+    let ys: Vec<Tensor> = ys
+        .into_iter()
+        .map(|y| y.expect("every l visited"))
+        .collect();
     Tensor::stack(&ys, 2)
 }
 

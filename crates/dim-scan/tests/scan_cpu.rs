@@ -121,7 +121,12 @@ fn backward_is_bit_identical_twice() {
     let p = Problem::random(Case::new(3, 40, 300));
     let first = run(&p, Kind::Float, Device::Cpu, false, true);
     let second = run(&p, Kind::Float, Device::Cpu, false, true);
-    for (a, b) in first.grads.iter().flatten().zip(second.grads.iter().flatten()) {
+    for (a, b) in first
+        .grads
+        .iter()
+        .flatten()
+        .zip(second.grads.iter().flatten())
+    {
         if let (Some(a), Some(b)) = (a, b) {
             assert!(a.equal(b), "gradients differ between two identical runs");
         }
@@ -147,11 +152,21 @@ fn bad_inputs_name_the_tensor() {
     let msg = |r: Result<Tensor, ScanError>| r.unwrap_err().to_string();
 
     let bad_c = Tensor::zeros([2, 1, 16, 9], f);
-    let e = msg(selective_scan(ScanInputs { c: &bad_c, ..ok }, Direction::Forward, None, opts));
+    let e = msg(selective_scan(
+        ScanInputs { c: &bad_c, ..ok },
+        Direction::Forward,
+        None,
+        opts,
+    ));
     assert!(e.contains("`C`") && e.contains("[2, 1, 16, 9]"), "{e}");
 
     let bad_b = Tensor::zeros([2, 3, 16, 8], f);
-    let e = msg(selective_scan(ScanInputs { b: &bad_b, ..ok }, Direction::Forward, None, opts));
+    let e = msg(selective_scan(
+        ScanInputs { b: &bad_b, ..ok },
+        Direction::Forward,
+        None,
+        opts,
+    ));
     assert!(e.contains("`B`") && e.contains("G dividing D"), "{e}");
 
     let half_delta = u.to_kind(Kind::BFloat16);
@@ -167,7 +182,12 @@ fn bad_inputs_name_the_tensor() {
     assert!(e.contains("`delta`") && e.contains("dtype"), "{e}");
 
     let int_u = u.to_kind(Kind::Int);
-    let e = msg(selective_scan(ScanInputs { u: &int_u, ..ok }, Direction::Forward, None, opts));
+    let e = msg(selective_scan(
+        ScanInputs { u: &int_u, ..ok },
+        Direction::Forward,
+        None,
+        opts,
+    ));
     assert!(e.contains("`u`"), "{e}");
 
     let bad_z = Tensor::zeros([2, 4, 7], f);
@@ -175,7 +195,15 @@ fn bad_inputs_name_the_tensor() {
     assert!(e.contains("`z`"), "{e}");
 
     let bad_d = Tensor::zeros([5], f);
-    let e = msg(selective_scan(ScanInputs { d: Some(&bad_d), ..ok }, Direction::Forward, None, opts));
+    let e = msg(selective_scan(
+        ScanInputs {
+            d: Some(&bad_d),
+            ..ok
+        },
+        Direction::Forward,
+        None,
+        opts,
+    ));
     assert!(e.contains("`D`"), "{e}");
 
     // And the good call works, with zeros in and zeros out.

@@ -358,3 +358,60 @@ fn val<T: Serialize>(x: &T) -> toml::Value {
     // Plain structs of numbers, strings and paths always serialise.
     toml::Value::try_from(x).unwrap_or_else(|_| toml::Value::Table(Default::default()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_parse_toml_values_and_create_tables() {
+        let mut t: toml::Table = "[optim]\nlr = 1.0\n".parse().unwrap();
+        apply_override(&mut t, "optim.lr=2e-4").unwrap();
+        apply_override(&mut t, "train.device=cpu").unwrap();
+        apply_override(&mut t, "optim.betas=[0.5, 0.6]").unwrap();
+        apply_override(&mut t, "a.b.c=\"x y\"").unwrap();
+        assert_eq!(t["optim"]["lr"].as_float(), Some(2e-4));
+        assert_eq!(t["train"]["device"].as_str(), Some("cpu"));
+        assert_eq!(t["optim"]["betas"].as_array().unwrap().len(), 2);
+        assert_eq!(t["a"]["b"]["c"].as_str(), Some("x y"));
+        let e = apply_override(&mut t, "optim.lr.x=1").unwrap_err().to_string();
+        assert!(e.contains("`lr` is a value"), "{e}");
+        assert!(apply_override(&mut t, "nokey").is_err());
+        assert!(apply_override(&mut t, "a..b=1").is_err());
+    }
+
+    #[test]
+    fn unknown_sections_and_keys_name_the_file() {
+        let t: toml::Table = "[model]\npreset = \"DiM-S/2\"\n[data]\nkind = \"fashion_mnist\"\n[trian]\nsteps = 1\n"
+            .parse()
+            .unwrap();
+        let e = TrainConfig::from_table(t, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("`trian`"), "{e}");
+        let t: toml::Table = "[model]\npreset = \"DiM-S/2\"\n[data]\nkind = \"fashion_mnist\"\n[train]\nbatch_size = 10\ngrad_accum = 3\n"
+            .parse()
+            .unwrap();
+        let e = TrainConfig::from_table(t, "y.toml").unwrap_err().to_string();
+        assert!(e.contains("y.toml") && e.contains("train.batch_size"), "{e}");
+        let t: toml::Table = "[data]\nkind = \"fashion_mnist\"\n".parse().unwrap();
+        let e = TrainConfig::from_table(t, "z.toml").unwrap_err().to_string();
+        assert!(e.contains("missing [model]"), "{e}");
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        for name in [
+            "demo.toml",
+            "demo_gpu.toml",
+            "fmnist_dim_s2.toml",
+            "fmnist_dit_s2.toml",
+            "imagenet256_dim_xl2.toml",
+            "mfmnist_video_dim.toml",
+            "ucf101_video_dim.toml",
+        ] {
+            let cfg = TrainConfig::load(&root.join(name), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            crate::train::model_config(&cfg).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            crate::train::diffusion_config(&cfg).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
+    }
+}

@@ -27,8 +27,8 @@ pub struct DemoArgs {
     /// Output folder.
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Training wall time in minutes (sampling and FID take about a minute more).
-    #[arg(long, default_value_t = 8.0)]
+    /// Training wall time in minutes (the feature classifier, sampling and FID take about two more on a CPU).
+    #[arg(long, default_value_t = 7.0)]
     pub minutes: f64,
     /// Generated samples for the FID.
     #[arg(long)]
@@ -67,7 +67,7 @@ pub fn run(a: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
     }
 
     let samples_dir = a.out.join("samples");
-    let n = a.fid_samples.unwrap_or(if gpu { 10_000 } else { 1_000 });
+    let n = a.fid_samples.unwrap_or(if gpu { 10_000 } else { 500 });
     let grid = sample::run(&sample::SampleArgs {
         checkpoint: out.checkpoint.clone(),
         num: n.max(100),

@@ -14,10 +14,6 @@ mod demo;
 mod eval;
 mod images;
 mod metrics;
-// `dim ops` (the scan op run from files) belongs to the lead: once ops.rs
-// defines `OpsCommand` / `OpsArgs`, add `Ops(ops::OpsArgs)` to `Command`
-// below and route it to `ops::run(args)`.
-#[allow(dead_code)]
 mod ops;
 mod optim;
 mod sample;
@@ -127,6 +123,8 @@ enum Command {
     },
     /// Train a small DiM on Fashion-MNIST, write a class-conditional grid and print its FID.
     Demo(demo::DemoArgs),
+    /// Run single ops from files (the selective scan), to check them against other implementations.
+    Ops(ops::OpsArgs),
 }
 
 fn main() {
@@ -166,6 +164,9 @@ fn run(cli: Cli) -> Result<()> {
                 p => train::Resume::Path(PathBuf::from(p)),
             });
             let out = train::train(&cfg, resume, stop_flag()?)?;
+            if out.interrupted {
+                eprintln!("interrupted at step {}; continue with --resume auto", out.step);
+            }
             println!("{}", out.checkpoint.display());
             Ok(())
         }
@@ -238,5 +239,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(&args, stop_flag()?),
+        Command::Ops(args) => ops::run(args),
     }
 }

@@ -19,7 +19,6 @@ pub struct Restored {
     pub net: Net,
     pub diffusion: Diffusion,
     pub sampler: SamplerConfig,
-    pub cfg: TrainConfig,
     pub step: u64,
 }
 
@@ -50,7 +49,6 @@ pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
         net,
         diffusion,
         sampler: dcfg.sampler,
-        cfg,
         step,
     })
 }

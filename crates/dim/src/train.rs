@@ -139,7 +139,6 @@ pub struct TrainOutcome {
     pub step: u64,
     pub checkpoint: PathBuf,
     pub interrupted: bool,
-    pub losses: Vec<f64>,
 }
 
 /// Trains per `cfg`; `stop` is set by Ctrl-C and makes the loop checkpoint
@@ -227,7 +226,6 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
     bar.set_position(step);
     let start = Instant::now();
     let mut window = (Instant::now(), 0i64);
-    let mut losses = Vec::new();
     let mut last_ckpt: Option<PathBuf> = resume_path.clone();
     let amp = t.precision == "amp" && device.is_cuda();
     let conditional = mcfg.num_classes > 0;
@@ -304,7 +302,6 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
         }
         step += 1;
         ema.update(&params, step);
-        losses.push(step_loss);
         window.1 += t.batch_size;
         bar.set_position(step);
 
@@ -348,7 +345,6 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
         step,
         checkpoint: ck,
         interrupted,
-        losses,
     })
 }
 

@@ -192,7 +192,7 @@ fn ctrl_c_saves_and_exits_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = tiny_config(d, "int");
-    let mut child = Command::new(DIM)
+    let child = Command::new(DIM)
         .args(["train", "--config", &cfg.display().to_string(), "train.steps=100000", "train.ckpt_every=100000"])
         .env("DIM_LOG", "warn")
         .stdout(std::process::Stdio::piped())

@@ -3,9 +3,7 @@
 #![allow(dead_code)]
 
 use dim_scan::reference::{selective_scan_bidirectional_ref, selective_scan_ref};
-use dim_scan::{
-    selective_scan, selective_scan_bidirectional, Direction, ScanInputs, ScanOptions,
-};
+use dim_scan::{selective_scan, selective_scan_bidirectional, Direction, ScanInputs, ScanOptions};
 use tch::{Device, Kind, Tensor};
 
 /// What a test case varies.
@@ -93,7 +91,14 @@ impl Problem {
                 b: Tensor::randn([bt, g, n, l], opts),
                 c: Tensor::randn([bt, g, n, l], opts),
                 d: case.d.then(|| Tensor::randn([d], opts)),
-                bias: case.bias.then(|| Tensor::randn([d], opts) * 0.5),
+                // Without softplus, Δ = delta + bias must stay positive (else the state grows without bound).
+                bias: case.bias.then(|| {
+                    if case.softplus {
+                        Tensor::randn([d], opts) * 0.5
+                    } else {
+                        Tensor::rand([d], opts) * 0.05
+                    }
+                }),
             })
             .collect();
         Self {
@@ -118,7 +123,13 @@ pub const NAMES: [&str; 7] = ["u", "delta", "A", "B", "C", "D", "delta_bias"];
 /// Runs `y = op(inputs)` and `sum(y * w).backward()` with the data tensors in
 /// `kind` on `device` (A, D, delta_bias stay f32 for the op, f64 for the
 /// reference).
-pub fn run(p: &Problem, kind: Kind, device: Device, reference: bool, deterministic: bool) -> Outcome {
+pub fn run(
+    p: &Problem,
+    kind: Kind,
+    device: Device,
+    reference: bool,
+    deterministic: bool,
+) -> Outcome {
     let param_kind = if reference { Kind::Double } else { Kind::Float };
     let leaf = |t: &Tensor, k: Kind| {
         t.detach()
@@ -207,7 +218,10 @@ pub fn assert_close(what: &str, got: &Outcome, want: &Outcome, tol: f64) {
         assert_eq!(g.size(), w.size(), "{what}: {name} shape");
         let e = rel_err(g, w);
         report.push(format!("{name}={e:.1e}"));
-        assert!(e < tol, "{what}: {name} relative error {e:.3e} >= {tol:e} ({report:?})");
+        assert!(
+            e < tol,
+            "{what}: {name} relative error {e:.3e} >= {tol:e} ({report:?})"
+        );
     };
     check("y".into(), &got.y, &want.y);
     for (k, (gd, wd)) in got.grads.iter().zip(&want.grads).enumerate() {

@@ -1,0 +1,128 @@
+//! On CUDA (skipped with a printed reason elsewhere): the network with the
+//! fused scan on the GPU against the same weights on the CPU, f32 outputs and
+//! gradients, and a bf16-autocast training step against f32.
+
+use dim_model::{set_cuda_autocast_dtype, Model, ModelConfig};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn cuda() -> Option<Device> {
+    if !tch::Cuda::is_available() {
+        eprintln!("gpu_model_cuda: skipped: CUDA is not available");
+        return None;
+    }
+    if !dim_scan::cuda_kernels_built() {
+        eprintln!("gpu_model_cuda: skipped: dim-scan was built without its CUDA kernels");
+        return None;
+    }
+    Some(Device::Cuda(0))
+}
+
+fn cfg(arch: &str, video: bool) -> ModelConfig {
+    let extra = if video {
+        "frames = 6\ntemporal_patch = 2\ntoken_order = \"alternating\"\n"
+    } else {
+        ""
+    };
+    ModelConfig::from_toml_str(&format!(
+        "arch = \"{arch}\"\ndepth = 3\nwidth = 64\nheads = 4\npatch = 2\nin_channels = 4\n\
+         input_size = [12, 10]\nnum_classes = 10\nclass_dropout_prob = 0.1\n{extra}"
+    ))
+    .unwrap()
+}
+
+/// A CPU model with every parameter nudged (so gates are open) and its copy on `device`.
+fn pair(cfg: &ModelConfig, device: Device) -> (VarStore, Model, VarStore, Model) {
+    let cpu_vs = VarStore::new(Device::Cpu);
+    let cpu = Model::new(cpu_vs.root(), cfg).unwrap();
+    tch::no_grad(|| {
+        let mut vars: Vec<(String, Tensor)> = cpu_vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, mut t) in vars {
+            let noise = Tensor::randn_like(&t) * 0.05;
+            let _ = t.g_add_(&noise);
+        }
+    });
+    let mut gpu_vs = VarStore::new(device);
+    let gpu = Model::new(gpu_vs.root(), cfg).unwrap();
+    gpu_vs.copy(&cpu_vs).unwrap();
+    (cpu_vs, cpu, gpu_vs, gpu)
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_device(Device::Cpu).to_kind(Kind::Double);
+    let b = b.to_device(Device::Cpu).to_kind(Kind::Double);
+    (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
+}
+
+#[test]
+fn gpu_forward_and_gradients_match_cpu_in_f32() {
+    let Some(device) = cuda() else { return };
+    for (arch, video) in [("dim", false), ("dim", true), ("dit", false)] {
+        let cfg = cfg(arch, video);
+        let (cpu_vs, cpu, gpu_vs, gpu) = pair(&cfg, device);
+        let shape: Vec<i64> = if video {
+            vec![2, 4, 6, 12, 10]
+        } else {
+            vec![3, 4, 12, 10]
+        };
+        let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[3.0f32, 500.0, 999.0]).narrow(0, 0, shape[0]);
+        let y = Tensor::from_slice(&[1i64, 9, 10]).narrow(0, 0, shape[0]);
+        let target = Tensor::randn_like(&x.repeat_interleave_self_int(2, 1, None));
+        let run = |m: &Model, d: Device| {
+            let out = m
+                .forward(
+                    &x.to_device(d),
+                    &t.to_device(d),
+                    Some(&y.to_device(d)),
+                    false,
+                )
+                .unwrap();
+            (&out - target.to_device(d))
+                .square()
+                .mean(Kind::Float)
+                .backward();
+            out
+        };
+        let (a, b) = (run(&cpu, Device::Cpu), run(&gpu, device));
+        let err = rel(&b, &a);
+        assert!(
+            err < 1e-3,
+            "{arch} video={video}: GPU output differs from CPU by {err:e}"
+        );
+        let cv = cpu_vs.variables();
+        for (name, v) in gpu_vs.variables() {
+            let err = rel(&v.grad(), &cv[&name].grad());
+            assert!(
+                err < 5e-3,
+                "{arch} video={video}: gradient of `{name}` differs by {err:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_bf16_autocast_step_tracks_f32() {
+    let Some(device) = cuda() else { return };
+    set_cuda_autocast_dtype(Kind::BFloat16).unwrap();
+    for arch in ["dim", "dit"] {
+        let cfg = cfg(arch, false);
+        let (_, _, _, gpu) = pair(&cfg, device);
+        let x = Tensor::randn([4, 4, 12, 10], (Kind::Float, device));
+        let t = Tensor::from_slice(&[1.0f32, 10.0, 100.0, 900.0]).to_device(device);
+        let y = Tensor::from_slice(&[0i64, 3, 5, 9]).to_device(device);
+        let f32_out = gpu.forward(&x, &t, Some(&y), false).unwrap();
+        let bf16_out = tch::autocast(true, || gpu.forward(&x, &t, Some(&y), false).unwrap());
+        let err = rel(&bf16_out, &f32_out);
+        assert!(
+            err < 5e-2,
+            "{arch}: bf16 autocast output differs from f32 by {err:e}"
+        );
+        let loss = tch::autocast(true, || {
+            bf16_out.to_kind(Kind::Float).square().mean(Kind::Float)
+        });
+        loss.backward();
+        assert!(loss.double_value(&[]).is_finite());
+    }
+}

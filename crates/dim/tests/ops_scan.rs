@@ -1,0 +1,135 @@
+//! `dim ops scan` driven as a user would: tensors in a safetensors file, the
+//! binary, the result file; checked against the f64 plain-tch reference.
+use std::path::Path;
+use std::process::Command;
+
+use dim_scan::reference::selective_scan_bidirectional_ref;
+use dim_scan::ScanInputs;
+use tch::{Device, Kind, Tensor};
+
+fn dim(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dim"))
+        .args(args)
+        .output()
+        .expect("the dim binary runs")
+}
+
+fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
+    Tensor::write_safetensors(tensors, path).unwrap();
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    (&a - b).norm().double_value(&[]) / b.norm().double_value(&[])
+}
+
+#[test]
+fn bidirectional_forward_and_backward_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
+    let f = (Kind::Float, Device::Cpu);
+    let (b, d, l, n) = (2, 3, 19, 8);
+    let names = ["u", "delta", "A", "B", "C", "D", "delta_bias"];
+    let make = || {
+        vec![
+            Tensor::randn([b, d, l], f),
+            Tensor::randn([b, d, l], f) * 0.5 - 1.0,
+            -(Tensor::rand([d, n], f) + 0.5),
+            Tensor::randn([b, 1, n, l], f),
+            Tensor::randn([b, 1, n, l], f),
+            Tensor::randn([d], f),
+            Tensor::randn([d], f) * 0.3,
+        ]
+    };
+    let (fw, bw) = (make(), make());
+    let z = Tensor::randn([b, d, l], f);
+    let dy = Tensor::randn([b, d, l], f);
+    let mut named: Vec<(String, &Tensor)> = Vec::new();
+    for (i, nm) in names.iter().enumerate() {
+        named.push((nm.to_string(), &fw[i]));
+        named.push((format!("{nm}_b"), &bw[i]));
+    }
+    named.push(("z".into(), &z));
+    named.push(("dy".into(), &dy));
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+    write(&input, &refs);
+
+    let out = dim(&[
+        "ops",
+        "scan",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--bidirectional",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&output).unwrap().into_iter().collect();
+
+    // The reference in f64 with libtorch's own autograd.
+    let leaf = |t: &Tensor| t.to_kind(Kind::Double).set_requires_grad(true);
+    let (fw64, bw64): (Vec<Tensor>, Vec<Tensor>) =
+        (fw.iter().map(leaf).collect(), bw.iter().map(leaf).collect());
+    let z64 = leaf(&z);
+    let inputs = |v: &[Tensor]| ScanInputs {
+        u: &v[0],
+        delta: &v[1],
+        a: &v[2],
+        b: &v[3],
+        c: &v[4],
+        d: Some(&v[5]),
+        delta_bias: Some(&v[6]),
+    };
+    let y = selective_scan_bidirectional_ref(inputs(&fw64), inputs(&bw64), Some(&z64), true);
+    (&y * dy.to_kind(Kind::Double)).sum(Kind::Double).backward();
+    assert!(rel_err(&got["y"], &y) < 1e-5);
+    for (i, nm) in names.iter().enumerate() {
+        assert!(rel_err(&got[&format!("d{nm}")], &fw64[i].grad()) < 1e-5, "d{nm}");
+        assert!(rel_err(&got[&format!("d{nm}_b")], &bw64[i].grad()) < 1e-5, "d{nm}_b");
+    }
+    assert!(rel_err(&got["dz"], &z64.grad()) < 1e-5);
+}
+
+#[test]
+fn bad_inputs_get_a_message_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    let output = dir.path().join("out.safetensors");
+    let f = (Kind::Float, Device::Cpu);
+    let u = Tensor::randn([1, 2, 5], f);
+    let a = Tensor::randn([2, 4], f);
+    let b = Tensor::randn([1, 1, 4, 5], f);
+    let bad_c = Tensor::randn([1, 1, 4, 6], f);
+    let run = |tensors: &[(&str, &Tensor)], extra: &[&str]| {
+        write(&input, tensors);
+        let mut args = vec![
+            "ops",
+            "scan",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = dim(&args);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&[("u", &u), ("delta", &u), ("A", &a), ("B", &b)], &[]);
+    assert!(e.contains("in.safetensors") && e.contains("`C`"), "{e}");
+    let e = run(&[("u", &u), ("delta", &u), ("A", &a), ("B", &b), ("C", &bad_c)], &[]);
+    assert!(e.contains("`C`") && e.contains("[1, 1, 4, 6]"), "{e}");
+    let e = run(&[("u", &u), ("delta", &u), ("A", &a), ("B", &b), ("C", &b), ("u_b", &u)], &[]);
+    assert!(e.contains("`u_b`") && e.contains("--bidirectional"), "{e}");
+    let e = run(
+        &[("u", &u), ("delta", &u), ("A", &a), ("B", &b), ("C", &b), ("dy", &bad_c)],
+        &[],
+    );
+    assert!(e.contains("dy"), "{e}");
+    std::fs::write(&input, b"not a safetensors file").unwrap();
+    let out = dim(&["ops", "scan", "--input", input.to_str().unwrap(), "--output", "x"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("in.safetensors"), "{e}");
+    assert!(!output.exists(), "no output file is left behind on failure");
+}
