@@ -214,10 +214,21 @@ fn venv_ready(layout: &Layout) -> Result<(), String> {
 
 fn create_venv(layout: &Layout) -> Result<()> {
     if !layout.python().exists() {
-        let python = ["python3.12", "python3.11", "python3.10", "python3"]
+        // torch 2.11 wheels need Python >= 3.10; a name that exists but fails
+        // (a pyenv shim for a version not selected) is skipped.
+        let usable = |p: &&str| {
+            Command::new(p)
+                .args([
+                    "-c",
+                    "import sys, venv; sys.exit(sys.version_info < (3, 10))",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        let python = ["python3", "python3.12", "python3.11", "python3.10"]
             .into_iter()
-            .find(|p| Command::new(p).arg("--version").output().is_ok())
-            .context("no python3 found: install python3 and python3-venv")?;
+            .find(usable)
+            .context("no Python >= 3.10 with venv found: install python3 and python3-venv")?;
         crate::step(
             "python -m venv",
             Command::new(python).args(["-m", "venv"]).arg(&layout.venv),

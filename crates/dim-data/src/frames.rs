@@ -406,6 +406,10 @@ mod tests {
         assert!(Frames::image(40, 40, 1, vec![0; 1600])
             .pad_to(32, 0)
             .is_err());
+        let mut r = ramp(4, 5, 1);
+        assert!(r.crop(2, 2, 3, 3).is_err());
+        r.crop(1, 2, 2, 3).unwrap();
+        assert_eq!(r.data, vec![7, 8, 9, 12, 13, 14]);
     }
 
     #[test]

@@ -107,7 +107,9 @@ impl FmnistClassifier {
         for c in &self.convs {
             x = c.forward(&x).relu();
         }
-        x.mean_dim(&[2i64, 3][..], false, Kind::Float).apply(&self.hidden).relu()
+        x.mean_dim(&[2i64, 3][..], false, Kind::Float)
+            .apply(&self.hidden)
+            .relu()
     }
 
     /// Class logits `(N, 10)`.
@@ -155,9 +157,16 @@ impl FmnistClassifier {
             let (mut sum, mut count) = (0.0, 0);
             for (step, s) in (0..n).step_by(bs as usize).enumerate() {
                 let idx = perm.narrow(0, s, bs.min(n - s));
-                let x = images.index_select(0, &idx.to_device(images.device())).to_device(device);
-                let y = labels.index_select(0, &idx.to_device(labels.device())).to_device(device);
-                let loss = self.hidden_features(&x).apply(&self.head).cross_entropy_for_logits(&y);
+                let x = images
+                    .index_select(0, &idx.to_device(images.device()))
+                    .to_device(device);
+                let y = labels
+                    .index_select(0, &idx.to_device(labels.device()))
+                    .to_device(device);
+                let loss = self
+                    .hidden_features(&x)
+                    .apply(&self.head)
+                    .cross_entropy_for_logits(&y);
                 opt.backward_step(&loss);
                 let l = loss.double_value(&[]);
                 sum += l;
@@ -179,7 +188,10 @@ impl FmnistClassifier {
         for s in (0..n).step_by(batch.max(1)) {
             let len = (batch as i64).min(n - s);
             let pred = self.logits(&images.narrow(0, s, len))?.argmax(1, false);
-            let y = labels.narrow(0, s, len).to_device(pred.device()).to_kind(Kind::Int64);
+            let y = labels
+                .narrow(0, s, len)
+                .to_device(pred.device())
+                .to_kind(Kind::Int64);
             correct += pred.eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
         }
         Ok(correct as f64 / n.max(1) as f64)

@@ -107,13 +107,22 @@ impl FeatureStats {
             if shift.size()[0] != size[1] {
                 return Err(EvalError::Shape {
                     what: "features",
-                    detail: format!("width {} differs from earlier batches' {}", size[1], shift.size()[0]),
+                    detail: format!(
+                        "width {} differs from earlier batches' {}",
+                        size[1],
+                        shift.size()[0]
+                    ),
                 });
             }
         } else {
             self.shift = Some(x.mean_dim(0, false, Kind::Double));
         }
-        let xc = &x - self.shift.as_ref().expect("set above").to_device(x.device());
+        let xc = &x
+            - self
+                .shift
+                .as_ref()
+                .expect("set above")
+                .to_device(x.device());
         let s = xc.sum_dim_intlist(0, false, Kind::Double);
         let o = xc.transpose(0, 1).matmul(&xc);
         self.sum = Some(match self.sum.take() {
@@ -176,8 +185,15 @@ pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> Result<f64> {
     let diff = a.mu.to_kind(Kind::Double) - b.mu.to_kind(Kind::Double);
     let sqrt_s1 = psd_sqrt(&s1);
     let m = sym(&sqrt_s1.matmul(&s2).matmul(&sqrt_s1));
-    let tr_covmean = m.linalg_eigvalsh("L").clamp_min(0.0).sqrt().sum(Kind::Double).double_value(&[]);
-    let d = diff.dot(&diff).double_value(&[]) + s1.trace().double_value(&[]) + s2.trace().double_value(&[])
+    let tr_covmean = m
+        .linalg_eigvalsh("L")
+        .clamp_min(0.0)
+        .sqrt()
+        .sum(Kind::Double)
+        .double_value(&[]);
+    let d = diff.dot(&diff).double_value(&[])
+        + s1.trace().double_value(&[])
+        + s2.trace().double_value(&[])
         - 2.0 * tr_covmean;
     // Rounding can leave a tiny negative value for identical inputs.
     Ok(d.max(0.0))

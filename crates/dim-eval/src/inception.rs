@@ -178,15 +178,29 @@ impl Mixed {
     }
 
     fn fwd(&self, x: &Tensor) -> Tensor {
-        let chain = |convs: &[BasicConv], x: &Tensor| convs.iter().fold(x.shallow_clone(), |h, c| c.fwd(&h));
+        let chain = |convs: &[BasicConv], x: &Tensor| {
+            convs.iter().fold(x.shallow_clone(), |h, c| c.fwd(&h))
+        };
         match self {
-            Mixed::A { b1, b5, b3, pool } => {
-                Tensor::cat(&[b1.fwd(x), chain(b5, x), chain(b3, x), pool.fwd(&avg_pool(x))], 1)
-            }
+            Mixed::A { b1, b5, b3, pool } => Tensor::cat(
+                &[
+                    b1.fwd(x),
+                    chain(b5, x),
+                    chain(b3, x),
+                    pool.fwd(&avg_pool(x)),
+                ],
+                1,
+            ),
             Mixed::B { b3, b3d } => Tensor::cat(&[b3.fwd(x), chain(b3d, x), max_pool_s2(x)], 1),
-            Mixed::C { b1, b7, b7d, pool } => {
-                Tensor::cat(&[b1.fwd(x), chain(b7, x), chain(b7d, x), pool.fwd(&avg_pool(x))], 1)
-            }
+            Mixed::C { b1, b7, b7d, pool } => Tensor::cat(
+                &[
+                    b1.fwd(x),
+                    chain(b7, x),
+                    chain(b7d, x),
+                    pool.fwd(&avg_pool(x)),
+                ],
+                1,
+            ),
             Mixed::D { b3, b7 } => Tensor::cat(&[chain(b3, x), chain(b7, x), max_pool_s2(x)], 1),
             Mixed::E {
                 b1,
@@ -316,4 +330,3 @@ impl FeatureExtractor for InceptionV3 {
         Ok(x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
     }
 }
-

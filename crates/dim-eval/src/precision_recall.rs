@@ -21,7 +21,12 @@ pub struct PrecisionRecall {
 /// Precision and recall of `fake` `(M, F)` against `real` `(N, F)` with
 /// k-NN radii (`k = 3` in the paper). Distances are computed in f64 on the
 /// features' device, `chunk` rows at a time (memory `chunk × max(N, M)`).
-pub fn precision_recall(real: &Tensor, fake: &Tensor, k: usize, chunk: usize) -> Result<PrecisionRecall> {
+pub fn precision_recall(
+    real: &Tensor,
+    fake: &Tensor,
+    k: usize,
+    chunk: usize,
+) -> Result<PrecisionRecall> {
     for (what, t) in [("real features", real), ("generated features", fake)] {
         let s = t.size();
         if s.len() != 2 {
@@ -41,7 +46,11 @@ pub fn precision_recall(real: &Tensor, fake: &Tensor, k: usize, chunk: usize) ->
     if real.size()[1] != fake.size()[1] {
         return Err(EvalError::Shape {
             what: "precision/recall",
-            detail: format!("feature widths differ ({} vs {})", real.size()[1], fake.size()[1]),
+            detail: format!(
+                "feature widths differ ({} vs {})",
+                real.size()[1],
+                fake.size()[1]
+            ),
         });
     }
     let _guard = tch::no_grad_guard();
@@ -59,7 +68,10 @@ pub fn precision_recall(real: &Tensor, fake: &Tensor, k: usize, chunk: usize) ->
 /// Squared distances `(A, B)` between rows of `a` `(A, F)` and `b` `(B, F)`.
 fn sq_dists(a: &Tensor, b: &Tensor) -> Tensor {
     let an = a.square().sum_dim_intlist(1, true, Kind::Double);
-    let bn = b.square().sum_dim_intlist(1, true, Kind::Double).transpose(0, 1);
+    let bn = b
+        .square()
+        .sum_dim_intlist(1, true, Kind::Double)
+        .transpose(0, 1);
     (an + bn - a.matmul(&b.transpose(0, 1)) * 2.0).clamp_min(0.0)
 }
 
@@ -84,7 +96,11 @@ fn coverage(query: &Tensor, reference: &Tensor, radii_sq: &Tensor, chunk: i64) -
     let mut inside = 0i64;
     for s in (0..n).step_by(chunk as usize) {
         let d = sq_dists(&query.narrow(0, s, chunk.min(n - s)), reference);
-        inside += d.le_tensor(&radii_sq.unsqueeze(0)).any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
+        inside += d
+            .le_tensor(&radii_sq.unsqueeze(0))
+            .any_dim(1, false)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
     }
     inside as f64 / n as f64
 }

@@ -43,7 +43,10 @@ pub fn load_checked(vs: &mut VarStore, path: &Path, ignore: &dyn Fn(&str) -> boo
             Some(_) => {}
         }
     }
-    let mut extra: Vec<&String> = file.keys().filter(|k| !vars.contains_key(*k) && !ignore(k)).collect();
+    let mut extra: Vec<&String> = file
+        .keys()
+        .filter(|k| !vars.contains_key(*k) && !ignore(k))
+        .collect();
     extra.sort();
     problems.extend(extra.iter().map(|k| format!("unexpected `{k}`")));
     if !problems.is_empty() {

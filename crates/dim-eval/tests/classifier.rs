@@ -16,7 +16,9 @@ const FMNIST: &str = "/usr/share/datasets/fashion-mnist";
 fn idx(file: &str, n: usize) -> Option<(Vec<u8>, Vec<i64>)> {
     let f = std::fs::File::open(Path::new(FMNIST).join(file)).ok()?;
     let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(f).read_to_end(&mut bytes).ok()?;
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut bytes)
+        .ok()?;
     let dims = bytes[3] as usize;
     let shape: Vec<i64> = (0..dims)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as i64)
@@ -29,7 +31,11 @@ fn idx(file: &str, n: usize) -> Option<(Vec<u8>, Vec<i64>)> {
 fn load(prefix: &str, n: usize) -> Option<(Tensor, Tensor)> {
     let (px, _) = idx(&format!("{prefix}-images-idx3-ubyte.gz"), n)?;
     let (lb, _) = idx(&format!("{prefix}-labels-idx1-ubyte.gz"), n)?;
-    let x = Tensor::from_slice(&px).reshape([n as i64, 1, 28, 28]).to_kind(Kind::Float) / 127.5 - 1.0;
+    let x = Tensor::from_slice(&px)
+        .reshape([n as i64, 1, 28, 28])
+        .to_kind(Kind::Float)
+        / 127.5
+        - 1.0;
     let y = Tensor::from_slice(&lb).to_kind(Kind::Int64);
     Some((x, y))
 }
@@ -63,7 +69,10 @@ fn trains_to_sensible_accuracy_on_a_subset() {
     let p = dir.path().join("cls.safetensors");
     net.save(&p).unwrap();
     let back = FmnistClassifier::load(&p, Device::Cpu).unwrap();
-    assert!(back.features(&tx.narrow(0, 0, 8)).unwrap().allclose(&f, 0.0, 0.0, false));
+    assert!(back
+        .features(&tx.narrow(0, 0, 8))
+        .unwrap()
+        .allclose(&f, 0.0, 0.0, false));
     // Another network's weights are rejected by name.
     let e = FmnistClassifier::load(&dir.path().join("none.safetensors"), Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("no such file"));
@@ -76,6 +85,8 @@ fn rejects_colour_images_and_mismatched_labels() {
     assert!(net.features(&x).is_err());
     let x = Tensor::zeros([4, 1, 32, 32], (Kind::Float, Device::Cpu));
     let y = Tensor::zeros([5], (Kind::Int64, Device::Cpu));
-    let e = net.train(&x, &y, &ClassifierTrainConfig::default(), &mut |_, _, _| {}).unwrap_err();
+    let e = net
+        .train(&x, &y, &ClassifierTrainConfig::default(), &mut |_, _, _| {})
+        .unwrap_err();
     assert!(e.to_string().contains("labels"), "{e}");
 }

@@ -32,10 +32,20 @@ fn commuting_covariances_match_closed_form() {
     let bv: Vec<f64> = Vec::try_from(&b).unwrap();
     let m1: Vec<f64> = Vec::try_from(&mu1).unwrap();
     let m2: Vec<f64> = Vec::try_from(&mu2).unwrap();
-    let expected: f64 = m1.iter().zip(&m2).map(|(x, y)| (x - y).powi(2)).sum::<f64>()
-        + av.iter().zip(&bv).map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2)).sum::<f64>();
+    let expected: f64 = m1
+        .iter()
+        .zip(&m2)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        + av.iter()
+            .zip(&bv)
+            .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
+            .sum::<f64>();
     let got = frechet_distance(&stats(mu1, s1), &stats(mu2, s2)).unwrap();
-    assert!((got - expected).abs() < 1e-9 * expected.max(1.0), "{got} vs {expected}");
+    assert!(
+        (got - expected).abs() < 1e-9 * expected.max(1.0),
+        "{got} vs {expected}"
+    );
 }
 
 #[test]
@@ -53,7 +63,10 @@ fn general_covariances_match_denman_beavers_sqrtm() {
     let expected = diff.iter().map(|d| d * d).sum::<f64>() + trace(&m1) + trace(&m2)
         - 2.0 * trace(&sqrtm_db(&matmul(&m1, &m2)));
     let got = frechet_distance(&stats(mu1, s1), &stats(mu2, s2)).unwrap();
-    assert!((got - expected).abs() < 1e-8 * expected.max(1.0), "{got} vs {expected}");
+    assert!(
+        (got - expected).abs() < 1e-8 * expected.max(1.0),
+        "{got} vs {expected}"
+    );
 }
 
 #[test]
@@ -87,7 +100,12 @@ fn streaming_stats_match_two_pass_reference() {
     for j in 0..9 {
         assert!((gm[j] - mu[j]).abs() < 1e-9, "mean {j}");
         for i in 0..9 {
-            assert!((gc[i][j] - cov[i][j]).abs() < 1e-9, "cov {i},{j}: {} vs {}", gc[i][j], cov[i][j]);
+            assert!(
+                (gc[i][j] - cov[i][j]).abs() < 1e-9,
+                "cov {i},{j}: {} vs {}",
+                gc[i][j],
+                cov[i][j]
+            );
         }
     }
 }
@@ -115,7 +133,10 @@ fn mismatched_widths_are_an_error() {
 }
 
 fn fixture() -> serde_json::Value {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fid_fixture.json");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/fid_fixture.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
@@ -136,5 +157,8 @@ fn matches_scipy_on_committed_fixture() {
     let b = GaussianStats::from_features(&fake).unwrap();
     let got = frechet_distance(&a, &b).unwrap();
     let expected = fx["fid"].as_f64().unwrap();
-    assert!((got - expected).abs() < 1e-8 * expected, "{got} vs scipy {expected}");
+    assert!(
+        (got - expected).abs() < 1e-8 * expected,
+        "{got} vs scipy {expected}"
+    );
 }

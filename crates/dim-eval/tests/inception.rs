@@ -55,7 +55,10 @@ fn loaded_weights_give_the_same_features_and_shapes() {
     let b = loaded.features(&x).unwrap();
     assert_eq!(a.size(), [2, 2048]);
     assert!(bool::try_from(a.isfinite().all()).unwrap());
-    assert!(a.allclose(&b, 0.0, 0.0, false), "loaded weights differ from saved ones");
+    assert!(
+        a.allclose(&b, 0.0, 0.0, false),
+        "loaded weights differ from saved ones"
+    );
     // Evaluation mode: each image's features do not depend on the batch.
     let one = loaded.features(&x.narrow(0, 1, 1)).unwrap();
     assert!(one.allclose(&b.narrow(0, 1, 1), 1e-4, 1e-5, false));
@@ -67,9 +70,13 @@ fn loaded_weights_give_the_same_features_and_shapes() {
 #[test]
 fn small_input_without_resize() {
     let net = InceptionV3::new(Device::Cpu).with_resize(false);
-    let f = net.features(&Tensor::zeros([1, 3, 75, 75], (Kind::Float, Device::Cpu))).unwrap();
+    let f = net
+        .features(&Tensor::zeros([1, 3, 75, 75], (Kind::Float, Device::Cpu)))
+        .unwrap();
     assert_eq!(f.size(), [1, 2048]);
-    let e = net.features(&Tensor::zeros([1, 2, 75, 75], (Kind::Float, Device::Cpu))).unwrap_err();
+    let e = net
+        .features(&Tensor::zeros([1, 2, 75, 75], (Kind::Float, Device::Cpu)))
+        .unwrap_err();
     assert!(e.to_string().contains("C in [1, 3]"), "{e}");
 }
 
@@ -84,22 +91,49 @@ fn wrong_missing_and_unexpected_tensors_are_named() {
         p
     };
     // The classifier head and BN counters of a PyTorch state dict are ignored.
-    let mut with_extras: Vec<(String, Tensor)> = named.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
-    with_extras.push(("fc.weight".into(), Tensor::zeros([1008, 2048], (Kind::Float, Device::Cpu))));
-    with_extras.push(("Mixed_5b.branch1x1.bn.num_batches_tracked".into(), Tensor::from(0i64)));
+    let mut with_extras: Vec<(String, Tensor)> = named
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    with_extras.push((
+        "fc.weight".into(),
+        Tensor::zeros([1008, 2048], (Kind::Float, Device::Cpu)),
+    ));
+    with_extras.push((
+        "Mixed_5b.branch1x1.bn.num_batches_tracked".into(),
+        Tensor::from(0i64),
+    ));
     InceptionV3::load(&write(&with_extras, "extras.safetensors"), Device::Cpu).unwrap();
 
-    let i = named.iter().position(|(k, _)| k == "Mixed_6b.branch7x7_2.conv.weight").unwrap();
+    let i = named
+        .iter()
+        .position(|(k, _)| k == "Mixed_6b.branch7x7_2.conv.weight")
+        .unwrap();
     named[i].1 = Tensor::zeros([128, 128, 7, 1], (Kind::Float, Device::Cpu));
-    let e = InceptionV3::load(&write(&named, "bad.safetensors"), Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("Mixed_6b.branch7x7_2.conv.weight") && e.contains("[128, 128, 7, 1]"), "{e}");
+    let e = InceptionV3::load(&write(&named, "bad.safetensors"), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("Mixed_6b.branch7x7_2.conv.weight") && e.contains("[128, 128, 7, 1]"),
+        "{e}"
+    );
 
     drop(named.remove(i));
-    named.push(("aux.weight".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu))));
-    let e = InceptionV3::load(&write(&named, "missing.safetensors"), Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("missing `Mixed_6b.branch7x7_2.conv.weight`"), "{e}");
+    named.push((
+        "aux.weight".into(),
+        Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+    ));
+    let e = InceptionV3::load(&write(&named, "missing.safetensors"), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("missing `Mixed_6b.branch7x7_2.conv.weight`"),
+        "{e}"
+    );
     assert!(e.contains("unexpected `aux.weight`"), "{e}");
 
-    let e = InceptionV3::load(&dir.path().join("nope.safetensors"), Device::Cpu).unwrap_err().to_string();
+    let e = InceptionV3::load(&dir.path().join("nope.safetensors"), Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no such file"), "{e}");
 }

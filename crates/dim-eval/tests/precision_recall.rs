@@ -11,7 +11,11 @@ fn rows(t: &Tensor) -> Vec<Vec<f64>> {
 }
 
 fn dist(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Direct transcription of the paper's definition.
@@ -26,9 +30,15 @@ fn brute(real: &[Vec<f64>], fake: &[Vec<f64>], k: usize) -> (f64, f64) {
             .collect()
     };
     let inside = |q: &[Vec<f64>], r: &[Vec<f64>], rad: &[f64]| {
-        q.iter().filter(|p| r.iter().zip(rad).any(|(c, &ra)| dist(p, c) <= ra)).count() as f64 / q.len() as f64
+        q.iter()
+            .filter(|p| r.iter().zip(rad).any(|(c, &ra)| dist(p, c) <= ra))
+            .count() as f64
+            / q.len() as f64
     };
-    (inside(fake, real, &radii(real)), inside(real, fake, &radii(fake)))
+    (
+        inside(fake, real, &radii(real)),
+        inside(real, fake, &radii(fake)),
+    )
 }
 
 #[test]
@@ -41,8 +51,16 @@ fn matches_brute_force_on_random_sets() {
             // A chunk that does not divide the counts exercises the tails.
             let got = precision_recall(&real, &fake, k, 37).unwrap();
             let (p, r) = brute(&rows(&real), &rows(&fake), k);
-            assert!((got.precision - p).abs() < 1e-12, "k={k} precision {} vs {p}", got.precision);
-            assert!((got.recall - r).abs() < 1e-12, "k={k} recall {} vs {r}", got.recall);
+            assert!(
+                (got.precision - p).abs() < 1e-12,
+                "k={k} precision {} vs {p}",
+                got.precision
+            );
+            assert!(
+                (got.recall - r).abs() < 1e-12,
+                "k={k} recall {} vs {r}",
+                got.recall
+            );
         }
     }
 }
@@ -66,14 +84,23 @@ fn too_few_samples_is_an_error() {
 
 #[test]
 fn matches_numpy_on_committed_fixture() {
-    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fid_fixture.json");
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/fid_fixture.json"
+    );
     let fx: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     let t = |v: &serde_json::Value| {
         let rows: Vec<Vec<f64>> = serde_json::from_value(v.clone()).unwrap();
         let f = rows[0].len() as i64;
         Tensor::from_slice(&rows.concat()).reshape([-1, f])
     };
-    let got = precision_recall(&t(&fx["real"]), &t(&fx["fake"]), fx["k"].as_u64().unwrap() as usize, 100).unwrap();
+    let got = precision_recall(
+        &t(&fx["real"]),
+        &t(&fx["fake"]),
+        fx["k"].as_u64().unwrap() as usize,
+        100,
+    )
+    .unwrap();
     assert!((got.precision - fx["precision"].as_f64().unwrap()).abs() < 1e-12);
     assert!((got.recall - fx["recall"].as_f64().unwrap()).abs() < 1e-12);
 }

@@ -42,7 +42,11 @@ impl HostTensor {
         let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
         t.copy_data_u8(&mut bytes, numel);
         let shape = t.size().iter().map(|&d| d as usize).collect();
-        Ok(Self { dtype, shape, bytes })
+        Ok(Self {
+            dtype,
+            shape,
+            bytes,
+        })
     }
 }
 
@@ -82,16 +86,24 @@ impl Checkpoint {
         meta.insert("format".into(), FORMAT.into());
         let bytes = safetensors::serialize(host.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
             .context("serialising checkpoint")?;
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create checkpoint folder {}", dir.display()))?;
         let tmp = path.with_extension("safetensors.tmp");
         {
-            let mut f = fs::File::create(&tmp)
-                .with_context(|| format!("cannot write {} (is the folder writable?)", tmp.display()))?;
-            f.write_all(&bytes).with_context(|| format!("writing {}", tmp.display()))?;
-            f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+            let mut f = fs::File::create(&tmp).with_context(|| {
+                format!("cannot write {} (is the folder writable?)", tmp.display())
+            })?;
+            f.write_all(&bytes)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.sync_all()
+                .with_context(|| format!("fsync {}", tmp.display()))?;
         }
-        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         // The rename is durable only once the folder entry is on disk.
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();
@@ -101,11 +113,17 @@ impl Checkpoint {
 
     /// Reads a checkpoint written by [`Checkpoint::save`].
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let bytes =
+            fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .with_context(|| format!("{} is not a safetensors file", path.display()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-        let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+        let meta: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
             bail!(
                 "{} is not a `dim train` checkpoint (no `format = {FORMAT}` in its metadata)",
@@ -122,7 +140,10 @@ impl Checkpoint {
                 Dtype::I64 => Kind::Int64,
                 Dtype::I32 => Kind::Int,
                 Dtype::U8 => Kind::Uint8,
-                d => bail!("{}: tensor `{name}` has unsupported dtype {d:?}", path.display()),
+                d => bail!(
+                    "{}: tensor `{name}` has unsupported dtype {d:?}",
+                    path.display()
+                ),
             };
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             tensors.insert(name, Tensor::from_data_size(view.data(), &shape, kind));
@@ -132,10 +153,12 @@ impl Checkpoint {
 
     /// A metadata value, or an error naming the checkpoint and the key.
     pub fn meta(&self, key: &str, path: &Path) -> Result<&str> {
-        self.meta
-            .get(key)
-            .map(String::as_str)
-            .with_context(|| format!("checkpoint {} has no `{key}` in its metadata", path.display()))
+        self.meta.get(key).map(String::as_str).with_context(|| {
+            format!(
+                "checkpoint {} has no `{key}` in its metadata",
+                path.display()
+            )
+        })
     }
 
     /// Tensors under `prefix/`, with the prefix stripped.
@@ -143,7 +166,10 @@ impl Checkpoint {
         let p = format!("{prefix}/");
         self.tensors
             .iter()
-            .filter_map(|(k, t)| k.strip_prefix(&p).map(|n| (n.to_string(), t.shallow_clone())))
+            .filter_map(|(k, t)| {
+                k.strip_prefix(&p)
+                    .map(|n| (n.to_string(), t.shallow_clone()))
+            })
             .collect()
     }
 }

@@ -28,7 +28,9 @@ pub enum ConfigError {
     },
     #[error("config {file}: {detail}")]
     Invalid { file: String, detail: String },
-    #[error("override `{arg}`: {detail} (overrides look like `train.steps=100` or `optim.lr=1e-4`)")]
+    #[error(
+        "override `{arg}`: {detail} (overrides look like `train.steps=100` or `optim.lr=1e-4`)"
+    )]
     Override { arg: String, detail: String },
 }
 
@@ -43,11 +45,17 @@ pub fn load_table(path: &Path, overrides: &[String]) -> Result<toml::Table, Conf
 }
 
 /// As [`load_table`], from text (`file` names it in messages).
-pub fn load_table_str(text: &str, file: &str, overrides: &[String]) -> Result<toml::Table, ConfigError> {
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Invalid {
-        file: file.to_string(),
-        detail: format!("not valid TOML: {e}"),
-    })?;
+pub fn load_table_str(
+    text: &str,
+    file: &str,
+    overrides: &[String],
+) -> Result<toml::Table, ConfigError> {
+    let mut table: toml::Table =
+        text.parse()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                file: file.to_string(),
+                detail: format!("not valid TOML: {e}"),
+            })?;
     for o in overrides {
         apply_override(&mut table, o)?;
     }
@@ -85,7 +93,11 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigEr
 }
 
 /// Deserialises table `section` of `table` (missing = all defaults).
-pub fn section<T: DeserializeOwned>(table: &toml::Table, section: &str, file: &str) -> Result<T, ConfigError> {
+pub fn section<T: DeserializeOwned>(
+    table: &toml::Table,
+    section: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
     let sub = table
         .get(section)
         .cloned()
@@ -246,11 +258,23 @@ impl TrainConfig {
 
     /// Builds from an already-parsed table (e.g. a checkpoint's embedded config).
     pub fn from_table(table: toml::Table, file: &str) -> Result<Self, ConfigError> {
-        let known = ["model", "diffusion", "sampler", "data", "loader", "optim", "train", "eval"];
+        let known = [
+            "model",
+            "diffusion",
+            "sampler",
+            "data",
+            "loader",
+            "optim",
+            "train",
+            "eval",
+        ];
         if let Some(k) = table.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ConfigError::Invalid {
                 file: file.into(),
-                detail: format!("unknown table or key `{k}` (known tables: {})", known.join(", ")),
+                detail: format!(
+                    "unknown table or key `{k}` (known tables: {})",
+                    known.join(", ")
+                ),
             });
         }
         let sub = |name: &str| -> Result<toml::Table, ConfigError> {
@@ -283,7 +307,8 @@ impl TrainConfig {
                 if !table.contains_key("data") {
                     return Err(ConfigError::Invalid {
                         file: file.into(),
-                        detail: "missing [data] table (e.g. [data] kind = \"fashion_mnist\")".into(),
+                        detail: "missing [data] table (e.g. [data] kind = \"fashion_mnist\")"
+                            .into(),
                     });
                 }
                 let d: dim_data::DataConfig = section(&table, "data", file)?;
@@ -321,10 +346,16 @@ impl TrainConfig {
             return bad("optim.ema_decay", "must be in [0, 1]");
         }
         if o.weight_decay < 0.0 || o.grad_clip < 0.0 || o.eps <= 0.0 {
-            return bad("optim.weight_decay / optim.grad_clip / optim.eps", "must not be negative (eps > 0)");
+            return bad(
+                "optim.weight_decay / optim.grad_clip / optim.eps",
+                "must not be negative (eps > 0)",
+            );
         }
         if t.batch_size <= 0 || t.grad_accum <= 0 || t.batch_size % t.grad_accum != 0 {
-            return bad("train.batch_size", "must be positive and divisible by train.grad_accum");
+            return bad(
+                "train.batch_size",
+                "must be positive and divisible by train.grad_accum",
+            );
         }
         if t.keep_last == 0 {
             return bad("train.keep_last", "must be at least 1");
@@ -374,7 +405,9 @@ mod tests {
         assert_eq!(t["train"]["device"].as_str(), Some("cpu"));
         assert_eq!(t["optim"]["betas"].as_array().unwrap().len(), 2);
         assert_eq!(t["a"]["b"]["c"].as_str(), Some("x y"));
-        let e = apply_override(&mut t, "optim.lr.x=1").unwrap_err().to_string();
+        let e = apply_override(&mut t, "optim.lr.x=1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`lr` is a value"), "{e}");
         assert!(apply_override(&mut t, "nokey").is_err());
         assert!(apply_override(&mut t, "a..b=1").is_err());
@@ -382,18 +415,28 @@ mod tests {
 
     #[test]
     fn unknown_sections_and_keys_name_the_file() {
-        let t: toml::Table = "[model]\npreset = \"DiM-S/2\"\n[data]\nkind = \"fashion_mnist\"\n[trian]\nsteps = 1\n"
-            .parse()
-            .unwrap();
-        let e = TrainConfig::from_table(t, "x.toml").unwrap_err().to_string();
+        let t: toml::Table =
+            "[model]\npreset = \"DiM-S/2\"\n[data]\nkind = \"fashion_mnist\"\n[trian]\nsteps = 1\n"
+                .parse()
+                .unwrap();
+        let e = TrainConfig::from_table(t, "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.toml") && e.contains("`trian`"), "{e}");
         let t: toml::Table = "[model]\npreset = \"DiM-S/2\"\n[data]\nkind = \"fashion_mnist\"\n[train]\nbatch_size = 10\ngrad_accum = 3\n"
             .parse()
             .unwrap();
-        let e = TrainConfig::from_table(t, "y.toml").unwrap_err().to_string();
-        assert!(e.contains("y.toml") && e.contains("train.batch_size"), "{e}");
+        let e = TrainConfig::from_table(t, "y.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("y.toml") && e.contains("train.batch_size"),
+            "{e}"
+        );
         let t: toml::Table = "[data]\nkind = \"fashion_mnist\"\n".parse().unwrap();
-        let e = TrainConfig::from_table(t, "z.toml").unwrap_err().to_string();
+        let e = TrainConfig::from_table(t, "z.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing [model]"), "{e}");
     }
 
@@ -409,7 +452,8 @@ mod tests {
             "mfmnist_video_dim.toml",
             "ucf101_video_dim.toml",
         ] {
-            let cfg = TrainConfig::load(&root.join(name), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let cfg =
+                TrainConfig::load(&root.join(name), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
             crate::train::model_config(&cfg).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             crate::train::diffusion_config(&cfg).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         }

@@ -50,17 +50,29 @@ pub fn run(a: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
         format!("train.device=\"{}\"", a.device),
     ];
     overrides.extend(a.overrides.iter().cloned());
-    let (text, name) = if gpu { (DEMO_GPU, "configs/demo_gpu.toml") } else { (DEMO_CPU, "configs/demo.toml") };
+    let (text, name) = if gpu {
+        (DEMO_GPU, "configs/demo_gpu.toml")
+    } else {
+        (DEMO_CPU, "configs/demo.toml")
+    };
     let table = load_table_str(text, name, &overrides)?;
     let cfg = TrainConfig::from_table(table, name)?;
-    tracing::info!("demo: training {} for {:.1} min on {:?}", name, a.minutes, device);
+    tracing::info!(
+        "demo: training {} for {:.1} min on {:?}",
+        name,
+        a.minutes,
+        device
+    );
     let out = train::train(&cfg, None, stop)?;
 
     let features = cfg.eval.features_path.clone();
     if !features.exists() {
-        tracing::info!("demo: training the feature classifier ({})", features.display());
+        tracing::info!(
+            "demo: training the feature classifier ({})",
+            features.display()
+        );
         let ccfg = dim_eval::ClassifierTrainConfig {
-            epochs: if gpu { 5 } else { 2 },
+            epochs: if gpu { 5 } else { 1 },
             ..Default::default()
         };
         eval::train_features(&features, &ccfg, &a.device)?;
@@ -91,7 +103,10 @@ pub fn run(a: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
         3,
         500,
     )?;
-    std::fs::write(a.out.join("eval.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        a.out.join("eval.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     println!("sample grid: {}", grid.display());
     println!(
         "FID ({} samples vs Fashion-MNIST test, project features): {:.2}   precision {:.3}   recall {:.3}",

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use dim_data::{DataConfig, Dataset, FashionMnistConfig, Split, Transform};
 use dim_eval::{
-    extract_features, frechet_distance, precision_recall, ClassifierTrainConfig, FeatureExtractor, FmnistClassifier,
-    GaussianStats, InceptionV3,
+    extract_features, frechet_distance, precision_recall, ClassifierTrainConfig, FeatureExtractor,
+    FmnistClassifier, GaussianStats, InceptionV3,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -36,14 +36,19 @@ pub fn fashion_mnist(split: Split) -> DataConfig {
 /// Parses `fashion-mnist:train|test`, a folder or file written by
 /// `dim sample` (`samples.safetensors`), or a TOML file with a `[data]` table.
 pub fn parse_source(spec: &str) -> Result<Source> {
-    let ds = |cfg: DataConfig| -> Result<Source> { Ok(Source::Dataset(cfg.build()?, spec.to_string())) };
+    let ds =
+        |cfg: DataConfig| -> Result<Source> { Ok(Source::Dataset(cfg.build()?, spec.to_string())) };
     match spec {
         "fashion-mnist:train" => return ds(fashion_mnist(Split::Train)),
         "fashion-mnist:test" => return ds(fashion_mnist(Split::Test)),
         _ => {}
     }
     let p = Path::new(spec);
-    let file = if p.is_dir() { p.join("samples.safetensors") } else { p.to_path_buf() };
+    let file = if p.is_dir() {
+        p.join("samples.safetensors")
+    } else {
+        p.to_path_buf()
+    };
     match file.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => {
             let t = Tensor::read_safetensors(&file)
@@ -72,7 +77,9 @@ impl Source {
     fn batch(&self, first: usize, n: usize) -> Result<Tensor> {
         let x = match self {
             Source::Dataset(d, _) => {
-                let items: Vec<Tensor> = (first..first + n).map(|i| Ok(d.get(i, 0)?.data)).collect::<Result<_>>()?;
+                let items: Vec<Tensor> = (first..first + n)
+                    .map(|i| Ok(d.get(i, 0)?.data))
+                    .collect::<Result<_>>()?;
                 Tensor::stack(&items, 0)
             }
             Source::Tensor(t, _) => t.narrow(0, first as i64, n as i64),
@@ -87,15 +94,21 @@ impl Source {
 
     /// Features `(N, F)` of the first `limit` images (0 = all).
     fn features(&self, ext: &dyn FeatureExtractor, limit: usize, batch: usize) -> Result<Tensor> {
-        let n = if limit > 0 { limit.min(self.len()) } else { self.len() };
+        let n = if limit > 0 {
+            limit.min(self.len())
+        } else {
+            self.len()
+        };
         let name = match self {
             Source::Dataset(_, s) | Source::Tensor(_, s) => s.clone(),
         };
         let bar = ProgressBar::new(n as u64);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} features {msg} [{bar:30}] {pos}/{len}, ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{spinner} features {msg} [{bar:30}] {pos}/{len}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_message(name);
         let mut batches = Vec::new();
@@ -111,7 +124,11 @@ impl Source {
 }
 
 /// Loads the feature network named `kind`.
-pub fn feature_network(kind: &str, weights: &Path, device: Device) -> Result<Box<dyn FeatureExtractor>> {
+pub fn feature_network(
+    kind: &str,
+    weights: &Path,
+    device: Device,
+) -> Result<Box<dyn FeatureExtractor>> {
     Ok(match kind {
         "fmnist-classifier" => Box::new(FmnistClassifier::load(weights, device).with_context(|| {
             "the Fashion-MNIST feature classifier: create it with `dim train-features` (or pass --weights)".to_string()
@@ -151,7 +168,10 @@ pub fn evaluate(
     let r = parse_source(reference)?;
     let fg = g.features(ext, num, batch)?;
     let fr = r.features(ext, 0, batch)?;
-    let fid = frechet_distance(&GaussianStats::from_features(&fg)?, &GaussianStats::from_features(&fr)?)?;
+    let fid = frechet_distance(
+        &GaussianStats::from_features(&fg)?,
+        &GaussianStats::from_features(&fr)?,
+    )?;
     // Precision/recall compares equally many samples (the paper's setting).
     let m = fg.size()[0].min(fr.size()[0]);
     let pr = precision_recall(&fr.narrow(0, 0, m), &fg.narrow(0, 0, m), k, 1024)?;
@@ -192,9 +212,11 @@ pub fn train_features(out: &Path, cfg: &ClassifierTrainConfig, device: &str) -> 
     let steps = cfg.epochs as u64 * (x.size()[0] as u64).div_ceil(cfg.batch_size as u64);
     let bar = ProgressBar::new(steps);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} train-features [{bar:30}] {pos}/{len}, ETA {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} train-features [{bar:30}] {pos}/{len}, ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     net.train(&x, &y.to_kind(Kind::Int64), cfg, &mut |_, _, loss| {
         bar.inc(1);

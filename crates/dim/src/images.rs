@@ -15,19 +15,27 @@ fn to_rgba(x: &Tensor) -> Result<Tensor> {
     if s.len() != 4 || !(s[1] == 1 || s[1] == 3) {
         bail!("expected images (N, 1|3, H, W), got {s:?}");
     }
-    let x = ((x.to_device(Device::Cpu).to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5)
+    let x = ((x
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .clamp(-1.0, 1.0)
+        + 1.0)
+        * 127.5)
         .round()
         .to_kind(Kind::Uint8);
     let x = if s[1] == 1 { x.repeat([1, 3, 1, 1]) } else { x };
     let alpha = Tensor::full([s[0], 1, s[2], s[3]], 255, (Kind::Uint8, Device::Cpu));
-    Ok(Tensor::cat(&[x, alpha], 1).permute([0, 2, 3, 1]).contiguous())
+    Ok(Tensor::cat(&[x, alpha], 1)
+        .permute([0, 2, 3, 1])
+        .contiguous())
 }
 
 fn image_from(rgba: &Tensor) -> RgbaImage {
     let s = rgba.size();
     let mut buf = vec![0u8; rgba.numel()];
     rgba.copy_data_u8(&mut buf, rgba.numel());
-    ImageBuffer::<Rgba<u8>, _>::from_raw(s[1] as u32, s[0] as u32, buf).expect("buffer sized from the tensor")
+    ImageBuffer::<Rgba<u8>, _>::from_raw(s[1] as u32, s[0] as u32, buf)
+        .expect("buffer sized from the tensor")
 }
 
 /// Tiles `(N, C, H, W)` images in `[-1, 1]` into one `(H', W', 4)` image with
@@ -64,7 +72,10 @@ fn save(img: &RgbaImage, path: &Path) -> Result<()> {
 pub fn save_pngs(x: &Tensor, dir: &Path, prefix: &str, first: usize) -> Result<usize> {
     let rgba = to_rgba(x)?;
     for i in 0..rgba.size()[0] {
-        save(&image_from(&rgba.get(i)), &dir.join(format!("{prefix}{:06}.png", first + i as usize)))?;
+        save(
+            &image_from(&rgba.get(i)),
+            &dir.join(format!("{prefix}{:06}.png", first + i as usize)),
+        )?;
     }
     Ok(rgba.size()[0] as usize)
 }
@@ -77,7 +88,8 @@ pub fn save_grid(x: &Tensor, ncol: i64, path: &Path) -> Result<()> {
 /// Writes a video `(C, T, H, W)` in `[-1, 1]` as an endlessly looping GIF.
 pub fn save_gif(video: &Tensor, fps: u32, path: &Path) -> Result<()> {
     let frames = to_rgba(&video.transpose(0, 1))?;
-    let f = fs::File::create(path).with_context(|| format!("cannot write {} (is the folder writable?)", path.display()))?;
+    let f = fs::File::create(path)
+        .with_context(|| format!("cannot write {} (is the folder writable?)", path.display()))?;
     let mut enc = GifEncoder::new_with_speed(f, 10);
     enc.set_repeat(Repeat::Infinite)?;
     let delay = Delay::from_numer_denom_ms(1000, fps.max(1));
@@ -97,11 +109,17 @@ pub fn save_strip(video: &Tensor, path: &Path) -> Result<()> {
 /// Creates `dir` and checks it is writable, with a message that says what to do.
 pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| {
-        format!("cannot create output folder {}: choose a writable --out / train.out_dir", dir.display())
+        format!(
+            "cannot create output folder {}: choose a writable --out / train.out_dir",
+            dir.display()
+        )
     })?;
     let probe = dir.join(".dim-write-test");
     fs::write(&probe, b"").with_context(|| {
-        format!("output folder {} is not writable: choose another --out / train.out_dir", dir.display())
+        format!(
+            "output folder {} is not writable: choose another --out / train.out_dir",
+            dir.display()
+        )
     })?;
     let _ = fs::remove_file(probe);
     Ok(())

@@ -28,7 +28,11 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "dim", version, about = "Train, sample and evaluate Diffusion Mamba (DiM) models")]
+#[command(
+    name = "dim",
+    version,
+    about = "Train, sample and evaluate Diffusion Mamba (DiM) models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -129,7 +133,10 @@ enum Command {
 
 fn main() {
     let filter = EnvFilter::try_from_env("DIM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -145,7 +152,9 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
         if s.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit now)");
+        eprintln!(
+            "\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit now)"
+        );
     })
     .context("installing the Ctrl-C handler")?;
     Ok(stop)
@@ -165,7 +174,10 @@ fn run(cli: Cli) -> Result<()> {
             });
             let out = train::train(&cfg, resume, stop_flag()?)?;
             if out.interrupted {
-                eprintln!("interrupted at step {}; continue with --resume auto", out.step);
+                eprintln!(
+                    "interrupted at step {}; continue with --resume auto",
+                    out.step
+                );
             }
             println!("{}", out.checkpoint.display());
             Ok(())
@@ -218,7 +230,8 @@ fn run(cli: Cli) -> Result<()> {
             let report = eval::evaluate(&samples, &reference, ext.as_ref(), num, k, batch.max(1))?;
             let text = serde_json::to_string_pretty(&report)?;
             if let Some(p) = json {
-                std::fs::write(&p, &text).with_context(|| format!("cannot write {}", p.display()))?;
+                std::fs::write(&p, &text)
+                    .with_context(|| format!("cannot write {}", p.display()))?;
             }
             println!("{text}");
             Ok(())

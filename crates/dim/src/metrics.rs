@@ -22,7 +22,9 @@ impl JsonlWriter {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open metrics file {}", path.display()))?;
-        Ok(Self { out: BufWriter::new(f) })
+        Ok(Self {
+            out: BufWriter::new(f),
+        })
     }
 
     /// Writes one record as a line.
@@ -51,7 +53,11 @@ pub struct StepRecord {
 pub fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map(|pages| pages * 4096.0 / (1024.0 * 1024.0))
         .unwrap_or(0.0)
 }

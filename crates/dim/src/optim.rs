@@ -71,7 +71,9 @@ impl AdamW {
         let norm = grads
             .iter()
             .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
-            .fold(Tensor::from(0.0f64).to_device(grads[0].device()), |a, b| a + b)
+            .fold(Tensor::from(0.0f64).to_device(grads[0].device()), |a, b| {
+                a + b
+            })
             .sqrt()
             .double_value(&[]);
         let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip {
@@ -116,7 +118,11 @@ impl AdamW {
                     bail!("optimizer state `{key}` missing from the checkpoint");
                 };
                 if src.size() != t.size() {
-                    bail!("optimizer state `{key}` has shape {:?}, expected {:?}", src.size(), t.size());
+                    bail!(
+                        "optimizer state `{key}` has shape {:?}, expected {:?}",
+                        src.size(),
+                        t.size()
+                    );
                 }
                 t.copy_(src);
             }
@@ -138,15 +144,26 @@ pub struct Ema {
 impl Ema {
     /// Starts as a copy of `params`.
     pub fn new(decay: f64, start: u64, params: &Params) -> Self {
-        let shadow = params.iter().map(|(n, p)| (n.clone(), p.detach().copy())).collect();
-        Self { decay, start, shadow }
+        let shadow = params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.detach().copy()))
+            .collect();
+        Self {
+            decay,
+            start,
+            shadow,
+        }
     }
 
     /// `shadow ← decay·shadow + (1 − decay)·param` after optimizer step `step`
     /// (a plain copy before `ema_start`).
     pub fn update(&mut self, params: &Params, step: u64) {
         let _guard = tch::no_grad_guard();
-        let w = if step <= self.start { 1.0 } else { 1.0 - self.decay };
+        let w = if step <= self.start {
+            1.0
+        } else {
+            1.0 - self.decay
+        };
         for ((_, s), (_, p)) in self.shadow.iter_mut().zip(params) {
             let _ = s.lerp_(p, w);
         }

@@ -26,10 +26,12 @@ pub struct Restored {
 /// default for sampling) or the raw training weights.
 pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
     let ck = Checkpoint::load(path)?;
-    let table: toml::Table = ck
-        .meta("config", path)?
-        .parse()
-        .with_context(|| format!("checkpoint {}: its embedded config is not valid TOML", path.display()))?;
+    let table: toml::Table = ck.meta("config", path)?.parse().with_context(|| {
+        format!(
+            "checkpoint {}: its embedded config is not valid TOML",
+            path.display()
+        )
+    })?;
     let cfg = TrainConfig::from_table(table, &format!("{} (embedded config)", path.display()))?;
     let mcfg = model_config(&cfg)?;
     let dcfg = diffusion_config(&cfg)?;
@@ -100,7 +102,8 @@ pub fn generate(
         let b = batch.min(n - first);
         let y = (net.cfg.num_classes > 0).then(|| match class {
             Some(k) => Tensor::full([b], k, (Kind::Int64, device)),
-            None => (Tensor::arange_start(first, first + b, (Kind::Int64, device))).remainder(net.cfg.num_classes),
+            None => (Tensor::arange_start(first, first + b, (Kind::Int64, device)))
+                .remainder(net.cfg.num_classes),
         });
         let mut full = vec![b];
         full.extend(&shape);
@@ -110,7 +113,9 @@ pub fn generate(
             seed,
             first_row: first as u64,
         };
-        let denoiser = dim_diffusion::FallibleFn(|x: &Tensor, t: &Tensor, y: Option<&Tensor>| net.model.forward(x, t, y, false));
+        let denoiser = dim_diffusion::FallibleFn(|x: &Tensor, t: &Tensor, y: Option<&Tensor>| {
+            net.model.forward(x, t, y, false)
+        });
         let x = diffusion.sample(&denoiser, &full, y.as_ref(), &sampler, &opts, |_| {})?;
         out.push(x.clamp(-1.0, 1.0).to_device(Device::Cpu));
         if let Some(bar) = bar {
@@ -177,7 +182,11 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
     }
     if let Some(k) = a.class {
         if k < 0 || k >= r.net.cfg.num_classes {
-            bail!("--class {k}: the model has {} classes (0..{})", r.net.cfg.num_classes, r.net.cfg.num_classes);
+            bail!(
+                "--class {k}: the model has {} classes (0..{})",
+                r.net.cfg.num_classes,
+                r.net.cfg.num_classes
+            );
         }
     }
     sampler
@@ -190,7 +199,16 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let x = generate(&r.net, &r.diffusion, &sampler, a.num, a.batch, a.class, a.seed, Some(&bar))?;
+    let x = generate(
+        &r.net,
+        &r.diffusion,
+        &sampler,
+        a.num,
+        a.batch,
+        a.class,
+        a.seed,
+        Some(&bar),
+    )?;
     bar.finish_and_clear();
     let grid_path = a.out.join("grid.png");
     let shown = x.narrow(0, 0, x.size()[0].min(100));

@@ -37,9 +37,17 @@ pub fn resolve_device(spec: &str) -> Result<Device> {
             if !cuda {
                 bail!("device `{s}` requested but no CUDA device is available: use `--device cpu` / train.device = \"cpu\" (or \"auto\")");
             }
-            let i: usize = s.strip_prefix("cuda:").map(str::parse::<usize>).transpose().with_context(|| format!("bad device `{s}`: use cuda:N"))?.unwrap_or(0);
+            let i: usize = s
+                .strip_prefix("cuda:")
+                .map(str::parse::<usize>)
+                .transpose()
+                .with_context(|| format!("bad device `{s}`: use cuda:N"))?
+                .unwrap_or(0);
             if i >= tch::Cuda::device_count() as usize {
-                bail!("device `{s}` requested but only {} CUDA device(s) exist", tch::Cuda::device_count());
+                bail!(
+                    "device `{s}` requested but only {} CUDA device(s) exist",
+                    tch::Cuda::device_count()
+                );
             }
             Ok(Device::Cuda(i))
         }
@@ -56,12 +64,17 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
 /// The diffusion and sampler configs of a `TrainConfig`.
 pub fn diffusion_config(cfg: &TrainConfig) -> Result<dim_diffusion::Config> {
     let text = toml::to_string(&cfg.diffusion)?;
-    dim_diffusion::Config::from_toml_str(&text).with_context(|| format!("config {}: [diffusion]/[sampler]", cfg.file))
+    dim_diffusion::Config::from_toml_str(&text)
+        .with_context(|| format!("config {}: [diffusion]/[sampler]", cfg.file))
 }
 
 /// Trainable parameters by name (sorted, so the order is stable across runs).
 pub fn named_params(vs: &VarStore) -> Params {
-    let mut v: Params = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let mut v: Params = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -78,7 +91,11 @@ impl Net {
     pub fn new(cfg: &ModelConfig, device: Device) -> Result<Self> {
         let vs = VarStore::new(device);
         let model = Model::new(vs.root(), cfg).context("building the network")?;
-        Ok(Self { vs, model, cfg: cfg.clone() })
+        Ok(Self {
+            vs,
+            model,
+            cfg: cfg.clone(),
+        })
     }
 
     /// Copies `weights` (exact names and shapes) into the network.
@@ -94,11 +111,20 @@ pub fn copy_named(vs: &VarStore, weights: &BTreeMap<String, Tensor>, what: &str)
     for (k, v) in &vars {
         match weights.get(k) {
             None => problems.push(format!("missing `{k}`")),
-            Some(w) if w.size() != v.size() => problems.push(format!("`{k}` is {:?}, the network has {:?}", w.size(), v.size())),
+            Some(w) if w.size() != v.size() => problems.push(format!(
+                "`{k}` is {:?}, the network has {:?}",
+                w.size(),
+                v.size()
+            )),
             _ => {}
         }
     }
-    problems.extend(weights.keys().filter(|k| !vars.contains_key(*k)).map(|k| format!("unexpected `{k}`")));
+    problems.extend(
+        weights
+            .keys()
+            .filter(|k| !vars.contains_key(*k))
+            .map(|k| format!("unexpected `{k}`")),
+    );
     if !problems.is_empty() {
         let n = problems.len();
         problems.sort();
@@ -143,7 +169,11 @@ pub struct TrainOutcome {
 
 /// Trains per `cfg`; `stop` is set by Ctrl-C and makes the loop checkpoint
 /// and return at the next step boundary.
-pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -> Result<TrainOutcome> {
+pub fn train(
+    cfg: &TrainConfig,
+    resume: Option<Resume>,
+    stop: Arc<AtomicBool>,
+) -> Result<TrainOutcome> {
     let t = &cfg.train;
     let device = resolve_device(&t.device)?;
     if t.threads > 0 {
@@ -152,7 +182,8 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
     images::ensure_writable_dir(&t.out_dir)?;
     let mcfg = model_config(cfg)?;
     let dcfg = diffusion_config(cfg)?;
-    let diffusion = Diffusion::new(&dcfg.diffusion).with_context(|| format!("config {}: [diffusion]", cfg.file))?;
+    let diffusion = Diffusion::new(&dcfg.diffusion)
+        .with_context(|| format!("config {}: [diffusion]", cfg.file))?;
     if diffusion.out_channels(mcfg.in_channels) != mcfg.out_channels() {
         bail!(
             "config {}: model.learn_sigma = {} but diffusion.learn_sigma = {}: set both the same",
@@ -168,12 +199,16 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
     let mut opt = AdamW::new(&cfg.optim, &params);
     let mut ema = Ema::new(cfg.optim.ema_decay, cfg.optim.ema_start, &params);
 
-    let dataset = cfg.data.build().with_context(|| format!("config {}: [data]", cfg.file))?;
+    let dataset = cfg
+        .data
+        .build()
+        .with_context(|| format!("config {}: [data]", cfg.file))?;
     let micro = t.batch_size / t.grad_accum;
     let mut lcfg = cfg.loader.clone();
     lcfg.batch_size = micro as usize;
     lcfg.seed = t.seed;
-    let mut loader = dim_data::Loader::new(dataset, lcfg).with_context(|| format!("config {}: [loader]", cfg.file))?;
+    let mut loader = dim_data::Loader::new(dataset, lcfg)
+        .with_context(|| format!("config {}: [loader]", cfg.file))?;
 
     let mut step = 0u64;
     let resume_path = match resume {
@@ -184,7 +219,9 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
     if let Some(p) = &resume_path {
         let ck = Checkpoint::load(p)?;
         let saved_cfg = ck.meta("config", p)?;
-        let saved: toml::Table = saved_cfg.parse().with_context(|| format!("checkpoint {}: bad embedded config", p.display()))?;
+        let saved: toml::Table = saved_cfg
+            .parse()
+            .with_context(|| format!("checkpoint {}: bad embedded config", p.display()))?;
         if saved.get("model") != Some(&toml::Value::Table(cfg.model.clone())) {
             bail!(
                 "checkpoint {} was trained with a different [model] than config {}: resume with the config it was trained with (its [model] is stored in the checkpoint)",
@@ -196,15 +233,20 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
         let ema_w = ck.group("ema");
         tch::no_grad(|| -> Result<()> {
             for (n, s) in &mut ema.shadow {
-                let w = ema_w.get(n).with_context(|| format!("checkpoint {}: EMA weight `{n}` missing", p.display()))?;
+                let w = ema_w.get(n).with_context(|| {
+                    format!("checkpoint {}: EMA weight `{n}` missing", p.display())
+                })?;
                 s.copy_(w);
             }
             Ok(())
         })?;
         step = ck.meta("step", p)?.parse()?;
-        opt.load_state(&ck.group("optim"), step).with_context(|| format!("checkpoint {}", p.display()))?;
+        opt.load_state(&ck.group("optim"), step)
+            .with_context(|| format!("checkpoint {}", p.display()))?;
         let pos: dim_data::LoaderState = serde_json::from_str(ck.meta("data_position", p)?)?;
-        loader.resume(&pos).with_context(|| format!("checkpoint {}: data position", p.display()))?;
+        loader
+            .resume(&pos)
+            .with_context(|| format!("checkpoint {}: data position", p.display()))?;
         tracing::info!(checkpoint = %p.display(), step, "resumed");
     }
 
@@ -219,9 +261,11 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
     );
     let bar = ProgressBar::new(t.steps);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} train [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} train [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_position(step);
     let start = Instant::now();
@@ -230,7 +274,12 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
     let amp = t.precision == "amp" && device.is_cuda();
     let conditional = mcfg.num_classes > 0;
 
-    let save = |step: u64, net: &Net, ema: &Ema, opt: &AdamW, loader: &dim_data::Loader| -> Result<PathBuf> {
+    let save = |step: u64,
+                net: &Net,
+                ema: &Ema,
+                opt: &AdamW,
+                loader: &dim_data::Loader|
+     -> Result<PathBuf> {
         let mut ck = Checkpoint::default();
         for (n, w) in named_params(&net.vs) {
             ck.tensors.insert(format!("model/{n}"), w);
@@ -245,9 +294,13 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
         for (n, w) in opt.state_tensors() {
             ck.tensors.insert(format!("optim/{n}"), w);
         }
-        ck.meta.insert("config".into(), toml::to_string(&cfg.to_table())?);
+        ck.meta
+            .insert("config".into(), toml::to_string(&cfg.to_table())?);
         ck.meta.insert("step".into(), step.to_string());
-        ck.meta.insert("data_position".into(), serde_json::to_string(&loader.position())?);
+        ck.meta.insert(
+            "data_position".into(),
+            serde_json::to_string(&loader.position())?,
+        );
         ck.meta.insert("seed".into(), t.seed.to_string());
         let p = checkpoint::path_for_step(&t.out_dir, step);
         ck.save(&p)?;
@@ -279,9 +332,16 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
             } else {
                 None
             };
-            let mut rng = NoiseRng::with_first_row(mix(t.seed, 1), (step * t.grad_accum as u64 + m as u64) * micro as u64);
-            let denoiser = FallibleFn(|x: &Tensor, tt: &Tensor, y: Option<&Tensor>| net.model.forward(x, tt, y, true));
-            let losses_t = tch::autocast(amp, || diffusion.training_losses(&denoiser, &x, y.as_ref(), &mut rng))?;
+            let mut rng = NoiseRng::with_first_row(
+                mix(t.seed, 1),
+                (step * t.grad_accum as u64 + m as u64) * micro as u64,
+            );
+            let denoiser = FallibleFn(|x: &Tensor, tt: &Tensor, y: Option<&Tensor>| {
+                net.model.forward(x, tt, y, true)
+            });
+            let losses_t = tch::autocast(amp, || {
+                diffusion.training_losses(&denoiser, &x, y.as_ref(), &mut rng)
+            })?;
             let loss = losses_t.loss.mean(Kind::Float) / t.grad_accum as f64;
             loss.backward();
             step_loss += loss.double_value(&[]);
@@ -321,12 +381,28 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
             };
             window = (Instant::now(), 0);
             bar.set_message(format!("loss {:.4}", rec.loss));
-            tracing::debug!(step, loss = rec.loss, grad_norm, lr, images_per_s = rec.images_per_s, memory_mib = rec.memory_mib, "step");
+            tracing::debug!(
+                step,
+                loss = rec.loss,
+                grad_norm,
+                lr,
+                images_per_s = rec.images_per_s,
+                memory_mib = rec.memory_mib,
+                "step"
+            );
             metrics.write(&rec)?;
         }
         if t.sample_every > 0 && step % t.sample_every == 0 {
             let p = t.out_dir.join(format!("samples-{step:09}.png"));
-            sample_grid(&net, &ema, &diffusion, &dcfg.sampler, t.sample_grid, t.seed, &p)?;
+            sample_grid(
+                &net,
+                &ema,
+                &diffusion,
+                &dcfg.sampler,
+                t.sample_grid,
+                t.seed,
+                &p,
+            )?;
             tracing::info!(path = %p.display(), "sample grid");
         }
         if step % t.ckpt_every == 0 && step < t.steps {
@@ -350,12 +426,31 @@ pub fn train(cfg: &TrainConfig, resume: Option<Resume>, stop: Arc<AtomicBool>) -
 
 /// Writes a grid of `n` samples from the EMA weights (the training weights
 /// are put back afterwards).
-fn sample_grid(net: &Net, ema: &Ema, diffusion: &Diffusion, sampler: &SamplerConfig, n: i64, seed: u64, path: &Path) -> Result<()> {
-    let backup: Vec<Tensor> = named_params(&net.vs).iter().map(|(_, p)| p.detach().copy()).collect();
-    let weights: BTreeMap<String, Tensor> = ema.shadow.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+fn sample_grid(
+    net: &Net,
+    ema: &Ema,
+    diffusion: &Diffusion,
+    sampler: &SamplerConfig,
+    n: i64,
+    seed: u64,
+    path: &Path,
+) -> Result<()> {
+    let backup: Vec<Tensor> = named_params(&net.vs)
+        .iter()
+        .map(|(_, p)| p.detach().copy())
+        .collect();
+    let weights: BTreeMap<String, Tensor> = ema
+        .shadow
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
     swap_in(&net.vs, &weights);
     let out = crate::sample::generate(net, diffusion, sampler, n, n, None, seed, None);
-    let restore: BTreeMap<String, Tensor> = named_params(&net.vs).iter().map(|(k, _)| k.clone()).zip(backup).collect();
+    let restore: BTreeMap<String, Tensor> = named_params(&net.vs)
+        .iter()
+        .map(|(k, _)| k.clone())
+        .zip(backup)
+        .collect();
     swap_in(&net.vs, &restore);
     crate::sample::write_grid(&out?, &net.cfg, path)
 }

@@ -63,7 +63,11 @@ out_dir = "{}"
 }
 
 fn dim(args: &[&str]) -> Output {
-    Command::new(DIM).args(args).env("DIM_LOG", "warn").output().expect("run dim")
+    Command::new(DIM)
+        .args(args)
+        .env("DIM_LOG", "warn")
+        .output()
+        .expect("run dim")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -105,7 +109,10 @@ fn train_resume_sample_eval() {
     let ckpt = ok(&["train", "--config", &s(&full)]).trim().to_string();
     assert!(ckpt.ends_with("ckpt-000000006.safetensors"), "{ckpt}");
     let a = losses(&d.join("full"));
-    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+    assert_eq!(
+        a.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
     assert!(a.iter().all(|x| x.1.is_finite() && x.1 > 0.0));
     // keep_last = 2: the step-3 and step-6 checkpoints remain.
     let mut kept: Vec<String> = std::fs::read_dir(d.join("full"))
@@ -114,50 +121,118 @@ fn train_resume_sample_eval() {
         .filter(|n| n.starts_with("ckpt-"))
         .collect();
     kept.sort();
-    assert_eq!(kept, ["ckpt-000000003.safetensors", "ckpt-000000006.safetensors"]);
+    assert_eq!(
+        kept,
+        ["ckpt-000000003.safetensors", "ckpt-000000006.safetensors"]
+    );
 
     // Interrupted after 3 steps (an override), then resumed to 6.
     let part = tiny_config(d, "part");
     ok(&["train", "--config", &s(&part), "train.steps=3"]);
     ok(&["train", "--config", &s(&part), "--resume", "auto"]);
     let b = losses(&d.join("part"));
-    assert_eq!(a, b, "a resumed run must repeat the uninterrupted loss sequence exactly");
+    assert_eq!(
+        a, b,
+        "a resumed run must repeat the uninterrupted loss sequence exactly"
+    );
 
     // A checkpoint of another architecture is refused with a clear message.
-    let e = err(&["train", "--config", &s(&part), "--resume", &ckpt, "model.depth=3"]);
+    let e = err(&[
+        "train",
+        "--config",
+        &s(&part),
+        "--resume",
+        &ckpt,
+        "model.depth=3",
+    ]);
     assert!(e.contains("different [model]"), "{e}");
 
     // Sampling: PNGs, a grid and the raw tensor.
     let out = d.join("samples");
-    let grid = ok(&["sample", "--checkpoint", &ckpt, "--num", "8", "--batch", "5", "--out", &s(&out), "--device", "cpu"]);
+    let grid = ok(&[
+        "sample",
+        "--checkpoint",
+        &ckpt,
+        "--num",
+        "8",
+        "--batch",
+        "5",
+        "--out",
+        &s(&out),
+        "--device",
+        "cpu",
+    ]);
     assert!(Path::new(grid.trim()).is_file());
     assert!(out.join("000007.png").is_file() && out.join("samples.safetensors").is_file());
     let img = image_size(&out.join("000000.png"));
     assert_eq!(img, (32, 32));
     // Same seed, different batch size: identical samples (noise keyed by sample index).
     let out2 = d.join("samples2");
-    ok(&["sample", "--checkpoint", &ckpt, "--num", "8", "--batch", "8", "--out", &s(&out2), "--device", "cpu"]);
-    assert_eq!(std::fs::read(out.join("000006.png")).unwrap(), std::fs::read(out2.join("000006.png")).unwrap());
+    ok(&[
+        "sample",
+        "--checkpoint",
+        &ckpt,
+        "--num",
+        "8",
+        "--batch",
+        "8",
+        "--out",
+        &s(&out2),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(
+        std::fs::read(out.join("000006.png")).unwrap(),
+        std::fs::read(out2.join("000006.png")).unwrap()
+    );
 
     // Evaluation with a feature network whose weights the test makes.
     let w = d.join("features.safetensors");
-    dim_eval::FmnistClassifier::new(tch::Device::Cpu).save(&w).unwrap();
+    dim_eval::FmnistClassifier::new(tch::Device::Cpu)
+        .save(&w)
+        .unwrap();
     let report = ok(&[
-        "eval", "--samples", &s(&out), "--reference", &s(&out2), "--weights", &s(&w), "--k", "2", "--device", "cpu",
+        "eval",
+        "--samples",
+        &s(&out),
+        "--reference",
+        &s(&out2),
+        "--weights",
+        &s(&w),
+        "--k",
+        "2",
+        "--device",
+        "cpu",
     ]);
     let r: serde_json::Value = serde_json::from_str(&report).unwrap();
     // Same images on both sides: FID 0, precision and recall 1.
     assert!(r["fid"].as_f64().unwrap().abs() < 1e-6, "{report}");
     assert_eq!(r["precision"].as_f64(), Some(1.0));
-    let report = ok(&["eval", "--samples", &s(&out), "--reference", "fashion-mnist:test", "--weights", &s(&w), "--device", "cpu"]);
+    let report = ok(&[
+        "eval",
+        "--samples",
+        &s(&out),
+        "--reference",
+        "fashion-mnist:test",
+        "--weights",
+        &s(&w),
+        "--device",
+        "cpu",
+    ]);
     let r: serde_json::Value = serde_json::from_str(&report).unwrap();
-    assert!(r["fid"].as_f64().unwrap() > 0.0 && r["num_reference"].as_u64() == Some(10_000), "{report}");
+    assert!(
+        r["fid"].as_f64().unwrap() > 0.0 && r["num_reference"].as_u64() == Some(10_000),
+        "{report}"
+    );
 }
 
 fn image_size(p: &Path) -> (u32, u32) {
     // PNG IHDR: width and height are big-endian at bytes 16..24.
     let b = std::fs::read(p).unwrap();
-    (u32::from_be_bytes(b[16..20].try_into().unwrap()), u32::from_be_bytes(b[20..24].try_into().unwrap()))
+    (
+        u32::from_be_bytes(b[16..20].try_into().unwrap()),
+        u32::from_be_bytes(b[20..24].try_into().unwrap()),
+    )
 }
 
 #[test]
@@ -168,23 +243,47 @@ fn errors_say_what_to_do() {
     let c = cfg.display().to_string();
 
     let e = err(&["train", "--config", &c, "optim.lrr=1"]);
-    assert!(e.contains("unknown field `lrr`") && e.contains("[optim]") && e.contains(&c), "{e}");
+    assert!(
+        e.contains("unknown field `lrr`") && e.contains("[optim]") && e.contains(&c),
+        "{e}"
+    );
     let e = err(&["train", "--config", &c, "train.batch_size=\"big\""]);
     assert!(e.contains("[train]") && e.contains(&c), "{e}");
     let e = err(&["train", "--config", &c, "optim.lr=-1"]);
     assert!(e.contains("optim.lr"), "{e}");
-    let e = err(&["train", "--config", &d.join("nope.toml").display().to_string()]);
-    assert!(e.contains("cannot read config") && e.contains("nope.toml"), "{e}");
+    let e = err(&[
+        "train",
+        "--config",
+        &d.join("nope.toml").display().to_string(),
+    ]);
+    assert!(
+        e.contains("cannot read config") && e.contains("nope.toml"),
+        "{e}"
+    );
     if !tch::Cuda::is_available() {
         let e = err(&["train", "--config", &c, "train.device=\"cuda\""]);
         assert!(e.contains("no CUDA device") && e.contains("cpu"), "{e}");
     }
     let file = d.join("a-file");
     std::fs::write(&file, "").unwrap();
-    let e = err(&["train", "--config", &c, &format!("train.out_dir=\"{}/sub\"", file.display())]);
+    let e = err(&[
+        "train",
+        "--config",
+        &c,
+        &format!("train.out_dir=\"{}/sub\"", file.display()),
+    ]);
     assert!(e.contains("cannot create output folder"), "{e}");
-    let e = err(&["sample", "--checkpoint", &c, "--out", &d.join("s").display().to_string()]);
-    assert!(e.contains("not a safetensors file") || e.contains("not a `dim train` checkpoint"), "{e}");
+    let e = err(&[
+        "sample",
+        "--checkpoint",
+        &c,
+        "--out",
+        &d.join("s").display().to_string(),
+    ]);
+    assert!(
+        e.contains("not a safetensors file") || e.contains("not a `dim train` checkpoint"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -193,7 +292,13 @@ fn ctrl_c_saves_and_exits_cleanly() {
     let d = tmp.path();
     let cfg = tiny_config(d, "int");
     let child = Command::new(DIM)
-        .args(["train", "--config", &cfg.display().to_string(), "train.steps=100000", "train.ckpt_every=100000"])
+        .args([
+            "train",
+            "--config",
+            &cfg.display().to_string(),
+            "train.steps=100000",
+            "train.ckpt_every=100000",
+        ])
         .env("DIM_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -201,20 +306,42 @@ fn ctrl_c_saves_and_exits_cleanly() {
         .unwrap();
     let metrics = d.join("int").join("metrics.jsonl");
     let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
         assert!(t0.elapsed().as_secs() < 120, "training did not start");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ckpt = String::from_utf8(out.stdout).unwrap();
     let ckpt = Path::new(ckpt.trim());
-    assert!(ckpt.is_file(), "no checkpoint after Ctrl-C: {}", ckpt.display());
+    assert!(
+        ckpt.is_file(),
+        "no checkpoint after Ctrl-C: {}",
+        ckpt.display()
+    );
     // It is complete: it resumes.
     let steps = losses(&d.join("int")).len() as u64;
     assert!(steps >= 2);
-    ok(&["train", "--config", &cfg.display().to_string(), "--resume", "auto", &format!("train.steps={}", steps + 1)]);
+    ok(&[
+        "train",
+        "--config",
+        &cfg.display().to_string(),
+        "--resume",
+        "auto",
+        &format!("train.steps={}", steps + 1),
+    ]);
     assert_eq!(losses(&d.join("int")).last().unwrap().0, steps + 1);
 }

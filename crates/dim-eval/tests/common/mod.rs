@@ -49,7 +49,9 @@ pub fn inverse(a: &Mat) -> Mat {
         })
         .collect();
     for c in 0..n {
-        let p = (c..n).max_by(|&x, &y| m[x][c].abs().total_cmp(&m[y][c].abs())).unwrap();
+        let p = (c..n)
+            .max_by(|&x, &y| m[x][c].abs().total_cmp(&m[y][c].abs()))
+            .unwrap();
         m.swap(c, p);
         let d = m[c][c];
         for v in m[c].iter_mut() {
@@ -73,11 +75,17 @@ pub fn inverse(a: &Mat) -> Mat {
 pub fn sqrtm_db(a: &Mat) -> Mat {
     let n = a.len();
     let mut y = a.clone();
-    let mut z: Mat = (0..n).map(|i| (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect()).collect();
+    let mut z: Mat = (0..n)
+        .map(|i| (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect())
+        .collect();
     for _ in 0..60 {
         let (yi, zi) = (inverse(&y), inverse(&z));
-        let ny: Mat = (0..n).map(|i| (0..n).map(|j| 0.5 * (y[i][j] + zi[i][j])).collect()).collect();
-        let nz: Mat = (0..n).map(|i| (0..n).map(|j| 0.5 * (z[i][j] + yi[i][j])).collect()).collect();
+        let ny: Mat = (0..n)
+            .map(|i| (0..n).map(|j| 0.5 * (y[i][j] + zi[i][j])).collect())
+            .collect();
+        let nz: Mat = (0..n)
+            .map(|i| (0..n).map(|j| 0.5 * (z[i][j] + yi[i][j])).collect())
+            .collect();
         y = ny;
         z = nz;
     }
@@ -91,7 +99,9 @@ pub fn trace(a: &Mat) -> f64 {
 /// Mean and unbiased covariance of the rows, two-pass.
 pub fn mean_cov(x: &Mat) -> (Vec<f64>, Mat) {
     let (n, f) = (x.len(), x[0].len());
-    let mu: Vec<f64> = (0..f).map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n as f64).collect();
+    let mu: Vec<f64> = (0..f)
+        .map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n as f64)
+        .collect();
     let mut c = vec![vec![0.0; f]; f];
     for r in x {
         for i in 0..f {
