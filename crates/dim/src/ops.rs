@@ -112,7 +112,13 @@ fn scan(args: &ScanArgs) -> Result<()> {
     let leaves: BTreeMap<String, Tensor> = tensors
         .iter()
         .filter(|(n, _)| n.as_str() != "dy")
-        .map(|(n, t)| (n.clone(), t.detach().set_requires_grad(want_grad && t.is_floating_point())))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.detach()
+                    .set_requires_grad(want_grad && t.is_floating_point()),
+            )
+        })
         .collect();
     let get = |n: &str| leaves.get(n);
     let inputs = |k: usize| -> ScanInputs<'_> {
@@ -170,7 +176,10 @@ fn name(base: &str, dir: usize) -> String {
 
 /// Writes next to `path`, then renames, so a failure never leaves half a file.
 fn write_atomically(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
@@ -179,5 +188,6 @@ fn write_atomically(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     Tensor::write_safetensors(&named, &tmp)
         .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move the result to {}", path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move the result to {}", path.display()))
 }

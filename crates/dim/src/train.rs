@@ -365,7 +365,7 @@ pub fn train(
         window.1 += t.batch_size;
         bar.set_position(step);
 
-        if step % t.log_every == 0 || step == t.steps {
+        if step.is_multiple_of(t.log_every) || step == t.steps {
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
             let rec = StepRecord {
                 step,
@@ -392,7 +392,7 @@ pub fn train(
             );
             metrics.write(&rec)?;
         }
-        if t.sample_every > 0 && step % t.sample_every == 0 {
+        if t.sample_every > 0 && step.is_multiple_of(t.sample_every) {
             let p = t.out_dir.join(format!("samples-{step:09}.png"));
             sample_grid(
                 &net,
@@ -405,7 +405,7 @@ pub fn train(
             )?;
             tracing::info!(path = %p.display(), "sample grid");
         }
-        if step % t.ckpt_every == 0 && step < t.steps {
+        if step.is_multiple_of(t.ckpt_every) && step < t.steps {
             last_ckpt = Some(save(step, &net, &ema, &opt, &loader)?);
         }
     }

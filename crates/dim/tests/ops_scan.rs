@@ -26,7 +26,10 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn bidirectional_forward_and_backward_match_the_reference() {
     let dir = tempfile::tempdir().unwrap();
-    let (input, output) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"));
+    let (input, output) = (
+        dir.path().join("in.safetensors"),
+        dir.path().join("out.safetensors"),
+    );
     let f = (Kind::Float, Device::Cpu);
     let (b, d, l, n) = (2, 3, 19, 8);
     let names = ["u", "delta", "A", "B", "C", "D", "delta_bias"];
@@ -63,9 +66,15 @@ fn bidirectional_forward_and_backward_match_the_reference() {
         output.to_str().unwrap(),
         "--bidirectional",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let got: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(&output).unwrap().into_iter().collect();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&output)
+        .unwrap()
+        .into_iter()
+        .collect();
 
     // The reference in f64 with libtorch's own autograd.
     let leaf = |t: &Tensor| t.to_kind(Kind::Double).set_requires_grad(true);
@@ -85,8 +94,14 @@ fn bidirectional_forward_and_backward_match_the_reference() {
     (&y * dy.to_kind(Kind::Double)).sum(Kind::Double).backward();
     assert!(rel_err(&got["y"], &y) < 1e-5);
     for (i, nm) in names.iter().enumerate() {
-        assert!(rel_err(&got[&format!("d{nm}")], &fw64[i].grad()) < 1e-5, "d{nm}");
-        assert!(rel_err(&got[&format!("d{nm}_b")], &bw64[i].grad()) < 1e-5, "d{nm}_b");
+        assert!(
+            rel_err(&got[&format!("d{nm}")], &fw64[i].grad()) < 1e-5,
+            "d{nm}"
+        );
+        assert!(
+            rel_err(&got[&format!("d{nm}_b")], &bw64[i].grad()) < 1e-5,
+            "d{nm}_b"
+        );
     }
     assert!(rel_err(&got["dz"], &z64.grad()) < 1e-5);
 }
@@ -118,17 +133,50 @@ fn bad_inputs_get_a_message_naming_file_and_tensor() {
     };
     let e = run(&[("u", &u), ("delta", &u), ("A", &a), ("B", &b)], &[]);
     assert!(e.contains("in.safetensors") && e.contains("`C`"), "{e}");
-    let e = run(&[("u", &u), ("delta", &u), ("A", &a), ("B", &b), ("C", &bad_c)], &[]);
+    let e = run(
+        &[
+            ("u", &u),
+            ("delta", &u),
+            ("A", &a),
+            ("B", &b),
+            ("C", &bad_c),
+        ],
+        &[],
+    );
     assert!(e.contains("`C`") && e.contains("[1, 1, 4, 6]"), "{e}");
-    let e = run(&[("u", &u), ("delta", &u), ("A", &a), ("B", &b), ("C", &b), ("u_b", &u)], &[]);
+    let e = run(
+        &[
+            ("u", &u),
+            ("delta", &u),
+            ("A", &a),
+            ("B", &b),
+            ("C", &b),
+            ("u_b", &u),
+        ],
+        &[],
+    );
     assert!(e.contains("`u_b`") && e.contains("--bidirectional"), "{e}");
     let e = run(
-        &[("u", &u), ("delta", &u), ("A", &a), ("B", &b), ("C", &b), ("dy", &bad_c)],
+        &[
+            ("u", &u),
+            ("delta", &u),
+            ("A", &a),
+            ("B", &b),
+            ("C", &b),
+            ("dy", &bad_c),
+        ],
         &[],
     );
     assert!(e.contains("dy"), "{e}");
     std::fs::write(&input, b"not a safetensors file").unwrap();
-    let out = dim(&["ops", "scan", "--input", input.to_str().unwrap(), "--output", "x"]);
+    let out = dim(&[
+        "ops",
+        "scan",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        "x",
+    ]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("in.safetensors"), "{e}");
     assert!(!output.exists(), "no output file is left behind on failure");
