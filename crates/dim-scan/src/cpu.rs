@@ -108,9 +108,13 @@ fn fast_exp(x: f32) -> f32 {
     // 0.693145751953125 exactly (few mantissa bits, so i·LN2_HI is exact) and ln 2 − LN2_HI.
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // 1.5·2^23: adding it rounds to an integer, which then sits in the low
+    // mantissa bits (exact for |t| < 2^22). No float-to-int conversion, so the
+    // loops over the state dimension vectorise.
+    const SHIFTER: f32 = 12_582_912.0;
     let xc = x.clamp(-87.0, 88.0);
-    // Round to nearest by the 1.5·2^23 trick (exact for |t| < 2^22).
-    let i = (xc * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let t = xc * std::f32::consts::LOG2_E + SHIFTER;
+    let i = t - SHIFTER;
     let r = (xc - i * LN2_HI) - i * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -118,14 +122,48 @@ fn fast_exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits((((i as i32) + 127) as u32) << 23);
-    let y = p * scale;
+    // 2^i from the biased exponent i + 127 (in 1..=254 for the clamped range).
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     // NaN in, NaN out (the clamp above would hide it).
     if x.is_nan() {
-        f32::NAN
+        x
     } else {
-        y
+        p * scale
     }
+}
+
+/// Σ a·b with eight partial sums, so the loop vectorises (a plain running sum
+/// is a serial dependency the compiler may not reorder).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a, with eight partial sums (see [`dot`]).
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for x in chunks {
+        for k in 0..8 {
+            acc[k] += x[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn softplus(x: f32) -> f32 {
@@ -224,27 +262,25 @@ impl<'a, E: Elem> Channel<'a, E> {
     fn step(&self, l: usize, dt: f32, h: &mut [f32], decay: Option<&mut [f32]>) -> f32 {
         let n = h.len();
         let dtu = dt * self.u[l].to_f32();
+        // Equal-length slices: no bounds checks, so the loops vectorise.
+        let a = &self.a[..n];
         let b = &self.bt[l * n..(l + 1) * n];
-        let c = &self.ct[l * n..(l + 1) * n];
-        let mut acc = 0f32;
         match decay {
             Some(decay) => {
+                let decay = &mut decay[..n];
                 for k in 0..n {
-                    let a = fast_exp(dt * self.a[k]);
-                    decay[k] = a;
-                    h[k] = a * h[k] + dtu * b[k];
-                    acc += c[k] * h[k];
+                    let e = fast_exp(dt * a[k]);
+                    decay[k] = e;
+                    h[k] = e * h[k] + dtu * b[k];
                 }
             }
             None => {
                 for k in 0..n {
-                    let a = fast_exp(dt * self.a[k]);
-                    h[k] = a * h[k] + dtu * b[k];
-                    acc += c[k] * h[k];
+                    h[k] = fast_exp(dt * a[k]) * h[k] + dtu * b[k];
                 }
             }
         }
-        acc
+        dot(&self.ct[l * n..(l + 1) * n], h)
     }
 
     /// The whole scan: adds this direction's y (skip term included) to `y`
@@ -287,6 +323,9 @@ struct Scratch {
     h: Vec<f32>,
     /// dA of the channel, accumulated in f64: sums run over up to millions of positions.
     da: Vec<f64>,
+    /// Per-state terms of dΔ and du, summed after the vectorised loop.
+    t_ddt: Vec<f32>,
+    t_du: Vec<f32>,
 }
 
 impl<E: Elem> Channel<'_, E> {
@@ -328,18 +367,22 @@ impl<E: Elem> Channel<'_, E> {
                 let decay = &s.decay[k * n..(k + 1) * n];
                 let db = &mut g.db[l * n..(l + 1) * n];
                 let dc = &mut g.dc[l * n..(l + 1) * n];
-                let (mut ddt, mut du) = (0f32, 0f32);
+                let (a, carry, da) = (&self.a[..n], &mut s.carry[..n], &mut s.da[..n]);
+                let (hprev, h, decay) = (&hprev[..n], &h[..n], &decay[..n]);
+                let (t_ddt, t_du) = (&mut s.t_ddt[..n], &mut s.t_du[..n]);
                 for j in 0..n {
                     // dL/dh_l: from y_l, plus what flows back from h_{l+1}.
-                    let gj = yb * c[j] + s.carry[j];
+                    let gj = yb * c[j] + carry[j];
                     dc[j] += yb * h[j];
                     let gdecay = gj * hprev[j] * decay[j]; // dL/d(Δ·A)
-                    ddt += gdecay * self.a[j] + gj * b[j] * u;
-                    s.da[j] += f64::from(gdecay * dt);
+                    t_ddt[j] = gdecay * a[j] + gj * b[j] * u;
+                    da[j] += f64::from(gdecay * dt);
                     db[j] += gj * dt * u;
-                    du += gj * dt * b[j];
-                    s.carry[j] = decay[j] * gj;
+                    t_du[j] = gj * b[j];
+                    carry[j] = decay[j] * gj;
                 }
+                let ddt = sum(t_ddt);
+                let du = dt * sum(t_du);
                 g.du[l] = E::from_f32(du + self.d * yb);
                 dd_sum += f64::from(yb * u);
                 let dd = ddt * dsp;
@@ -505,6 +548,8 @@ pub fn backward<E: Elem>(
                 carry: vec![0f32; n],
                 h: vec![0f32; n],
                 da: vec![0f64; n],
+                t_ddt: vec![0f32; n],
+                t_du: vec![0f32; n],
             };
             let mut ckpt = vec![0f32; ndirs * nseg * n];
             let mut ysum = vec![0f32; len];

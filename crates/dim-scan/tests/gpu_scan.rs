@@ -60,7 +60,7 @@ fn check(case: Case, kind: Kind, tol: f64, with_reference: bool) {
     let cpu = run(&p, kind, Device::Cpu, false, false);
     assert_close(&format!("{case:?} {kind:?} cuda vs cpu"), &got, &cpu, tol);
     if with_reference {
-        let want = run(&p, Kind::Double, Device::Cpu, true, false);
+        let want = run(&p.rounded_to(kind), Kind::Double, Device::Cpu, true, false);
         assert_close(&format!("{case:?} {kind:?} cuda vs f64"), &got, &want, tol);
     }
 }

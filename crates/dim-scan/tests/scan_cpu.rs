@@ -11,7 +11,7 @@ const BF16_TOL: f64 = 1e-2;
 
 fn check(case: Case, kind: Kind, tol: f64) {
     let p = Problem::random(case);
-    let want = run(&p, Kind::Double, Device::Cpu, true, false);
+    let want = run(&p.rounded_to(kind), Kind::Double, Device::Cpu, true, false);
     let got = run(&p, kind, Device::Cpu, false, false);
     assert_close(&format!("{case:?} {kind:?}"), &got, &want, tol);
 }

@@ -162,9 +162,8 @@ pub struct LoopConfig {
     pub seed: u64,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// `f32`, or `amp`: libtorch's CUDA autocast around the forward (ignored
-    /// on CPU). libtorch's CUDA autocast dtype is f16 and tch 0.24 has no
-    /// setter for bf16, see docs/cli.md.
+    /// `f32`, or `bf16`: libtorch's CUDA autocast in bf16 around the forward
+    /// (as DiT trains; ignored on CPU). `amp` is accepted as another name for `bf16`.
     pub precision: String,
     /// Output folder: checkpoints, metrics.jsonl, sample grids.
     pub out_dir: PathBuf,
@@ -363,8 +362,8 @@ impl TrainConfig {
         if t.log_every == 0 || t.ckpt_every == 0 {
             return bad("train.log_every / train.ckpt_every", "must be at least 1");
         }
-        if !["amp", "f32"].contains(&t.precision.as_str()) {
-            return bad("train.precision", "must be \"f32\" or \"amp\"");
+        if !["bf16", "amp", "f32"].contains(&t.precision.as_str()) {
+            return bad("train.precision", "must be \"f32\" or \"bf16\"");
         }
         Ok(())
     }

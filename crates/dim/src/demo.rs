@@ -79,7 +79,7 @@ pub fn run(a: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
     }
 
     let samples_dir = a.out.join("samples");
-    let n = a.fid_samples.unwrap_or(if gpu { 10_000 } else { 500 });
+    let n = a.fid_samples.unwrap_or(if gpu { 10_000 } else { 200 });
     let grid = sample::run(&sample::SampleArgs {
         checkpoint: out.checkpoint.clone(),
         num: n.max(100),

@@ -271,7 +271,11 @@ pub fn train(
     let start = Instant::now();
     let mut window = (Instant::now(), 0i64);
     let mut last_ckpt: Option<PathBuf> = resume_path.clone();
-    let amp = t.precision == "amp" && device.is_cuda();
+    let amp = t.precision != "f32" && device.is_cuda();
+    if amp {
+        // libtorch's CUDA autocast defaults to f16; DiT-style training is bf16.
+        dim_model::set_cuda_autocast_dtype(tch::Kind::BFloat16)?;
+    }
     let conditional = mcfg.num_classes > 0;
 
     let save = |step: u64,

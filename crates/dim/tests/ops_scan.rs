@@ -18,6 +18,18 @@ fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
     Tensor::write_safetensors(tensors, path).unwrap();
 }
 
+fn inputs(v: &[Tensor]) -> ScanInputs<'_> {
+    ScanInputs {
+        u: &v[0],
+        delta: &v[1],
+        a: &v[2],
+        b: &v[3],
+        c: &v[4],
+        d: Some(&v[5]),
+        delta_bias: Some(&v[6]),
+    }
+}
+
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_kind(Kind::Double);
     (&a - b).norm().double_value(&[]) / b.norm().double_value(&[])
@@ -81,15 +93,6 @@ fn bidirectional_forward_and_backward_match_the_reference() {
     let (fw64, bw64): (Vec<Tensor>, Vec<Tensor>) =
         (fw.iter().map(leaf).collect(), bw.iter().map(leaf).collect());
     let z64 = leaf(&z);
-    let inputs = |v: &[Tensor]| ScanInputs {
-        u: &v[0],
-        delta: &v[1],
-        a: &v[2],
-        b: &v[3],
-        c: &v[4],
-        d: Some(&v[5]),
-        delta_bias: Some(&v[6]),
-    };
     let y = selective_scan_bidirectional_ref(inputs(&fw64), inputs(&bw64), Some(&z64), true);
     (&y * dy.to_kind(Kind::Double)).sum(Kind::Double).backward();
     assert!(rel_err(&got["y"], &y) < 1e-5);

@@ -110,6 +110,33 @@ impl Problem {
     }
 }
 
+impl Problem {
+    /// The same problem with every tensor rounded through the dtypes the op
+    /// computes from (`kind` for data, f32 for A, D, delta_bias), so that a
+    /// reference on it measures the op's own error, not the input rounding.
+    pub fn rounded_to(&self, kind: Kind) -> Self {
+        let r = |t: &Tensor, k: Kind| t.to_kind(k).to_kind(Kind::Double);
+        Self {
+            case: self.case,
+            dirs: self
+                .dirs
+                .iter()
+                .map(|x| DirTensors {
+                    u: r(&x.u, kind),
+                    delta: r(&x.delta, kind),
+                    a: r(&x.a, Kind::Float),
+                    b: r(&x.b, kind),
+                    c: r(&x.c, kind),
+                    d: x.d.as_ref().map(|t| r(t, Kind::Float)),
+                    bias: x.bias.as_ref().map(|t| r(t, Kind::Float)),
+                })
+                .collect(),
+            z: self.z.as_ref().map(|t| r(t, kind)),
+            w: r(&self.w, kind),
+        }
+    }
+}
+
 /// The op's output and the gradient of every input (None where absent), in f64.
 pub struct Outcome {
     pub y: Tensor,
