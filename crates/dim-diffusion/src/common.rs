@@ -148,6 +148,28 @@ pub(crate) fn check_input(x: &Tensor, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks the inputs of a `training_losses_at`: `x0` `(B, C, ...)`, labels
+/// `(B)`, `t` `(B)` and `noise` shaped as `x0`.
+pub(crate) fn check_training_inputs(
+    x0: &Tensor,
+    y: Option<&Tensor>,
+    t: &Tensor,
+    noise: &Tensor,
+) -> Result<()> {
+    check_input(x0, "x0")?;
+    let b = x0.size()[0];
+    check_labels(y, b)?;
+    if noise.size() != x0.size() || t.size() != [b] {
+        return Err(DiffusionError::Shape(format!(
+            "noise {:?} / t {:?} do not match x0 {:?}",
+            noise.size(),
+            t.size(),
+            x0.size()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_labels(y: Option<&Tensor>, b: i64) -> Result<()> {
     if let Some(y) = y {
         if y.size() != [b] {

@@ -9,12 +9,12 @@
 use tch::{Kind, Tensor};
 
 use crate::common::{
-    call_model, check_input, check_labels, check_output, mean_flat, per_sample, time_kind, Losses,
-    Progress, SampleOptions,
+    call_model, check_input, check_labels, check_output, check_training_inputs, mean_flat,
+    per_sample, time_kind, Losses, Progress, SampleOptions,
 };
 use crate::config::{DiffusionConfig, ProcessKind, SamplerConfig, SamplerKind, TimeSampling};
 use crate::denoiser::Denoiser;
-use crate::error::{config_err, DiffusionError, Result};
+use crate::error::{config_err, Result};
 use crate::rng::NoiseRng;
 use crate::schedule::flow_grid;
 
@@ -81,17 +81,7 @@ impl FlowMatching {
         t: &Tensor,
         noise: &Tensor,
     ) -> Result<Losses> {
-        check_input(x0, "x0")?;
-        let b = x0.size()[0];
-        check_labels(y, b)?;
-        if noise.size() != x0.size() || t.size() != [b] {
-            return Err(DiffusionError::Shape(format!(
-                "noise {:?} / t {:?} do not match x0 {:?}",
-                noise.size(),
-                t.size(),
-                x0.size()
-            )));
-        }
+        check_training_inputs(x0, y, t, noise)?;
         let x_t = self.interpolate(x0, t, noise);
         let t_model = (t.to_kind(Kind::Double) * self.cfg.time_scale)
             .to_kind(time_kind(x0))

@@ -10,8 +10,8 @@ use std::f64::consts::LN_2;
 use tch::{Kind, Tensor};
 
 use crate::common::{
-    call_model, check_input, check_labels, check_output, mean_flat, per_sample, time_kind, Losses,
-    Progress, SampleOptions,
+    call_model, check_input, check_labels, check_output, check_training_inputs, mean_flat,
+    per_sample, time_kind, Losses, Progress, SampleOptions,
 };
 use crate::config::{
     DiffusionConfig, FixedVariance, Prediction, ProcessKind, SamplerConfig, SamplerKind,
@@ -415,17 +415,7 @@ impl GaussianDiffusion {
         t: &Tensor,
         noise: &Tensor,
     ) -> Result<Losses> {
-        check_input(x0, "x0")?;
-        let b = x0.size()[0];
-        check_labels(y, b)?;
-        if noise.size() != x0.size() || t.size() != [b] {
-            return Err(DiffusionError::Shape(format!(
-                "noise {:?} / t {:?} do not match x0 {:?}",
-                noise.size(),
-                t.size(),
-                x0.size()
-            )));
-        }
+        check_training_inputs(x0, y, t, noise)?;
         let x_t = self.q_sample(x0, t, noise)?;
         let t_model = t.to_kind(time_kind(x0)).to_device(x0.device());
         let out = model.denoise(&x_t, &t_model, y)?;
