@@ -8,29 +8,10 @@ use dim_diffusion::{
     FlowMatching, GaussianDiffusion, NoiseRng, Prediction, ProcessKind, SampleOptions,
     SamplerConfig, SamplerKind, Spacing,
 };
-use serde_json::Value;
+mod common;
+
+use common::{fixtures, tensor};
 use tch::{Device, Kind, Tensor};
-
-fn fixtures() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/diffusers.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<i64> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_i64().unwrap())
-        .collect();
-    let data: Vec<f64> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_f64().unwrap())
-        .collect();
-    Tensor::from_slice(&data).view(shape.as_slice())
-}
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])

@@ -6,31 +6,13 @@ use dim_diffusion::{
     BetaSchedule, DiffusionConfig, FixedVariance, FlowMatching, GaussianDiffusion, NoiseRng,
     Prediction, ProcessKind, SamplerConfig, SamplerKind, Spacing,
 };
+mod common;
+
+use common::{fixtures, tensor};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
 const TOL: f64 = 1e-6;
-
-fn fixtures() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/diffusers.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture file")).expect("json")
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<i64> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_i64().unwrap())
-        .collect();
-    let data: Vec<f64> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_f64().unwrap())
-        .collect();
-    Tensor::from_slice(&data).view(shape.as_slice())
-}
 
 fn floats(v: &Value) -> Vec<f64> {
     match v.get("data") {
