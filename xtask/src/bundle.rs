@@ -1,7 +1,10 @@
-//! `cargo xtask gpu-bundle <dir>`: every test and bench target whose name
-//! starts with `gpu`, built in release against the venv's libtorch, stripped,
-//! with a `run.sh` that runs them on a machine with an NVIDIA GPU and
-//! PyTorch 2.11 (no Rust needed there).
+//! Bundles for a machine with an NVIDIA GPU and PyTorch 2.11 but no Rust,
+//! built in release against the venv's libtorch and stripped:
+//!
+//! - `cargo xtask gpu-bundle <dir>`: every test and bench target whose name
+//!   starts with `gpu`, with a `run.sh` that runs them all.
+//! - `cargo xtask experiment-bundle <dir>`: the `dim` binary and the
+//!   Fashion-MNIST files, for the scripts in `xtask/experiments/`.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -29,20 +32,7 @@ pub fn run(root: &Path, dir: &Path) -> Result<()> {
     }
     for t in &targets {
         let exe = build(t)?;
-        let dest = dir.join(t.folder()).join(&t.name);
-        fs::copy(&exe, &dest).with_context(|| format!("copying {}", exe.display()))?;
-        crate::step(
-            &format!("strip {}", t.name),
-            Command::new("strip").arg("--strip-unneeded").arg(&dest),
-        )?;
-        let size = fs::metadata(&dest)?.len();
-        println!(
-            "gpu-bundle: {}/{} ({:.1} MiB)",
-            t.folder(),
-            t.name,
-            size as f64 / 1048576.0
-        );
-        total += size;
+        total += copy_stripped(&exe, &dir.join(t.folder()).join(&t.name))?;
     }
     let run_sh = dir.join("run.sh");
     fs::write(&run_sh, RUN_SH)?;
@@ -59,18 +49,80 @@ pub fn run(root: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask experiment-bundle <dir>`: `bin/dim` and
+/// `data/fashion-mnist/*` (run with `DIM_FASHION_MNIST_DIR` pointing there).
+pub fn experiments(root: &Path, dir: &Path) -> Result<()> {
+    crate::setup::ensure(root)?;
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let data = dir.join("data/fashion-mnist");
+    fs::create_dir_all(dir.join("bin"))?;
+    fs::create_dir_all(&data)?;
+    let exe = build(&Target {
+        package: "dim".into(),
+        name: "dim".into(),
+        kind: TargetKind::Bin,
+    })?;
+    let mut total = copy_stripped(&exe, &dir.join("bin/dim"))?;
+    let src = Path::new(FASHION_MNIST_DIR);
+    for f in fs::read_dir(src)
+        .with_context(|| format!("reading {} (run cargo xtask setup)", src.display()))?
+    {
+        let f = f?;
+        total += fs::copy(f.path(), data.join(f.file_name()))?;
+    }
+    println!(
+        "experiment-bundle: {} ({:.1} MiB); there: DIM_FASHION_MNIST_DIR={}/data/fashion-mnist xtask/experiments/<script> {}/bin/dim <out>",
+        dir.display(),
+        total as f64 / 1048576.0,
+        dir.display(),
+        dir.display()
+    );
+    if total > MAX_BUNDLE_BYTES {
+        bail!("the bundle is {total} bytes, over the {MAX_BUNDLE_BYTES}-byte budget");
+    }
+    Ok(())
+}
+
+/// Where Debian's dataset-fashion-mnist puts the files (installed by setup).
+const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Copies an executable and strips it; returns its size.
+fn copy_stripped(exe: &Path, dest: &Path) -> Result<u64> {
+    fs::copy(exe, dest).with_context(|| format!("copying {}", exe.display()))?;
+    crate::step(
+        &format!("strip {}", dest.display()),
+        Command::new("strip").arg("--strip-unneeded").arg(dest),
+    )?;
+    let size = fs::metadata(dest)?.len();
+    println!(
+        "bundle: {} ({:.1} MiB)",
+        dest.display(),
+        size as f64 / 1048576.0
+    );
+    Ok(size)
+}
+
+#[derive(PartialEq)]
+enum TargetKind {
+    Test,
+    Bench,
+    Bin,
+}
+
 struct Target {
     package: String,
     name: String,
-    bench: bool,
+    kind: TargetKind,
 }
 
 impl Target {
     fn folder(&self) -> &'static str {
-        if self.bench {
-            "benches"
-        } else {
-            "tests"
+        match self.kind {
+            TargetKind::Bench => "benches",
+            TargetKind::Test => "tests",
+            TargetKind::Bin => "bin",
         }
     }
 }
@@ -101,7 +153,11 @@ fn gpu_targets() -> Result<Vec<Target>> {
                 found.push(Target {
                     package: pkg["name"].as_str().unwrap_or_default().to_string(),
                     name: name.to_string(),
-                    bench,
+                    kind: if bench {
+                        TargetKind::Bench
+                    } else {
+                        TargetKind::Test
+                    },
                 });
             }
         }
@@ -112,11 +168,19 @@ fn gpu_targets() -> Result<Vec<Target>> {
 /// Builds one target in release and returns its executable.
 fn build(t: &Target) -> Result<PathBuf> {
     let mut cmd = crate::cargo();
-    if t.bench {
-        cmd.args(["bench", "--no-run", "--bench", &t.name]);
-    } else {
-        cmd.args(["test", "--release", "--no-run", "--test", &t.name]);
-    }
+    match t.kind {
+        TargetKind::Bench => cmd.args(["bench", "--no-run", "--bench", &t.name]),
+        TargetKind::Test => cmd.args(["test", "--release", "--no-run", "--test", &t.name]),
+        // Without FFmpeg (the `video` feature): its libraries are not on
+        // the GPU machine, and the image experiments do not need them.
+        TargetKind::Bin => cmd.args([
+            "build",
+            "--release",
+            "--no-default-features",
+            "--bin",
+            &t.name,
+        ]),
+    };
     cmd.args([
         "--package",
         &t.package,

@@ -5,6 +5,8 @@
 //! - `test`: setup if needed, then `cargo fmt --check`, clippy and the whole test suite.
 //! - `demo`: setup if needed, then the main job on the embedded default data.
 //! - `gpu-bundle <dir>`: the GPU tests and benchmarks, stripped, with a `run.sh`.
+//! - `experiment-bundle <dir>`: the `dim` binary and Fashion-MNIST, for the
+//!   reproducible runs of `xtask/experiments/` on a GPU machine without Rust.
 
 mod bundle;
 mod setup;
@@ -47,6 +49,11 @@ enum Task {
         /// Output folder (created; its previous contents are replaced).
         dir: PathBuf,
     },
+    /// Build the `dim` binary (release, stripped) into DIR/bin with Fashion-MNIST in DIR/data.
+    ExperimentBundle {
+        /// Output folder (created; its previous contents are replaced).
+        dir: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -58,6 +65,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&root, &args),
         Task::Demo { args } => demo(&root, &args),
         Task::GpuBundle { dir } => bundle::run(&root, &dir),
+        Task::ExperimentBundle { dir } => bundle::experiments(&root, &dir),
     }
 }
 
@@ -81,6 +89,19 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
             "clippy",
             "--workspace",
             "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    // The GPU experiment bundle builds `dim` without FFmpeg: keep that build working.
+    step(
+        "cargo clippy (dim without the video feature)",
+        cargo().args([
+            "clippy",
+            "--package",
+            "dim",
+            "--no-default-features",
             "--",
             "-D",
             "warnings",

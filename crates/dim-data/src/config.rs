@@ -10,7 +10,7 @@ use crate::arrays::ArrayDataset;
 use crate::dataset::{Dataset, Transformed};
 use crate::error::{DataError, Result};
 use crate::frames::Transform;
-use crate::idx::{IdxDataset, Split, FASHION_MNIST_DIR};
+use crate::idx::{fashion_mnist_dir, IdxDataset, Split};
 use crate::image_folder::ImageFolder;
 use crate::latents::LatentDataset;
 use crate::moving::{MovingConfig, MovingFashionMnist};
@@ -62,7 +62,8 @@ pub enum DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FashionMnistConfig {
-    /// Folder of the IDX files (default: Debian's `/usr/share/datasets/fashion-mnist`).
+    /// Folder of the IDX files (default: `$DIM_FASHION_MNIST_DIR`, else Debian's
+    /// `/usr/share/datasets/fashion-mnist`).
     #[serde(default)]
     pub dir: Option<PathBuf>,
     /// `train` (default) or `test`.
@@ -293,7 +294,7 @@ impl DataConfig {
         let t = self.transforms();
         Ok(match self {
             DataConfig::FashionMnist(c) => {
-                let dir = c.dir.clone().unwrap_or_else(|| FASHION_MNIST_DIR.into());
+                let dir = c.dir.clone().unwrap_or_else(fashion_mnist_dir);
                 wrap(IdxDataset::mnist_layout(dir, c.split)?, t)
             }
             DataConfig::Idx(c) => wrap(IdxDataset::open(&c.images, c.labels.as_deref())?, t),
@@ -310,10 +311,7 @@ impl DataConfig {
                 t,
             ),
             DataConfig::MovingFashionMnist(c) => {
-                let dir = c
-                    .source_dir
-                    .clone()
-                    .unwrap_or_else(|| FASHION_MNIST_DIR.into());
+                let dir = c.source_dir.clone().unwrap_or_else(fashion_mnist_dir);
                 let source = IdxDataset::mnist_layout(dir, Split::Train)?;
                 match &c.cache {
                     Some(p) => wrap(

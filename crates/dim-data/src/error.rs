@@ -45,6 +45,12 @@ pub enum DataError {
         /// Frames a clip needs (count and stride).
         needed: usize,
     },
+    /// A video file met by a build without FFmpeg (the `video` feature).
+    #[error("{path}: this build cannot decode video files (built without the `video` feature, i.e. without FFmpeg): rebuild with default features, or use folders of frame images")]
+    NoVideoSupport {
+        /// The video file.
+        path: PathBuf,
+    },
     /// A configuration value is missing or invalid.
     #[error("config key `{key}`: {message}")]
     Config {

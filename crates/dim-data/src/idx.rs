@@ -10,6 +10,15 @@ use crate::frames::Frames;
 /// Where Debian's `dataset-fashion-mnist` package installs the files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
+/// The folder of the Fashion-MNIST files when a config names none:
+/// `$DIM_FASHION_MNIST_DIR` if set (a copy elsewhere, e.g. on a machine
+/// without the Debian package), else [`FASHION_MNIST_DIR`].
+pub fn fashion_mnist_dir() -> PathBuf {
+    std::env::var_os("DIM_FASHION_MNIST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| FASHION_MNIST_DIR.into())
+}
+
 /// Which half of a train/test dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -143,7 +152,7 @@ impl IdxDataset {
                     &gz,
                     std::io::Error::new(
                         std::io::ErrorKind::NotFound,
-                        "IDX file not found (for Fashion-MNIST install Debian's dataset-fashion-mnist: run cargo xtask setup)",
+                        "IDX file not found (for Fashion-MNIST install Debian's dataset-fashion-mnist with cargo xtask setup, or point DIM_FASHION_MNIST_DIR at a copy)",
                     ),
                 ))
             }

@@ -19,6 +19,11 @@ pub mod rng;
 mod arrays;
 mod config;
 mod dataset;
+#[cfg(feature = "video")]
+mod ffmpeg;
+#[cfg(not(feature = "video"))]
+#[path = "ffmpeg_off.rs"]
+mod ffmpeg;
 mod frames;
 mod idx;
 mod image_folder;
@@ -35,7 +40,7 @@ pub use config::{
 pub use dataset::{Dataset, RawSample, Sample, Transformed};
 pub use error::{DataError, Result};
 pub use frames::{Filter, Frames, Transform};
-pub use idx::{IdxDataset, Split, FASHION_MNIST_DIR};
+pub use idx::{fashion_mnist_dir, IdxDataset, Split, FASHION_MNIST_DIR};
 pub use image_folder::{decode_rgb, ImageFolder};
 pub use latents::{LatentDataset, LatentIndex, LatentWriter, ShardInfo, LATENT_INDEX};
 pub use loader::{

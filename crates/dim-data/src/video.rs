@@ -1,16 +1,15 @@
-//! Video decoding through the FFmpeg libraries (in process, via
-//! `ffmpeg-next`), clip sampling, and the video datasets: a folder of video
-//! files or frame folders, and UCF-101 with its official split files.
+//! Clip sampling and the video datasets: a folder of video files or frame
+//! folders, and UCF-101 with its official split files. Video files are
+//! decoded by [`crate::ffmpeg`] (the `video` feature); frame folders need no
+//! FFmpeg.
 
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Once;
-
-use ffmpeg_next as ffmpeg;
-use serde::{Deserialize, Serialize};
 
 use crate::dataset::{check_index, Dataset, RawSample};
 use crate::error::{DataError, Result};
+pub use crate::ffmpeg::{decode_each, probe};
 use crate::frames::Frames;
 use crate::idx::Split;
 use crate::rng::{derive, Rng};
@@ -19,16 +18,6 @@ use crate::rng::{derive, Rng};
 pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "avi", "mkv", "webm", "mov", "m4v"];
 /// File extensions treated as images (case-insensitive).
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
-
-fn init_ffmpeg() {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| {
-        // Decoding problems come back as our errors; FFmpeg's own log lines
-        // would only duplicate them on stderr.
-        let _ = ffmpeg::init();
-        ffmpeg::util::log::set_level(ffmpeg::util::log::Level::Fatal);
-    });
-}
 
 pub(crate) fn has_extension(path: &Path, exts: &[&str]) -> bool {
     path.extension()
@@ -48,67 +37,6 @@ pub struct VideoInfo {
     pub width: usize,
     /// Frame height in pixels.
     pub height: usize,
-}
-
-fn ff_err(path: &Path, what: &str, e: ffmpeg::Error) -> DataError {
-    DataError::corrupt(path, format!("{what}: {e}"))
-}
-
-fn open_input(path: &Path) -> Result<(ffmpeg::format::context::Input, usize)> {
-    init_ffmpeg();
-    if let Err(e) = std::fs::metadata(path) {
-        return Err(DataError::io(path, e));
-    }
-    let ictx = ffmpeg::format::input(path).map_err(|e| ff_err(path, "cannot open", e))?;
-    let stream = ictx
-        .streams()
-        .best(ffmpeg::media::Type::Video)
-        .ok_or_else(|| DataError::corrupt(path, "no video stream"))?;
-    let index = stream.index();
-    Ok((ictx, index))
-}
-
-/// Reads the stream facts of `path` without decoding pictures.
-pub fn probe(path: &Path) -> Result<VideoInfo> {
-    let (mut ictx, index) = open_input(path)?;
-    let stream = ictx.stream(index).expect("index from best()");
-    let rate = stream.avg_frame_rate();
-    let rate = if rate.denominator() != 0 && rate.numerator() > 0 {
-        rate
-    } else {
-        stream.rate()
-    };
-    let fps = if rate.denominator() != 0 {
-        rate.numerator() as f64 / rate.denominator() as f64
-    } else {
-        0.0
-    };
-    let params = stream.parameters();
-    let (width, height) = unsafe {
-        // SAFETY: `params` wraps a valid AVCodecParameters owned by the stream.
-        let p = &*params.as_ptr();
-        (p.width.max(0) as usize, p.height.max(0) as usize)
-    };
-    let mut frames = stream.frames().max(0) as usize;
-    if frames == 0 {
-        // Matroska/WebM declare no count: count the video packets instead
-        // (one per frame for the codecs used here; no decoding needed).
-        let mut packet = ffmpeg::Packet::empty();
-        loop {
-            match packet.read(&mut ictx) {
-                Ok(()) => frames += usize::from(packet.stream() == index),
-                Err(ffmpeg::Error::Eof) => break,
-                Err(ffmpeg::Error::InvalidData) => continue,
-                Err(e) => return Err(ff_err(path, "reading packets", e)),
-            }
-        }
-    }
-    Ok(VideoInfo {
-        frames,
-        fps,
-        width,
-        height,
-    })
 }
 
 /// Decoder settings.
@@ -150,151 +78,6 @@ pub fn decode_frames(path: &Path, wanted: &[usize], options: DecodeOptions) -> R
         out.extend_from_slice(rgb);
     })?;
     Ok(Frames::clip(wanted.len(), h, w, 3, out))
-}
-
-/// Like [`decode_frames`], but hands each wanted frame to `sink` as packed
-/// RGB24 bytes `(H, W, 3)` with its width and height, reusing one buffer,
-/// instead of collecting the clip (for streaming and benchmarks).
-pub fn decode_each(
-    path: &Path,
-    wanted: &[usize],
-    options: DecodeOptions,
-    mut sink: impl FnMut(&[u8], usize, usize),
-) -> Result<()> {
-    debug_assert!(wanted.windows(2).all(|w| w[0] <= w[1]));
-    let (mut ictx, index) = open_input(path)?;
-    let declared = ictx.stream(index).map_or(0, |s| s.frames().max(0) as usize);
-    let params = ictx.stream(index).expect("index from best()").parameters();
-    let mut ctx = ffmpeg::codec::context::Context::from_parameters(params)
-        .map_err(|e| ff_err(path, "no decoder", e))?;
-    ctx.set_threading(ffmpeg::codec::threading::Config {
-        kind: ffmpeg::codec::threading::Type::Frame,
-        count: options.threads.max(1),
-        ..Default::default()
-    });
-    if options.strict {
-        // SAFETY: `ctx` owns a valid, not yet opened AVCodecContext.
-        unsafe {
-            (*ctx.as_mut_ptr()).err_recognition |= ffmpeg::ffi::AV_EF_EXPLODE;
-        }
-    }
-    let mut decoder = ctx
-        .decoder()
-        .video()
-        .map_err(|e| ff_err(path, "cannot open the decoder", e))?;
-
-    let mut packed: Vec<u8> = Vec::new();
-    let (mut w, mut h) = (0usize, 0usize);
-    let mut scaler: Option<ffmpeg::software::scaling::Context> = None;
-    let mut next = 0usize; // position in `wanted`
-    let mut decoded = 0usize; // frames decoded so far
-    let mut frame = ffmpeg::frame::Video::empty();
-    let mut rgb = ffmpeg::frame::Video::empty();
-
-    // Pulls every frame the decoder has ready; returns true when done.
-    let mut drain = |decoder: &mut ffmpeg::decoder::Video| -> Result<bool> {
-        while next < wanted.len() {
-            match decoder.receive_frame(&mut frame) {
-                Ok(()) => {}
-                Err(ffmpeg::Error::Other { errno }) if errno == ffmpeg::util::error::EAGAIN => {
-                    return Ok(false)
-                }
-                Err(ffmpeg::Error::Eof) => return Ok(false),
-                Err(e) => return Err(ff_err(path, "decoding", e)),
-            }
-            let k = decoded;
-            decoded += 1;
-            if wanted[next] != k {
-                continue;
-            }
-            let (fw, fh) = (frame.width() as usize, frame.height() as usize);
-            if scaler.is_none() {
-                scaler = Some(
-                    ffmpeg::software::scaling::Context::get(
-                        frame.format(),
-                        frame.width(),
-                        frame.height(),
-                        ffmpeg::format::Pixel::RGB24,
-                        frame.width(),
-                        frame.height(),
-                        ffmpeg::software::scaling::Flags::BICUBIC,
-                    )
-                    .map_err(|e| ff_err(path, "no pixel converter", e))?,
-                );
-                (w, h) = (fw, fh);
-                packed.reserve(w * h * 3);
-            }
-            if (fw, fh) != (w, h) {
-                return Err(DataError::corrupt(
-                    path,
-                    format!("frame size changes mid-stream ({w}x{h} to {fw}x{fh})"),
-                ));
-            }
-            scaler
-                .as_mut()
-                .expect("created above")
-                .run(&frame, &mut rgb)
-                .map_err(|e| ff_err(path, "pixel conversion", e))?;
-            let stride = rgb.stride(0);
-            let data = rgb.data(0);
-            packed.clear();
-            for y in 0..h {
-                packed.extend_from_slice(&data[y * stride..y * stride + w * 3]);
-            }
-            // A frame wanted twice (target fps above the source's) is
-            // converted once.
-            while next < wanted.len() && wanted[next] == k {
-                sink(&packed, w, h);
-                next += 1;
-            }
-        }
-        Ok(true)
-    };
-
-    let mut packet = ffmpeg::Packet::empty();
-    let mut done = wanted.is_empty();
-    while !done {
-        match packet.read(&mut ictx) {
-            Ok(()) => {
-                if packet.stream() != index {
-                    continue;
-                }
-                match decoder.send_packet(&packet) {
-                    Ok(()) => {}
-                    Err(ffmpeg::Error::InvalidData) => {
-                        return Err(DataError::corrupt(
-                            path,
-                            format!("invalid data in the packet of frame {decoded}"),
-                        ))
-                    }
-                    Err(e) => return Err(ff_err(path, "decoding", e)),
-                }
-                done = drain(&mut decoder)?;
-            }
-            Err(ffmpeg::Error::Eof) => {
-                let _ = decoder.send_eof();
-                drain(&mut decoder)?;
-                break;
-            }
-            Err(e) => return Err(ff_err(path, "reading packets (truncated file?)", e)),
-        }
-    }
-    if next < wanted.len() {
-        let last = *wanted.last().expect("non-empty");
-        return Err(if declared > decoded {
-            DataError::corrupt(
-                path,
-                format!("decoding ended after {decoded} of the {declared} frames the container declares (truncated file?)"),
-            )
-        } else {
-            DataError::VideoTooShort {
-                path: path.to_path_buf(),
-                frames: decoded,
-                needed: last + 1,
-            }
-        });
-    }
-    Ok(())
 }
 
 /// Where a clip starts.

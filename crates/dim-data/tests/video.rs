@@ -1,5 +1,6 @@
 //! Video decoding against the `ffmpeg` program on real files, corrupt
 //! files, and the video datasets.
+#![cfg(feature = "video")]
 
 mod common;
 

@@ -338,6 +338,16 @@ int dim_cuda_peak_memory(int device, uint64_t* out, int reset, char* err, size_t
   });
 }
 
+// TF32 tensor-core math for f32 matmuls and convolutions (PyTorch's
+// torch.backends.{cuda.matmul,cudnn}.allow_tf32), which tch does not expose.
+int dim_set_allow_tf32(int enable, int* now, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    at::globalContext().setAllowTF32CuBLAS(enable != 0);
+    at::globalContext().setAllowTF32CuDNN(enable != 0);
+    *now = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  });
+}
+
 // torch::autograd::backward({y}, {dy}): tch has no call with output gradients.
 int dim_backward_with_grad(void* y_t, void* dy_t, char* err, size_t errlen) {
   return guarded(err, errlen, [&] {

@@ -16,6 +16,14 @@ pub fn peak_memory_bytes(index: usize) -> Result<u64, ScanError> {
     crate::ffi::cuda_peak_memory(index, false)
 }
 
+/// Lets libtorch use TF32 tensor cores for f32 matmuls and convolutions on
+/// CUDA (PyTorch's `torch.backends.cuda.matmul.allow_tf32` and
+/// `torch.backends.cudnn.allow_tf32`; DiT trains with both on), or forbids
+/// it. Process-wide. Returns the matmul setting read back.
+pub fn set_allow_tf32(enable: bool) -> Result<bool, ScanError> {
+    crate::ffi::set_allow_tf32(enable)
+}
+
 /// Runs the smoke kernel of `kernels/smoke.cu` on libtorch's current stream:
 /// `out[i] = alpha * x[i] + i`. `x`, `out`: contiguous f32 CUDA tensors of
 /// the same number of elements.
@@ -84,4 +92,15 @@ pub fn copy_bandwidth(device: tch::Device) -> Result<f64, ScanError> {
         .collect::<Result<_, _>>()?;
     times.sort_by(f32::total_cmp);
     Ok(2.0 * 4.0 * n as f64 / (times[times.len() / 2] as f64 * 1e-3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf32_switch_reads_back() {
+        assert!(set_allow_tf32(true).unwrap());
+        assert!(!set_allow_tf32(false).unwrap());
+    }
 }

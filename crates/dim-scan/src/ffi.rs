@@ -98,6 +98,8 @@ extern "C" {
         errlen: usize,
     ) -> c_int;
     fn dim_probe_exp2(out: *mut c_void, iters: c_int, err: *mut c_char, errlen: usize) -> c_int;
+    fn dim_set_allow_tf32(enable: c_int, now: *mut c_int, err: *mut c_char, errlen: usize)
+        -> c_int;
     fn dim_cuda_peak_memory(
         device: c_int,
         out: *mut u64,
@@ -189,6 +191,17 @@ pub(crate) fn cuda_peak_memory(device: usize, reset: bool) -> Result<u64, ScanEr
         unsafe { dim_cuda_peak_memory(device as c_int, &mut bytes, c_int::from(reset), err, len) }
     })?;
     Ok(bytes)
+}
+
+/// Switches TF32 math for f32 matmuls (cuBLAS) and convolutions (cuDNN);
+/// returns the cuBLAS setting read back.
+pub(crate) fn set_allow_tf32(enable: bool) -> Result<bool, ScanError> {
+    let mut now = 0;
+    checked(|err, len| {
+        // SAFETY: `now` outlives the call.
+        unsafe { dim_set_allow_tf32(c_int::from(enable), &mut now, err, len) }
+    })?;
+    Ok(now != 0)
 }
 
 /// `torch::autograd::backward({y}, {dy})`.

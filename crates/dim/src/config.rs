@@ -128,6 +128,10 @@ pub struct OptimConfig {
     pub ema_decay: f64,
     /// Steps before the EMA starts tracking (it copies the weights until then).
     pub ema_start: u64,
+    /// Warm the decay up as `min(ema_decay, (1 + n) / (10 + n))` after `n`
+    /// tracked steps, so that a short run's EMA does not still hold its
+    /// initial weights (0.9999 keeps 70% of them after 3,500 steps).
+    pub ema_warmup: bool,
 }
 
 impl Default for OptimConfig {
@@ -141,6 +145,7 @@ impl Default for OptimConfig {
             grad_clip: 1.0,
             ema_decay: 0.9999,
             ema_start: 0,
+            ema_warmup: true,
         }
     }
 }
@@ -162,8 +167,10 @@ pub struct LoopConfig {
     pub seed: u64,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// `f32`, or `bf16`: libtorch's CUDA autocast in bf16 around the forward
-    /// (as DiT trains; ignored on CPU). `amp` is accepted as another name for `bf16`.
+    /// `f32`; `tf32`: f32 weights and activations, with TF32 tensor cores
+    /// for matmuls and convolutions (as DiT trains); or `bf16`: libtorch's
+    /// CUDA autocast in bf16 around the forward (`amp` is another name for
+    /// it). All three are plain f32 on CPU.
     pub precision: String,
     /// Output folder: checkpoints, metrics.jsonl, sample grids.
     pub out_dir: PathBuf,
@@ -362,8 +369,8 @@ impl TrainConfig {
         if t.log_every == 0 || t.ckpt_every == 0 {
             return bad("train.log_every / train.ckpt_every", "must be at least 1");
         }
-        if !["bf16", "amp", "f32"].contains(&t.precision.as_str()) {
-            return bad("train.precision", "must be \"f32\" or \"bf16\"");
+        if !["bf16", "amp", "f32", "tf32"].contains(&t.precision.as_str()) {
+            return bad("train.precision", "must be \"f32\", \"tf32\" or \"bf16\"");
         }
         Ok(())
     }

@@ -44,7 +44,8 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub lr: f64,
     pub images_per_s: f64,
-    /// Resident memory of the process (CPU) or allocated CUDA memory, MiB.
+    /// Resident memory of the process (CPU), or on CUDA the peak memory
+    /// libtorch allocated since the previous record, MiB.
     pub memory_mib: f64,
     pub elapsed_s: f64,
 }

@@ -137,13 +137,14 @@ impl AdamW {
 pub struct Ema {
     decay: f64,
     start: u64,
+    warmup: bool,
     /// Averaged copies, in parameter order.
     pub shadow: Params,
 }
 
 impl Ema {
-    /// Starts as a copy of `params`.
-    pub fn new(decay: f64, start: u64, params: &Params) -> Self {
+    /// Starts as a copy of `params`; see [`Ema::decay_at`] for `warmup`.
+    pub fn new(decay: f64, start: u64, warmup: bool, params: &Params) -> Self {
         let shadow = params
             .iter()
             .map(|(n, p)| (n.clone(), p.detach().copy()))
@@ -151,21 +152,84 @@ impl Ema {
         Self {
             decay,
             start,
+            warmup,
             shadow,
         }
     }
 
-    /// `shadow ← decay·shadow + (1 − decay)·param` after optimizer step `step`
-    /// (a plain copy before `ema_start`).
+    /// The decay applied after optimizer step `step`: 0 (a plain copy) up to
+    /// `ema_start`, then `ema_decay`, or with warmup
+    /// `min(ema_decay, (1 + n) / (10 + n))` after `n = step − ema_start`.
+    pub fn decay_at(&self, step: u64) -> f64 {
+        if step <= self.start {
+            return 0.0;
+        }
+        if self.warmup {
+            let n = (step - self.start) as f64;
+            self.decay.min((1.0 + n) / (10.0 + n))
+        } else {
+            self.decay
+        }
+    }
+
+    /// `shadow ← d·shadow + (1 − d)·param` after optimizer step `step`, with
+    /// `d` from [`Ema::decay_at`].
     pub fn update(&mut self, params: &Params, step: u64) {
         let _guard = tch::no_grad_guard();
-        let w = if step <= self.start {
-            1.0
-        } else {
-            1.0 - self.decay
-        };
+        let w = 1.0 - self.decay_at(step);
         for ((_, s), (_, p)) in self.shadow.iter_mut().zip(params) {
             let _ = s.lerp_(p, w);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    /// The shadow follows the recurrence computed independently in f64, with
+    /// and without warmup, including the copy phase before `ema_start`.
+    #[test]
+    fn ema_follows_its_recurrence() {
+        for (decay, start, warmup) in [(0.9999, 0, true), (0.99, 3, true), (0.9, 2, false)] {
+            let p = Tensor::zeros([3], (Kind::Double, Device::Cpu));
+            let params: Params = vec![("w".to_string(), p.shallow_clone())];
+            let mut ema = Ema::new(decay, start, warmup, &params);
+            let mut want = 0.0f64;
+            for step in 1..=40u64 {
+                let value = (step as f64).sin() * 3.0;
+                tch::no_grad(|| {
+                    let _ = params[0].1.shallow_clone().fill_(value);
+                });
+                ema.update(&params, step);
+                let d = if step <= start {
+                    0.0
+                } else if warmup {
+                    let n = (step - start) as f64;
+                    decay.min((1.0 + n) / (10.0 + n))
+                } else {
+                    decay
+                };
+                want = d * want + (1.0 - d) * value;
+                let got = ema.shadow[0].1.double_value(&[1]);
+                assert!((got - want).abs() < 1e-12, "step {step}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// With warmup, a 3,500-step run keeps almost none of its initial weights;
+    /// without, DiT's 0.9999 keeps about 70%.
+    #[test]
+    fn warmup_forgets_the_initialisation() {
+        let p = Tensor::zeros([1], (Kind::Double, Device::Cpu));
+        let params: Params = vec![("w".to_string(), p)];
+        let kept = |warmup: bool| {
+            let ema = Ema::new(0.9999, 0, warmup, &params);
+            (1..=3500u64).map(|s| ema.decay_at(s)).product::<f64>()
+        };
+        assert!(kept(true) < 1e-3, "{}", kept(true));
+        assert!((kept(false) - 0.9999f64.powi(3500)).abs() < 1e-9);
+        assert!(kept(false) > 0.6);
     }
 }

@@ -36,6 +36,8 @@ pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
     let mcfg = model_config(&cfg)?;
     let dcfg = diffusion_config(&cfg)?;
     let net = Net::new(&mcfg, device)?;
+    // Sampling runs without autocast; TF32 matmuls as the model trained.
+    crate::train::set_precision(&cfg.train.precision, device)?;
     let group = if ema { "ema" } else { "model" };
     let mut weights = ck.group(group);
     if ema {
@@ -77,6 +79,15 @@ pub fn sample_shape(cfg: &ModelConfig) -> Vec<i64> {
     }
 }
 
+/// Guidance needs the "no class" label; a config that does not name one
+/// gets the model's (DiT's convention: label `num_classes`, the one class
+/// dropout trains).
+fn default_null_class(sampler: &mut SamplerConfig, model: &ModelConfig) {
+    if sampler.guided() && sampler.null_class.is_none() {
+        sampler.null_class = Some(model.num_classes);
+    }
+}
+
 /// Generates `n` samples in batches of `batch` → `(n, C, …)` f32 in
 /// `[-1, 1]` on the CPU. Labels: `class` for all, or `0, 1, …` cycling for
 /// class-conditional models. Sample `i`'s noise depends only on `(seed, i)`.
@@ -95,9 +106,7 @@ pub fn generate(
     let mut out = Vec::new();
     let shape = sample_shape(&net.cfg);
     let mut sampler = sampler.clone();
-    if sampler.guided() && sampler.null_class.is_none() {
-        sampler.null_class = Some(net.cfg.num_classes);
-    }
+    default_null_class(&mut sampler, &net.cfg);
     for first in (0..n).step_by(batch.max(1) as usize) {
         let b = batch.min(n - first);
         let y = (net.cfg.num_classes > 0).then(|| match class {
@@ -189,6 +198,7 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
             );
         }
     }
+    default_null_class(&mut sampler, &r.net.cfg);
     sampler
         .validate(r.diffusion.config())
         .context("sampler options")?;

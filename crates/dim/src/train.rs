@@ -197,7 +197,12 @@ pub fn train(
     let net = Net::new(&mcfg, device)?;
     let params = named_params(&net.vs);
     let mut opt = AdamW::new(&cfg.optim, &params);
-    let mut ema = Ema::new(cfg.optim.ema_decay, cfg.optim.ema_start, &params);
+    let mut ema = Ema::new(
+        cfg.optim.ema_decay,
+        cfg.optim.ema_start,
+        cfg.optim.ema_warmup,
+        &params,
+    );
 
     let dataset = cfg
         .data
@@ -271,11 +276,7 @@ pub fn train(
     let start = Instant::now();
     let mut window = (Instant::now(), 0i64);
     let mut last_ckpt: Option<PathBuf> = resume_path.clone();
-    let amp = t.precision != "f32" && device.is_cuda();
-    if amp {
-        // libtorch's CUDA autocast defaults to f16; DiT-style training is bf16.
-        dim_model::set_cuda_autocast_dtype(tch::Kind::BFloat16)?;
-    }
+    let amp = set_precision(&t.precision, device)?;
     let conditional = mcfg.num_classes > 0;
 
     let save = |step: u64,
@@ -378,7 +379,7 @@ pub fn train(
                 lr,
                 images_per_s: window.1 as f64 / secs,
                 memory_mib: match device {
-                    Device::Cuda(_) => cuda_mem_mib(),
+                    Device::Cuda(i) => cuda_peak_mib(i)?,
                     _ => rss_mib(),
                 },
                 elapsed_s: start.elapsed().as_secs_f64(),
@@ -428,6 +429,21 @@ pub fn train(
     })
 }
 
+/// Sets libtorch up for `train.precision` on `device`; returns whether the
+/// forward should run under (bf16) autocast.
+pub fn set_precision(precision: &str, device: Device) -> Result<bool> {
+    if !device.is_cuda() {
+        return Ok(false);
+    }
+    dim_scan::device::set_allow_tf32(precision == "tf32")?;
+    let amp = ["bf16", "amp"].contains(&precision);
+    if amp {
+        // libtorch's CUDA autocast defaults to f16; DiT-style training is bf16.
+        dim_model::set_cuda_autocast_dtype(tch::Kind::BFloat16)?;
+    }
+    Ok(amp)
+}
+
 /// Writes a grid of `n` samples from the EMA weights (the training weights
 /// are put back afterwards).
 fn sample_grid(
@@ -469,8 +485,10 @@ fn swap_in(vs: &VarStore, w: &BTreeMap<String, Tensor>) {
     });
 }
 
-/// CUDA memory in use, MiB (tch 0.24 exposes no allocator statistics; the
-/// process RSS is reported instead so the column is never empty).
-fn cuda_mem_mib() -> f64 {
-    rss_mib()
+/// Peak CUDA memory allocated by libtorch on device `index` since the last
+/// log line, MiB; the peak is reset so each line reports its own window.
+fn cuda_peak_mib(index: usize) -> Result<f64> {
+    let bytes = dim_scan::device::peak_memory_bytes(index)?;
+    dim_scan::device::reset_peak_memory(index)?;
+    Ok(bytes as f64 / (1024.0 * 1024.0))
 }

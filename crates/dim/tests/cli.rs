@@ -185,6 +185,28 @@ fn train_resume_sample_eval() {
         std::fs::read(out.join("000006.png")).unwrap(),
         std::fs::read(out2.join("000006.png")).unwrap()
     );
+    // Guidance with a config that names no null class: the model's is used,
+    // and guidance changes the samples.
+    let guided = d.join("guided");
+    ok(&[
+        "sample",
+        "--checkpoint",
+        &ckpt,
+        "--num",
+        "8",
+        "--batch",
+        "8",
+        "--cfg",
+        "4",
+        "--out",
+        &s(&guided),
+        "--device",
+        "cpu",
+    ]);
+    assert_ne!(
+        std::fs::read(out.join("samples.safetensors")).unwrap(),
+        std::fs::read(guided.join("samples.safetensors")).unwrap()
+    );
 
     // Evaluation with a feature network whose weights the test makes.
     let w = d.join("features.safetensors");
