@@ -25,17 +25,21 @@ pub enum Arch {
     Dit,
 }
 
-/// Order in which the Mamba mixer scans the tokens of a video (images always
-/// use raster order). Attention does not depend on the order.
+/// Order in which the Mamba mixer scans the tokens, layer by layer.
+/// Attention does not depend on the order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenOrder {
-    /// Frame after frame, raster order inside each frame.
-    #[default]
+    /// Raster order (row after row) in every layer, frame after frame.
     FrameMajor,
-    /// Each spatial position's frames together, positions in raster order.
+    /// Row after row in even layers, column after column in odd layers (each
+    /// frame on its own), as DiM alternates its scan directions: a raster
+    /// scan alone reaches a vertical neighbour only a whole row later.
+    #[default]
+    RowColumn,
+    /// Video: each spatial position's frames together, positions in raster order.
     Interleaved,
-    /// `frame_major` in even layers, `interleaved` in odd layers.
+    /// Video: `frame_major` in even layers, `interleaved` in odd layers.
     Alternating,
 }
 
@@ -44,6 +48,8 @@ pub enum TokenOrder {
 pub enum LayerOrder {
     /// Frame after frame (raster inside each frame).
     FrameMajor,
+    /// Frame after frame, column after column inside each frame.
+    ColumnMajor,
     /// Spatial position after spatial position, frames together.
     Interleaved,
 }
@@ -53,6 +59,7 @@ impl TokenOrder {
     pub fn for_layer(self, layer: usize) -> LayerOrder {
         match self {
             TokenOrder::FrameMajor => LayerOrder::FrameMajor,
+            TokenOrder::RowColumn => [LayerOrder::FrameMajor, LayerOrder::ColumnMajor][layer % 2],
             TokenOrder::Interleaved => LayerOrder::Interleaved,
             TokenOrder::Alternating => [LayerOrder::FrameMajor, LayerOrder::Interleaved][layer % 2],
         }
@@ -235,7 +242,7 @@ impl ModelConfig {
             num_classes: 1000,
             class_dropout_prob: 0.1,
             learn_sigma: true,
-            token_order: TokenOrder::FrameMajor,
+            token_order: TokenOrder::RowColumn,
             d_state: 16,
             expand: 2,
             dt_rank: default_dt_rank(size.width),

@@ -494,28 +494,28 @@ impl BiMamba {
 
     /// Tokens `(B, L, W)` in frame-major order → `(B, L, W)`, scanning in `order`.
     pub fn forward(&self, x: &Tensor, g: &TokenGrid, order: LayerOrder) -> Result<Tensor> {
-        let interleave = order == LayerOrder::Interleaved && g.frames > 1;
-        let x = if interleave {
-            swap_time_space(x, g.frames, g.spatial())
-        } else {
-            x.shallow_clone()
-        };
+        let x = reorder(x, g, order, false);
         let (xs, z) = self.project_in(&x);
         let y = self.scan(&xs, &z)?;
         let out = self.out_proj.weight.matmul(&y).transpose(1, 2); // (B, L, W)
-        Ok(if interleave {
-            swap_time_space(&out, g.spatial(), g.frames)
-        } else {
-            out
-        })
+        Ok(reorder(&out, g, order, true))
     }
 }
 
-/// Reorders `(B, outer·inner, W)` tokens from `(outer, inner)` to `(inner, outer)` order.
-fn swap_time_space(x: &Tensor, outer: i64, inner: i64) -> Tensor {
+/// Tokens `(B, L, W)` from frame-major raster order into `order` (or back,
+/// with `back`). The permutations are transposes of the `(T, H, W)` grid.
+fn reorder(x: &Tensor, g: &TokenGrid, order: LayerOrder, back: bool) -> Tensor {
     let s = x.size();
-    x.reshape([s[0], outer, inner, s[2]])
-        .transpose(1, 2)
+    // (outer, inner) blocks of the flat token axis to swap, per frame count.
+    let (lead, outer, inner) = match order {
+        LayerOrder::FrameMajor => return x.shallow_clone(),
+        LayerOrder::Interleaved if g.frames == 1 => return x.shallow_clone(),
+        LayerOrder::Interleaved => (1, g.frames, g.spatial()),
+        LayerOrder::ColumnMajor => (g.frames, g.rows, g.cols),
+    };
+    let (outer, inner) = if back { (inner, outer) } else { (outer, inner) };
+    x.reshape([s[0], lead, outer, inner, s[2]])
+        .transpose(2, 3)
         .reshape([s[0], s[1], s[2]])
 }
 
