@@ -1,6 +1,7 @@
-//! Video decoding through the FFmpeg libraries, in process via
-//! `ffmpeg-next` (the `video` feature; without it, [`probe`] and
-//! [`decode_each`] return [`DataError::NoVideoSupport`]).
+//! Video decoding (and MP4 writing, for samples) through the FFmpeg
+//! libraries, in process via `ffmpeg-next` (the `video` feature; without it,
+//! [`probe`], [`decode_each`] and [`write_mp4`] return
+//! [`DataError::NoVideoSupport`]).
 
 use std::path::Path;
 use std::sync::Once;
@@ -223,5 +224,137 @@ pub fn decode_each(
             }
         });
     }
+    Ok(())
+}
+
+/// Writes a clip of packed RGB24 frames `(T, H, W, 3)` to `path` as H.264
+/// (yuv420p, CRF 18) in an MP4 container at `fps` frames per second; the
+/// MPEG-4 Part 2 encoder stands in when the FFmpeg build has no libx264.
+/// Odd sizes are padded by one black row or column (4:2:0 needs even ones).
+pub fn write_mp4(
+    path: &Path,
+    rgb: &[u8],
+    frames: usize,
+    height: usize,
+    width: usize,
+    fps: u32,
+) -> Result<()> {
+    init_ffmpeg();
+    if frames == 0
+        || height == 0
+        || width == 0
+        || fps == 0
+        || rgb.len() != frames * height * width * 3
+    {
+        return Err(DataError::corrupt(
+            path,
+            format!(
+                "cannot encode {frames} frames of {height}×{width} RGB at {fps} fps from {} bytes",
+                rgb.len()
+            ),
+        ));
+    }
+    let err = |what: &'static str| move |e: ffmpeg::Error| ff_err(path, what, e);
+    let (ew, eh) = (
+        width.next_multiple_of(2) as u32,
+        height.next_multiple_of(2) as u32,
+    );
+    let mut octx = ffmpeg::format::output(&path).map_err(err("cannot create"))?;
+    let global_header = octx
+        .format()
+        .flags()
+        .contains(ffmpeg::format::Flags::GLOBAL_HEADER);
+    let (codec, x264) = match ffmpeg::encoder::find_by_name("libx264") {
+        Some(c) => (c, true),
+        None => (
+            ffmpeg::encoder::find(ffmpeg::codec::Id::MPEG4).ok_or_else(|| {
+                DataError::corrupt(
+                    path,
+                    "this FFmpeg has neither libx264 nor an MPEG-4 encoder",
+                )
+            })?,
+            false,
+        ),
+    };
+    let mut ost = octx
+        .add_stream(codec)
+        .map_err(err("cannot add a video stream"))?;
+    let mut enc = ffmpeg::codec::context::Context::new_with_codec(codec)
+        .encoder()
+        .video()
+        .map_err(err("no video encoder"))?;
+    let time_base = ffmpeg::Rational::new(1, fps as i32);
+    enc.set_width(ew);
+    enc.set_height(eh);
+    enc.set_format(ffmpeg::format::Pixel::YUV420P);
+    enc.set_time_base(time_base);
+    enc.set_frame_rate(Some(ffmpeg::Rational::new(fps as i32, 1)));
+    if global_header {
+        enc.set_flags(ffmpeg::codec::Flags::GLOBAL_HEADER);
+    }
+    let mut opts = ffmpeg::Dictionary::new();
+    if x264 {
+        opts.set("crf", "18");
+        opts.set("preset", "medium");
+    } else {
+        enc.set_bit_rate(8 * (ew * eh) as usize * fps as usize / 10);
+    }
+    let mut encoder = enc
+        .open_with(opts)
+        .map_err(err("cannot open the encoder"))?;
+    ost.set_parameters(&encoder);
+    // The container's frame rate, and packet durations below, so that
+    // readers see `fps` rather than frames over the first-to-last pts span.
+    ost.set_time_base(time_base);
+    ost.set_avg_frame_rate(ffmpeg::Rational::new(fps as i32, 1));
+    ost.set_rate(ffmpeg::Rational::new(fps as i32, 1));
+    octx.write_header()
+        .map_err(err("cannot write the header"))?;
+    let ost_tb = octx.stream(0).expect("stream 0 was added").time_base();
+    let mut scaler = ffmpeg::software::scaling::Context::get(
+        ffmpeg::format::Pixel::RGB24,
+        ew,
+        eh,
+        ffmpeg::format::Pixel::YUV420P,
+        ew,
+        eh,
+        ffmpeg::software::scaling::Flags::BICUBIC,
+    )
+    .map_err(err("cannot set up the colour conversion"))?;
+    let drain = |encoder: &mut ffmpeg::encoder::Video,
+                 octx: &mut ffmpeg::format::context::Output|
+     -> Result<()> {
+        let mut packet = ffmpeg::Packet::empty();
+        while encoder.receive_packet(&mut packet).is_ok() {
+            packet.set_stream(0);
+            packet.set_duration(1);
+            packet.rescale_ts(time_base, ost_tb);
+            packet
+                .write_interleaved(octx)
+                .map_err(err("cannot write a packet"))?;
+        }
+        Ok(())
+    };
+    let mut src = ffmpeg::frame::Video::new(ffmpeg::format::Pixel::RGB24, ew, eh);
+    let frame_bytes = height * width * 3;
+    for (i, clip_frame) in rgb.chunks_exact(frame_bytes).enumerate() {
+        let stride = src.stride(0);
+        let data = src.data_mut(0);
+        data.fill(0); // the padding row / column stays black
+        for (r, row) in clip_frame.chunks_exact(width * 3).enumerate() {
+            data[r * stride..r * stride + width * 3].copy_from_slice(row);
+        }
+        let mut yuv = ffmpeg::frame::Video::empty();
+        scaler
+            .run(&src, &mut yuv)
+            .map_err(err("colour conversion failed"))?;
+        yuv.set_pts(Some(i as i64));
+        encoder.send_frame(&yuv).map_err(err("encoding failed"))?;
+        drain(&mut encoder, &mut octx)?;
+    }
+    encoder.send_eof().map_err(err("encoding failed"))?;
+    drain(&mut encoder, &mut octx)?;
+    octx.write_trailer()
+        .map_err(err("cannot finish the file"))?;
     Ok(())
 }

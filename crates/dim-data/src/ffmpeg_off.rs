@@ -26,3 +26,15 @@ pub fn decode_each(
 ) -> Result<()> {
     Err(unsupported(path))
 }
+
+/// Always [`DataError::NoVideoSupport`] (this build has no FFmpeg).
+pub fn write_mp4(
+    path: &Path,
+    _rgb: &[u8],
+    _frames: usize,
+    _height: usize,
+    _width: usize,
+    _fps: u32,
+) -> Result<()> {
+    Err(unsupported(path))
+}

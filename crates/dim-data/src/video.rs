@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::dataset::{check_index, Dataset, RawSample};
 use crate::error::{DataError, Result};
-pub use crate::ffmpeg::{decode_each, probe};
+pub use crate::ffmpeg::{decode_each, probe, write_mp4};
 use crate::frames::Frames;
 use crate::idx::Split;
 use crate::rng::{derive, Rng};

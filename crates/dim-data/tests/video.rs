@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use dim_data::video::{decode_frames, probe};
+use dim_data::video::{decode_frames, probe, write_mp4};
 use dim_data::{
     ClipSampling, ClipStart, DataError, Dataset, DecodeOptions, Loader, LoaderConfig, Split,
     Transform, Transformed, VideoDataset,
@@ -152,6 +152,53 @@ fn mkv_and_webm_decode_like_the_program() {
     check_against_ffmpeg(&mkv, 20, 176, 144);
     assert_eq!(probe(&webm).unwrap().frames, 12);
     check_against_ffmpeg(&webm, 12, 176, 144);
+}
+
+/// A written MP4 reads back with our decoder and the ffmpeg program: the frame
+/// count, rate and (padded) size, and the pixels up to H.264's loss.
+#[test]
+fn written_mp4_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, h, w, fps) = (9usize, 30usize, 33usize, 12u32);
+    // A moving grey gradient with a moving orange square (4:2:0 keeps
+    // luma at full resolution, chroma at half, so colour stays blocky).
+    let mut rgb = vec![0u8; t * h * w * 3];
+    for f in 0..t {
+        for y in 0..h {
+            for x in 0..w {
+                let i = ((f * h + y) * w + x) * 3;
+                let square = (x + 2 * f) % w < 8 && (10..18).contains(&y);
+                let grey = (x * 5 + y * 3 + f * 4) as u8;
+                let px = if square { [230, 140, 40] } else { [grey; 3] };
+                rgb[i..i + 3].copy_from_slice(&px);
+            }
+        }
+    }
+    let path = dir.path().join("clip.mp4");
+    write_mp4(&path, &rgb, t, h, w, fps).unwrap();
+    let info = probe(&path).unwrap();
+    assert_eq!((info.frames, info.fps), (t, f64::from(fps)), "{info:?}");
+    // 4:2:0 needs even sizes: one black column is added on the right.
+    assert_eq!((info.height, info.width), (h, w + 1));
+    assert_eq!(ffprobe_count(&path), t);
+    let back = decode_frames(&path, &(0..t).collect::<Vec<_>>(), DecodeOptions::default()).unwrap();
+    let mut se = 0f64;
+    for f in 0..t {
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    let a = f64::from(rgb[((f * h + y) * w + x) * 3 + c]);
+                    let b = f64::from(back.data[((f * h + y) * (w + 1) + x) * 3 + c]);
+                    se += (a - b) * (a - b);
+                }
+            }
+        }
+    }
+    let psnr = 10.0 * (255.0f64 * 255.0 / (se / (t * h * w * 3) as f64)).log10();
+    assert!(psnr > 30.0, "PSNR {psnr:.1} dB");
+    // Bad arguments name the file.
+    let e = write_mp4(&dir.path().join("bad.mp4"), &rgb[..10], t, h, w, fps).unwrap_err();
+    assert!(e.to_string().contains("bad.mp4"), "{e}");
 }
 
 #[test]

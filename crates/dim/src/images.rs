@@ -100,6 +100,24 @@ pub fn save_gif(video: &Tensor, fps: u32, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes a video `(C, T, H, W)` in `[-1, 1]` as an H.264 MP4. Returns
+/// `Ok(false)` when this `dim` was built without FFmpeg (the `video`
+/// feature), so callers can skip MP4s and keep the GIFs.
+pub fn save_mp4(video: &Tensor, fps: u32, path: &Path) -> Result<bool> {
+    // (T, H, W, 4) RGBA → packed RGB.
+    let rgba = to_rgba(&video.transpose(0, 1))?;
+    let s = rgba.size();
+    let rgb = rgba.narrow(3, 0, 3).contiguous();
+    let mut bytes = vec![0u8; rgb.numel()];
+    rgb.copy_data_u8(&mut bytes, rgb.numel());
+    let (t, h, w) = (s[0] as usize, s[1] as usize, s[2] as usize);
+    match dim_data::video::write_mp4(path, &bytes, t, h, w, fps.max(1)) {
+        Ok(()) => Ok(true),
+        Err(dim_data::DataError::NoVideoSupport { .. }) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
+    }
+}
+
 /// Writes the frames of a video `(C, T, H, W)` side by side as one PNG.
 pub fn save_strip(video: &Tensor, path: &Path) -> Result<()> {
     let t = video.size()[1];

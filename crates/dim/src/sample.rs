@@ -224,9 +224,16 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
     let shown = x.narrow(0, 0, x.size()[0].min(100));
     write_grid(&shown, &r.net.cfg, &grid_path)?;
     if r.net.cfg.is_video() {
+        let mut mp4 = true;
         for i in 0..x.size()[0] {
             let v = x.get(i);
             images::save_gif(&v, a.fps, &a.out.join(format!("{i:06}.gif")))?;
+            if mp4 && !images::save_mp4(&v, a.fps, &a.out.join(format!("{i:06}.mp4")))? {
+                tracing::warn!(
+                    "this dim was built without FFmpeg (the `video` feature): no MP4s, GIFs only"
+                );
+                mp4 = false;
+            }
             images::save_strip(&v, &a.out.join(format!("{i:06}_strip.png")))?;
         }
     } else {

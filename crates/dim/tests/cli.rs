@@ -248,6 +248,93 @@ fn train_resume_sample_eval() {
     );
 }
 
+/// A tiny video model: trains two steps on Moving Fashion-MNIST, then
+/// sampling writes a GIF, an MP4 (4 frames at the requested rate) and a
+/// frame strip per clip.
+#[cfg(feature = "video")]
+#[test]
+fn video_model_samples_gif_mp4_and_strip() {
+    let s = |p: &Path| p.display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = d.join("video.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[model]
+preset = "DiM-S/2"
+depth = 1
+width = 32
+heads = 2
+patch = 8
+temporal_patch = 2
+in_channels = 1
+input_size = [32, 32]
+frames = 4
+num_classes = 0
+class_dropout_prob = 0.0
+learn_sigma = false
+dt_rank = 4
+token_order = "alternating"
+
+[diffusion]
+learn_sigma = false
+
+[sampler]
+sampler = "ddim"
+steps = 2
+
+[data]
+kind = "moving_fashion_mnist"
+moving = {{ len = 16, frames = 4, canvas = 32, items = 1, seed = 0, min_speed = 1.0, max_speed = 2.0 }}
+
+[loader]
+workers = 1
+
+[train]
+steps = 2
+batch_size = 2
+device = "cpu"
+threads = 1
+out_dir = "{}"
+"#,
+            d.join("run").display()
+        ),
+    )
+    .unwrap();
+    let ckpt = ok(&["train", "--config", &s(&cfg)]);
+    let out = d.join("clips");
+    ok(&[
+        "sample",
+        "--checkpoint",
+        ckpt.trim(),
+        "--num",
+        "2",
+        "--fps",
+        "5",
+        "--out",
+        &s(&out),
+        "--device",
+        "cpu",
+    ]);
+    for i in 0..2 {
+        for ext in ["gif", "mp4"] {
+            assert!(out.join(format!("00000{i}.{ext}")).is_file(), "{i}.{ext}");
+        }
+        // Four 32×32 frames in a row with 2-pixel borders.
+        assert_eq!(
+            image_size(&out.join(format!("00000{i}_strip.png"))),
+            (4 * 34 + 2, 36)
+        );
+    }
+    let info = dim_data::video::probe(&out.join("000001.mp4")).unwrap();
+    assert_eq!(
+        (info.frames, info.fps, info.width, info.height),
+        (4, 5.0, 32, 32)
+    );
+}
+
 fn image_size(p: &Path) -> (u32, u32) {
     // PNG IHDR: width and height are big-endian at bytes 16..24.
     let b = std::fs::read(p).unwrap();
