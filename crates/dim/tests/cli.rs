@@ -149,38 +149,14 @@ fn train_resume_sample_eval() {
 
     // Sampling: PNGs, a grid and the raw tensor.
     let out = d.join("samples");
-    let grid = ok(&[
-        "sample",
-        "--checkpoint",
-        &ckpt,
-        "--num",
-        "8",
-        "--batch",
-        "5",
-        "--out",
-        &s(&out),
-        "--device",
-        "cpu",
-    ]);
+    let grid = sample_cpu(&ckpt, &out, &["--num", "8", "--batch", "5"]);
     assert!(Path::new(grid.trim()).is_file());
     assert!(out.join("000007.png").is_file() && out.join("samples.safetensors").is_file());
     let img = image_size(&out.join("000000.png"));
     assert_eq!(img, (32, 32));
     // Same seed, different batch size: identical samples (noise keyed by sample index).
     let out2 = d.join("samples2");
-    ok(&[
-        "sample",
-        "--checkpoint",
-        &ckpt,
-        "--num",
-        "8",
-        "--batch",
-        "8",
-        "--out",
-        &s(&out2),
-        "--device",
-        "cpu",
-    ]);
+    sample_cpu(&ckpt, &out2, &["--num", "8", "--batch", "8"]);
     assert_eq!(
         std::fs::read(out.join("000006.png")).unwrap(),
         std::fs::read(out2.join("000006.png")).unwrap()
@@ -188,21 +164,11 @@ fn train_resume_sample_eval() {
     // Guidance with a config that names no null class: the model's is used,
     // and guidance changes the samples.
     let guided = d.join("guided");
-    ok(&[
-        "sample",
-        "--checkpoint",
+    sample_cpu(
         &ckpt,
-        "--num",
-        "8",
-        "--batch",
-        "8",
-        "--cfg",
-        "4",
-        "--out",
-        &s(&guided),
-        "--device",
-        "cpu",
-    ]);
+        &guided,
+        &["--num", "8", "--batch", "8", "--cfg", "4"],
+    );
     assert_ne!(
         std::fs::read(out.join("samples.safetensors")).unwrap(),
         std::fs::read(guided.join("samples.safetensors")).unwrap()
@@ -305,19 +271,7 @@ out_dir = "{}"
     .unwrap();
     let ckpt = ok(&["train", "--config", &s(&cfg)]);
     let out = d.join("clips");
-    ok(&[
-        "sample",
-        "--checkpoint",
-        ckpt.trim(),
-        "--num",
-        "2",
-        "--fps",
-        "5",
-        "--out",
-        &s(&out),
-        "--device",
-        "cpu",
-    ]);
+    sample_cpu(ckpt.trim(), &out, &["--num", "2", "--fps", "5"]);
     for i in 0..2 {
         for ext in ["gif", "mp4"] {
             assert!(out.join(format!("00000{i}.{ext}")).is_file(), "{i}.{ext}");
@@ -333,6 +287,22 @@ out_dir = "{}"
         (info.frames, info.fps, info.width, info.height),
         (4, 5.0, 32, 32)
     );
+}
+
+/// `dim sample --checkpoint ckpt --out out --device cpu` plus `extra`; its stdout.
+fn sample_cpu(ckpt: &str, out: &Path, extra: &[&str]) -> String {
+    let out = out.display().to_string();
+    let mut args = vec![
+        "sample",
+        "--checkpoint",
+        ckpt,
+        "--out",
+        &out,
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
 }
 
 fn image_size(p: &Path) -> (u32, u32) {
