@@ -9,7 +9,7 @@
 #   xtask/experiments/fmnist_s2.sh <dim binary> <output folder>
 #
 # Environment (all optional): TRAIN_ARGS (extra `dim train` overrides),
-# NUM (samples, 10000), STEPS (sampling steps, the config's), FEATURE_EPOCHS
+# MODELS ("dim dit", or one of them), NUM (samples, 10000), STEPS (sampling steps, the config's), FEATURE_EPOCHS
 # (5), DEVICE0 / DEVICE1 (cuda:0 / cuda:1, or cpu for a quick check).
 # `cargo xtask experiment-bundle <dir>` packs the binary and the data for a
 # machine without Rust.
@@ -19,6 +19,10 @@ out=$2
 mkdir -p "$out"
 out=$(realpath "$out")
 num=${NUM:-10000}
+read -r -a models <<<"${MODELS:-dim dit}"
+for m in "${models[@]}"; do
+  [ "$m" = dim ] || [ "$m" = dit ] || { echo "MODELS: unknown model '$m' (dim, dit)" >&2; exit 2; }
+done
 epochs=${FEATURE_EPOCHS:-5}
 steps=()
 [ -n "${STEPS:-}" ] && steps=(--steps "$STEPS")
@@ -28,18 +32,20 @@ if [ -n "${DEVICE1:-}" ]; then dev1=$DEVICE1; elif [ "$ngpu" -ge 2 ]; then dev1=
 features=$out/features/fmnist_classifier.safetensors
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
 
-# Runs "$@" for model $1 on device $2 in the background when the two models
-# have cards of their own, else in the foreground.
+# Runs "$1 <model> <device>" for each model (dim on DEVICE0, dit on DEVICE1),
+# in the background when the two have cards of their own, else in turn.
 pids=()
-per_model() {
-  local m=$1 dev=$2
-  shift 2
-  if [ "$dev0" != "$dev1" ]; then
-    "$@" "$m" "$dev" &
-    pids+=($!)
-  else
-    "$@" "$m" "$dev"
-  fi
+for_models() {
+  local m dev
+  for m in "${models[@]}"; do
+    if [ "$m" = dim ]; then dev=$dev0; else dev=$dev1; fi
+    if [ "$dev0" != "$dev1" ]; then
+      "$1" "$m" "$dev" &
+      pids+=($!)
+    else
+      "$1" "$m" "$dev"
+    fi
+  done
 }
 # Waits for the background jobs; fails if any failed.
 wait_all() {
@@ -72,13 +78,11 @@ sample_eval_one() {
 }
 
 log "devices: $dev0 $dev1 ($ngpu GPUs); dim $("$dim" --version)"
-per_model dim "$dev0" train_one
-per_model dit "$dev1" train_one
+for_models train_one
 wait_all
 log "training the feature classifier ($epochs epochs)"
 "$dim" train-features --out "$features" --epochs "$epochs" --device "$dev0" >"$out/features.txt" 2>"$out/features.log"
-per_model dim "$dev0" sample_eval_one
-per_model dit "$dev1" sample_eval_one
+for_models sample_eval_one
 "$dim" eval --samples fashion-mnist:train --reference fashion-mnist:test \
   --weights "$features" --device "$dev0" --json "$out/floor.eval.json" >/dev/null 2>"$out/floor.log"
 wait_all
@@ -88,7 +92,7 @@ cat "$out/features.txt"
 # The small files (no checkpoints or samples) in one archive, to carry back.
 pack=$(mktemp -d)/results
 mkdir -p "$pack"
-for m in dim dit; do
+for m in "${models[@]}"; do
   cp "$out/$m/metrics.jsonl" "$pack/$m.metrics.jsonl"
   cp "$out/$m.grid.png" "$out/$m.grid_cfg1.5.png" "$out/$m.train.log" "$out/$m.sample.log" "$out/$m.ckpt" "$pack/"
 done
