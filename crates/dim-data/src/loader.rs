@@ -594,7 +594,8 @@ fn load_batch(dataset: &dyn Dataset, config: &LoaderConfig, job: Job) -> Loaded 
         }
     };
     if config.pin_memory && tch::Cuda::is_available() {
-        x = x.f_pin_memory(tch::Device::Cuda(0))?;
+        // `_pin_memory`: libtorch 2.11 warns on every `pin_memory(device)`, the only form tch has.
+        x = x.f_internal_pin_memory(tch::Device::Cuda(0))?;
     }
     Ok((
         Some(Batch {

@@ -205,7 +205,7 @@ fn train_step_bench(
     let (x, noise, t, y) = randn_inputs(cfg, batch, device);
     let c = cfg.in_channels;
     let mut step = || {
-        let loss = tch::autocast(true, || {
+        let loss = amp(|| {
             let out = model
                 .forward(&x, &t, Some(&y), true)
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -243,10 +243,15 @@ fn train_step_bench(
     (result, model, vs)
 }
 
+/// Runs `f` under CUDA autocast.
+fn amp<T>(f: impl FnOnce() -> T) -> T {
+    dim_scan::device::autocast(true, f).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Forward+backward time (ms) of `f`'s output, with `sum()` as the loss, under autocast.
 fn fwd_bwd_ms(device: Device, reps: usize, f: impl Fn() -> Tensor) -> f64 {
     time_ms(device, reps, || {
-        let out = tch::autocast(true, &f);
+        let out = amp(&f);
         out.to_kind(Kind::Float).sum(Kind::Float).backward();
     })
 }
@@ -287,7 +292,7 @@ fn breakdown(
                     xs + z
                 }),
             ));
-            let (xs, z) = tch::autocast(true, || m.project_in(&tokens));
+            let (xs, z) = amp(|| m.project_in(&tokens));
             let (xs, z) = (leaf(&xs), leaf(&z));
             parts.push((
                 "conv+SiLU+x_proj+dt_proj (2 dirs)".into(),
@@ -303,7 +308,7 @@ fn breakdown(
                         + r.c.sum(Kind::Float)
                 }),
             ));
-            let (f, r) = tch::autocast(true, || m.direction_inputs(&xs));
+            let (f, r) = amp(|| m.direction_inputs(&xs));
             let lf = dim_model::network::DirectionInputs {
                 u: leaf(&f.u),
                 delta: leaf(&f.delta),
@@ -324,7 +329,7 @@ fn breakdown(
                     m.scan_op(&lf, &lr, &z).unwrap_or_else(|e| panic!("{e}"))
                 }),
             ));
-            let y = leaf(&tch::autocast(true, || {
+            let y = leaf(&amp(|| {
                 m.scan_op(&lf, &lr, &z).unwrap_or_else(|e| panic!("{e}"))
             }));
             parts.push((
@@ -339,7 +344,7 @@ fn breakdown(
                 "qkv".into(),
                 fwd_bwd_ms(device, reps, || a.qkv.forward(&tokens)),
             ));
-            let qkv = tch::autocast(true, || a.qkv.forward(&tokens))
+            let qkv = amp(|| a.qkv.forward(&tokens))
                 .reshape([b, l, 3, cfg.heads, hd])
                 .permute([2, 0, 3, 1, 4]);
             let (q, k, v) = (leaf(&qkv.get(0)), leaf(&qkv.get(1)), leaf(&qkv.get(2)));
@@ -423,7 +428,7 @@ fn main() {
         Device::Cuda(0)
     };
     if device != Device::Cpu {
-        if let Err(e) = dim_model::set_cuda_autocast_dtype(Kind::BFloat16) {
+        if let Err(e) = dim_scan::device::set_cuda_autocast_dtype(Kind::BFloat16) {
             println!("gpu_model: skipped: {e}");
             return;
         }

@@ -12,17 +12,16 @@
 //! - [`save_checkpoint`] / [`load_checkpoint`]: safetensors with the config in
 //!   the header.
 //!
-//! - [`set_cuda_autocast_dtype`]: make `tch::autocast` compute in bf16.
+//! Mixed precision (bf16 autocast, TF32) is switched through
+//! `dim_scan::device`.
 //!
 //! See `docs/model.md`.
 
-mod autocast;
 mod checkpoint;
 mod config;
 mod error;
 pub mod network;
 
-pub use autocast::{cuda_autocast_dtype, set_cuda_autocast_dtype};
 pub use checkpoint::{
     load_checkpoint, load_weights, save_checkpoint, Checkpoint, CONFIG_KEY, FORMAT_KEY,
 };

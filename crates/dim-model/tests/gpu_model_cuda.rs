@@ -2,7 +2,8 @@
 //! fused scan on the GPU against the same weights on the CPU, f32 outputs and
 //! gradients, and a bf16-autocast training step against f32.
 
-use dim_model::{set_cuda_autocast_dtype, Model, ModelConfig};
+use dim_model::{Model, ModelConfig};
+use dim_scan::device::{autocast, set_cuda_autocast_dtype};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -113,15 +114,16 @@ fn gpu_bf16_autocast_step_tracks_f32() {
         let t = Tensor::from_slice(&[1.0f32, 10.0, 100.0, 900.0]).to_device(device);
         let y = Tensor::from_slice(&[0i64, 3, 5, 9]).to_device(device);
         let f32_out = gpu.forward(&x, &t, Some(&y), false).unwrap();
-        let bf16_out = tch::autocast(true, || gpu.forward(&x, &t, Some(&y), false).unwrap());
+        let bf16_out = autocast(true, || gpu.forward(&x, &t, Some(&y), false).unwrap()).unwrap();
         let err = rel(&bf16_out, &f32_out);
         assert!(
             err < 5e-2,
             "{arch}: bf16 autocast output differs from f32 by {err:e}"
         );
-        let loss = tch::autocast(true, || {
+        let loss = autocast(true, || {
             bf16_out.to_kind(Kind::Float).square().mean(Kind::Float)
-        });
+        })
+        .unwrap();
         loss.backward();
         assert!(loss.double_value(&[]).is_finite());
     }

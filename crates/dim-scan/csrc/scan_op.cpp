@@ -7,6 +7,7 @@
 // implementation, registered through dim_scan_set_cpu_impl. Rust calls the
 // extern "C" functions at the bottom with tch's tensor handles (at::Tensor*).
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cstring>
@@ -345,6 +346,43 @@ int dim_set_allow_tf32(int enable, int* now, char* err, size_t errlen) {
     at::globalContext().setAllowTF32CuBLAS(enable != 0);
     at::globalContext().setAllowTF32CuDNN(enable != 0);
     *now = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+  });
+}
+
+// CUDA autocast state through libtorch's device-typed calls. tch's autocast
+// uses at::autocast::{is,set}_enabled, which libtorch 2.11 deprecates with a
+// warning on every call (thousands of lines in a training log), and tch has
+// no setter for the autocast dtype. The state is thread-local in libtorch.
+//   op 0, enter: *out = enabled before; set enabled = value; nesting + 1.
+//   op 1, exit: nesting - 1, dropping the cast cache at 0; enabled = value.
+//   op 2: set the dtype to ScalarType code value; *out = the code read back.
+//   op 3: *out = the dtype's ScalarType code.   op 4: *out = enabled.
+int dim_cuda_autocast(int op, int value, int* out, char* err, size_t errlen) {
+  return guarded(err, errlen, [&] {
+    constexpr auto cuda = at::DeviceType::CUDA;
+    switch (op) {
+      case 0:
+        *out = at::autocast::is_autocast_enabled(cuda) ? 1 : 0;
+        at::autocast::set_autocast_enabled(cuda, value != 0);
+        at::autocast::increment_nesting();
+        break;
+      case 1:
+        if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+        at::autocast::set_autocast_enabled(cuda, value != 0);
+        break;
+      case 2:
+        at::autocast::set_autocast_dtype(cuda, static_cast<at::ScalarType>(value));
+        *out = static_cast<int>(at::autocast::get_autocast_dtype(cuda));
+        break;
+      case 3:
+        *out = static_cast<int>(at::autocast::get_autocast_dtype(cuda));
+        break;
+      case 4:
+        *out = at::autocast::is_autocast_enabled(cuda) ? 1 : 0;
+        break;
+      default:
+        TORCH_CHECK(false, "dim_cuda_autocast: unknown op ", op);
+    }
   });
 }
 

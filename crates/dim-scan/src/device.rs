@@ -1,10 +1,74 @@
 //! Small CUDA utilities that tch does not expose, built into the same native
-//! shim as the op: peak-memory statistics of libtorch's caching allocator and
-//! the toolchain smoke kernel.
+//! shim as the op: CUDA autocast (bf16 mixed precision) and TF32 switches,
+//! peak-memory statistics of libtorch's caching allocator, CUDA-event timing
+//! and the toolchain smoke kernel.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
+use crate::ffi::{cuda_autocast, AutocastOp};
 use crate::ScanError;
+
+/// Runs `f` with libtorch's CUDA autocast switched on (or off), restoring the
+/// previous state afterwards, also when `f` panics. Ops on CUDA tensors inside
+/// then compute in the dtype of [`set_cuda_autocast_dtype`] where autocast
+/// allows it (matmuls, convolutions), f32 elsewhere. Replaces `tch::autocast`,
+/// whose libtorch calls are deprecated and warn on every use. The state is
+/// per thread; CPU tensors are not affected.
+pub fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> Result<T, ScanError> {
+    /// Leaves the nesting level on drop.
+    struct Level(bool);
+    impl Drop for Level {
+        fn drop(&mut self) {
+            // Exit only resets libtorch's thread-local flags; it has no failure to report here.
+            let _ = cuda_autocast(AutocastOp::Exit, i32::from(self.0));
+        }
+    }
+    let before = cuda_autocast(AutocastOp::Enter, i32::from(enabled))? != 0;
+    let _level = Level(before);
+    Ok(f())
+}
+
+/// Whether CUDA autocast is on in this thread.
+pub fn cuda_autocast_enabled() -> Result<bool, ScanError> {
+    Ok(cuda_autocast(AutocastOp::Enabled, 0)? != 0)
+}
+
+// `c10::ScalarType` codes.
+const SCALAR_HALF: i32 = 5;
+const SCALAR_FLOAT: i32 = 6;
+const SCALAR_BFLOAT16: i32 = 15;
+const AUTOCAST_KINDS: [(Kind, i32); 3] = [
+    (Kind::Half, SCALAR_HALF),
+    (Kind::Float, SCALAR_FLOAT),
+    (Kind::BFloat16, SCALAR_BFLOAT16),
+];
+
+/// Sets the dtype CUDA autocast computes in (`BFloat16`, `Half` or `Float`;
+/// libtorch's default is `Half`) for this thread, and checks it by reading
+/// it back.
+pub fn set_cuda_autocast_dtype(kind: Kind) -> Result<(), ScanError> {
+    let want = AUTOCAST_KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, code)| *code)
+        .ok_or(ScanError::AutocastDtype(kind))?;
+    let got = cuda_autocast(AutocastOp::SetDtype, want)?;
+    if got != want {
+        return Err(ScanError::Native(format!(
+            "libtorch kept CUDA autocast dtype code {got} after setting {kind:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The dtype CUDA autocast computes in (`None` for one other than `BFloat16`, `Half`, `Float`).
+pub fn cuda_autocast_dtype() -> Result<Option<Kind>, ScanError> {
+    let got = cuda_autocast(AutocastOp::Dtype, 0)?;
+    Ok(AUTOCAST_KINDS
+        .iter()
+        .find(|(_, code)| *code == got)
+        .map(|(k, _)| *k))
+}
 
 /// Resets the peak of bytes allocated by libtorch on CUDA device `index`.
 pub fn reset_peak_memory(index: usize) -> Result<(), ScanError> {
@@ -97,6 +161,35 @@ pub fn copy_bandwidth(device: tch::Device) -> Result<f64, ScanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// libtorch keeps the autocast state even without a GPU, so these run on the CPU.
+    #[test]
+    fn autocast_dtype_round_trips() {
+        set_cuda_autocast_dtype(Kind::BFloat16).unwrap();
+        assert_eq!(cuda_autocast_dtype().unwrap(), Some(Kind::BFloat16));
+        set_cuda_autocast_dtype(Kind::Half).unwrap();
+        assert_eq!(cuda_autocast_dtype().unwrap(), Some(Kind::Half));
+        let err = set_cuda_autocast_dtype(Kind::Int64).unwrap_err();
+        assert!(err.to_string().contains("Int64"), "{err}");
+        assert_eq!(cuda_autocast_dtype().unwrap(), Some(Kind::Half));
+    }
+
+    #[test]
+    fn autocast_nests_and_restores() {
+        assert!(!cuda_autocast_enabled().unwrap());
+        let inner = autocast(true, || {
+            let on = cuda_autocast_enabled().unwrap();
+            let off = autocast(false, || cuda_autocast_enabled().unwrap()).unwrap();
+            (on, off, cuda_autocast_enabled().unwrap())
+        })
+        .unwrap();
+        assert_eq!(inner, (true, false, true));
+        assert!(!cuda_autocast_enabled().unwrap());
+        // A panic inside still leaves autocast as it was.
+        let caught = std::panic::catch_unwind(|| autocast(true, || panic!("inside")));
+        assert!(caught.is_err());
+        assert!(!cuda_autocast_enabled().unwrap());
+    }
 
     #[test]
     fn tf32_switch_reads_back() {

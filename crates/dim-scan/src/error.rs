@@ -27,6 +27,9 @@ pub enum ScanError {
     /// CUDA tensors were given, but this build has no CUDA kernels.
     #[error("selective scan: CUDA tensors given, but dim-scan was built without its CUDA kernels (nvcc was not found at build time: run `cargo xtask setup`, then rebuild with the `cuda` feature)")]
     NoCudaKernels,
+    /// An autocast dtype other than `BFloat16`, `Half` or `Float` was asked for.
+    #[error("autocast dtype {0:?}: expected BFloat16, Half or Float")]
+    AutocastDtype(tch::Kind),
     /// The native op failed (CUDA launch error, libtorch error).
     #[error("selective scan: {0}")]
     Native(String),

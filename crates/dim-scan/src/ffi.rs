@@ -100,6 +100,13 @@ extern "C" {
     fn dim_probe_exp2(out: *mut c_void, iters: c_int, err: *mut c_char, errlen: usize) -> c_int;
     fn dim_set_allow_tf32(enable: c_int, now: *mut c_int, err: *mut c_char, errlen: usize)
         -> c_int;
+    fn dim_cuda_autocast(
+        op: c_int,
+        value: c_int,
+        out: *mut c_int,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> c_int;
     fn dim_cuda_peak_memory(
         device: c_int,
         out: *mut u64,
@@ -202,6 +209,32 @@ pub(crate) fn set_allow_tf32(enable: bool) -> Result<bool, ScanError> {
         unsafe { dim_set_allow_tf32(c_int::from(enable), &mut now, err, len) }
     })?;
     Ok(now != 0)
+}
+
+/// Operations on libtorch's CUDA autocast state (the `op` codes of
+/// `dim_cuda_autocast` in the shim); returns its `*out`.
+pub(crate) fn cuda_autocast(op: AutocastOp, value: i32) -> Result<i32, ScanError> {
+    let mut out = 0;
+    checked(|err, len| {
+        // SAFETY: `out` outlives the call.
+        unsafe { dim_cuda_autocast(op as c_int, value, &mut out, err, len) }
+    })?;
+    Ok(out)
+}
+
+/// What [`cuda_autocast`] does.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum AutocastOp {
+    /// Switch on or off (`value`), one nesting level deeper; returns the previous state.
+    Enter = 0,
+    /// One level out (dropping the cast cache at the outermost), then restore `value`.
+    Exit = 1,
+    /// Set the dtype to the `c10::ScalarType` code `value`; returns the code read back.
+    SetDtype = 2,
+    /// Returns the dtype's `c10::ScalarType` code.
+    Dtype = 3,
+    /// Returns whether autocast is on.
+    Enabled = 4,
 }
 
 /// `torch::autograd::backward({y}, {dy})`.

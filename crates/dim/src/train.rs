@@ -344,9 +344,9 @@ pub fn train(
             let denoiser = FallibleFn(|x: &Tensor, tt: &Tensor, y: Option<&Tensor>| {
                 net.model.forward(x, tt, y, true)
             });
-            let losses_t = tch::autocast(amp, || {
+            let losses_t = dim_scan::device::autocast(amp, || {
                 diffusion.training_losses(&denoiser, &x, y.as_ref(), &mut rng)
-            })?;
+            })??;
             let loss = losses_t.loss.mean(Kind::Float) / t.grad_accum as f64;
             loss.backward();
             step_loss += loss.double_value(&[]);
@@ -439,7 +439,7 @@ pub fn set_precision(precision: &str, device: Device) -> Result<bool> {
     let amp = ["bf16", "amp"].contains(&precision);
     if amp {
         // libtorch's CUDA autocast defaults to f16; DiT-style training is bf16.
-        dim_model::set_cuda_autocast_dtype(tch::Kind::BFloat16)?;
+        dim_scan::device::set_cuda_autocast_dtype(tch::Kind::BFloat16)?;
     }
     Ok(amp)
 }
