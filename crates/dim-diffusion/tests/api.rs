@@ -10,7 +10,7 @@ use dim_diffusion::{
 };
 mod common;
 
-use common::{fixtures, tensor};
+use common::{fixtures, ints, tensor};
 use tch::{Device, Kind, Tensor};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -32,13 +32,7 @@ fn hybrid_loss_matches_improved_diffusion() {
         let gd = GaussianDiffusion::new(&cfg).unwrap();
         let out = tensor(&case["model_output"]);
         let model = |_x: &Tensor, _t: &Tensor, _y: Option<&Tensor>| out.shallow_clone();
-        let t: Vec<i64> = case["t"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_i64().unwrap())
-            .collect();
-        let t = Tensor::from_slice(&t);
+        let t = Tensor::from_slice(&ints(&case["t"]));
         let l = gd
             .training_losses_at(
                 &model,

@@ -14,21 +14,9 @@ use tch::{Kind, Tensor};
 
 const TOL: f64 = 1e-6;
 
+/// A fixture tensor's data, or a plain array, as f64.
 fn floats(v: &Value) -> Vec<f64> {
-    match v.get("data") {
-        Some(d) => d
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect(),
-        None => v
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect(),
-    }
+    common::floats(v.get("data").unwrap_or(v))
 }
 
 /// Max of |a - b| / max(1, |b|).

@@ -10,19 +10,25 @@ pub fn fixtures() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture file")).expect("json")
 }
 
+/// A fixture array of integers.
+pub fn ints(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .expect("fixture array")
+        .iter()
+        .map(|d| d.as_i64().expect("integer"))
+        .collect()
+}
+
+/// A fixture array of numbers as f64.
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("fixture array")
+        .iter()
+        .map(|d| d.as_f64().expect("number"))
+        .collect()
+}
+
 /// A fixture tensor `{ "shape": [...], "data": [...] }` as f64.
 pub fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<i64> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_i64().unwrap())
-        .collect();
-    let data: Vec<f64> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_f64().unwrap())
-        .collect();
-    Tensor::from_slice(&data).view(shape.as_slice())
+    Tensor::from_slice(&floats(&v["data"])).view(ints(&v["shape"]).as_slice())
 }
