@@ -109,6 +109,10 @@ pub struct DiffusionConfig {
     /// Flow: the model receives `t * time_scale` (default 1000, as in diffusers/SD3,
     /// so that the same timestep embedding suits both processes).
     pub time_scale: f64,
+    /// Gaussian: rescale the betas to zero terminal SNR (`alpha_bar_{T-1} = 0`;
+    /// Lin et al. 2023, diffusers `rescale_betas_zero_snr`). Pair it with `v`
+    /// or `x0` prediction: eps cannot recover x0 at zero SNR.
+    pub rescale_betas_zero_snr: bool,
 }
 
 impl Default for DiffusionConfig {
@@ -127,6 +131,7 @@ impl Default for DiffusionConfig {
             logit_normal_mean: 0.0,
             logit_normal_std: 1.0,
             time_scale: 1000.0,
+            rescale_betas_zero_snr: false,
         }
     }
 }
@@ -211,6 +216,11 @@ impl DiffusionConfig {
                 if self.learn_sigma {
                     return config_err("learn_sigma applies only to kind = \"gaussian\"");
                 }
+                if self.rescale_betas_zero_snr {
+                    return config_err(
+                        "rescale_betas_zero_snr applies only to kind = \"gaussian\"",
+                    );
+                }
                 if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
                     return config_err(format!("time_scale must be > 0, got {}", self.time_scale));
                 }
@@ -236,14 +246,132 @@ pub enum SamplerKind {
     /// DDIM with `eta` (0 = deterministic). Gaussian only.
     Ddim,
     /// DPM-Solver++(2M), multistep, data prediction, midpoint (diffusers defaults). Gaussian only.
-    #[serde(rename = "dpm++2m", alias = "dpmpp_2m", alias = "dpm_solver_pp_2m")]
+    #[serde(
+        rename = "dpm++2m",
+        alias = "dpm++",
+        alias = "dpmpp_2m",
+        alias = "dpm_solver_pp_2m"
+    )]
     DpmSolverPp2M,
+    /// DPM-Solver++(3M): third-order multistep (diffusers `solver_order = 3`). Gaussian only.
+    #[serde(rename = "dpm++3m", alias = "dpmpp_3m")]
+    DpmSolverPp3M,
+    /// SDE-DPM-Solver++(2M) (diffusers `algorithm_type = "sde-dpmsolver++"`):
+    /// stochastic, noise from the sampler's noise source. Gaussian only.
+    #[serde(rename = "dpm++2m_sde", alias = "dpmpp_2m_sde", alias = "dpm++2m-sde")]
+    DpmSolverPp2MSde,
     /// Euler on the probability-flow ODE (Gaussian: in sigma space like
     /// diffusers' EulerDiscreteScheduler; flow: FlowMatchEulerDiscreteScheduler).
     Euler,
+    /// Euler ancestral (diffusers EulerAncestralDiscreteScheduler, k-diffusion
+    /// `sample_euler_ancestral` with eta 1). Gaussian only.
+    #[serde(rename = "euler_a", alias = "euler_ancestral")]
+    EulerAncestral,
     /// Heun's second-order method (Karras et al. Algorithm 1 without churn; the
     /// last step, to sigma = 0 / t = 0, is an Euler step). `2N - 1` model calls.
     Heun,
+}
+
+impl SamplerKind {
+    /// Every sampler, by its config / command-line name.
+    pub const ALL: [(&'static str, SamplerKind); 8] = [
+        ("ddpm", SamplerKind::Ddpm),
+        ("ddim", SamplerKind::Ddim),
+        ("dpm++2m", SamplerKind::DpmSolverPp2M),
+        ("dpm++3m", SamplerKind::DpmSolverPp3M),
+        ("dpm++2m_sde", SamplerKind::DpmSolverPp2MSde),
+        ("euler", SamplerKind::Euler),
+        ("euler_a", SamplerKind::EulerAncestral),
+        ("heun", SamplerKind::Heun),
+    ];
+
+    /// The config name (`"dpm++2m"`, `"euler_a"`, ...).
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, k)| *k == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+
+    /// `Some((order, sde))` for the DPM-Solver++ family.
+    pub fn dpm_solver(self) -> Option<(usize, bool)> {
+        match self {
+            Self::DpmSolverPp2M => Some((2, false)),
+            Self::DpmSolverPp3M => Some((3, false)),
+            Self::DpmSolverPp2MSde => Some((2, true)),
+            _ => None,
+        }
+    }
+
+    /// Samplers that integrate in sigma space on a variance-exploding state
+    /// (diffusers' Euler/Heun family): euler, euler_a, heun.
+    pub fn variance_exploding(self) -> bool {
+        matches!(self, Self::Euler | Self::EulerAncestral | Self::Heun)
+    }
+
+    /// Samplers whose steps are defined by sigmas alone (so Karras /
+    /// exponential sigmas and custom sigmas apply): the DPM-Solver++ family
+    /// and the variance-exploding ones.
+    pub fn sigma_space(self) -> bool {
+        self.variance_exploding() || self.dpm_solver().is_some()
+    }
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = crate::DiffusionError;
+
+    /// Parses a config name or alias (`"dpm++"`, `"euler_ancestral"`, ...), as in TOML.
+    fn from_str(s: &str) -> Result<Self> {
+        use serde::de::IntoDeserializer;
+        let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            s.into_deserializer();
+        Self::deserialize(de).map_err(|_| {
+            let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+            crate::DiffusionError::Config(format!(
+                "unknown sampler `{s}`: use {}",
+                names.join(", ")
+            ))
+        })
+    }
+}
+
+/// The noise levels a sigma-space sampler walks (diffusers `use_karras_sigmas`
+/// / `use_exponential_sigmas`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SigmaSchedule {
+    /// The sigmas of the spaced timesteps.
+    #[default]
+    Default,
+    /// Karras et al. (2022), rho = 7, between the largest and smallest sigma
+    /// (euler/heun: of the spaced grid; dpm++: of the whole training table, as diffusers).
+    Karras,
+    /// Geometric between the same end points.
+    Exponential,
+}
+
+/// Where a DDIM step goes from timestep `t`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrevTimestep {
+    /// `t - T / N` (integer division; diffusers' DDIMScheduler). Off the grid for
+    /// `linspace`, and for `trailing` when N does not divide T.
+    Stride,
+    /// The next grid point (improved-DDPM's respaced DDIM).
+    Grid,
+}
+
+/// Scale of the initial state of the variance-exploding samplers (euler, euler_a, heun).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InitNoise {
+    /// `noise * sqrt(sigma_max^2 + 1)`: the exact prior of the VE state.
+    #[default]
+    Exact,
+    /// diffusers' `init_noise_sigma`: `noise * sigma_max` for `linspace` and
+    /// `trailing` spacing, `noise * sqrt(sigma_max^2 + 1)` otherwise.
+    Diffusers,
 }
 
 /// How the sampling timesteps are chosen among the T training timesteps.
@@ -286,6 +414,32 @@ pub struct SamplerConfig {
     pub clip_denoised: bool,
     /// Flow only: SD3 time shift `t' = s t / (1 + (s - 1) t)` (1 = none).
     pub shift: f64,
+    /// Karras or exponential sigmas (euler, heun, dpm++ family).
+    pub sigma_schedule: SigmaSchedule,
+    /// Custom decreasing model timesteps (original indices, fractional allowed
+    /// for sigma-space samplers); overrides `steps`/`spacing`.
+    pub timesteps: Option<Vec<f64>>,
+    /// Custom decreasing sigmas, `N + 1` values including the final one
+    /// (usually 0); sigma-space samplers only. Overrides `steps`/`spacing`.
+    pub sigmas: Option<Vec<f64>>,
+    /// DDIM: where a step goes; default `stride` for the diffusers spacings
+    /// (leading/trailing/linspace), `grid` for `adm`, respacing and custom timesteps.
+    pub prev_timestep: Option<PrevTimestep>,
+    /// DDIM: the last step goes to `alpha_bar = 1` (true) or to `alpha_bar_0`
+    /// (false; diffusers `set_alpha_to_one`).
+    pub set_alpha_to_one: bool,
+    /// Added to `leading` timesteps (diffusers `steps_offset`; Stable Diffusion uses 1).
+    pub steps_offset: usize,
+    /// euler / euler_a / heun: scale of the initial state.
+    pub init_noise: InitNoise,
+    /// Dynamic thresholding of predicted x0 (Imagen; diffusers `thresholding`):
+    /// per sample, `s = clamp(quantile(|x0|, ratio), 1, sample_max_value)`,
+    /// `x0 = clamp(x0, -s, s) / s`. Gaussian only; replaces `clip_denoised`.
+    pub thresholding: bool,
+    /// Quantile of the dynamic threshold.
+    pub dynamic_thresholding_ratio: f64,
+    /// Upper bound of the dynamic threshold.
+    pub sample_max_value: f64,
 }
 
 impl Default for SamplerConfig {
@@ -300,6 +454,16 @@ impl Default for SamplerConfig {
             null_class: None,
             clip_denoised: false,
             shift: 1.0,
+            sigma_schedule: SigmaSchedule::Default,
+            timesteps: None,
+            sigmas: None,
+            prev_timestep: None,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            init_noise: InitNoise::Exact,
+            thresholding: false,
+            dynamic_thresholding_ratio: 0.995,
+            sample_max_value: 1.0,
         }
     }
 }
@@ -333,6 +497,29 @@ impl SamplerConfig {
         })
     }
 
+    /// DDIM's step target after defaults (see [`SamplerConfig::prev_timestep`]).
+    pub fn prev_timestep(&self) -> PrevTimestep {
+        self.prev_timestep.unwrap_or(
+            if self.respacing.is_some()
+                || self.timesteps.is_some()
+                || self.spacing(ProcessKind::Gaussian) == Spacing::Adm
+            {
+                PrevTimestep::Grid
+            } else {
+                PrevTimestep::Stride
+            },
+        )
+    }
+
+    /// Number of sampling steps after custom timesteps / sigmas.
+    pub fn num_steps(&self) -> usize {
+        match (&self.timesteps, &self.sigmas) {
+            (Some(t), _) => t.len(),
+            (None, Some(s)) => s.len().saturating_sub(1),
+            _ => self.steps,
+        }
+    }
+
     /// Whether classifier-free guidance is on.
     pub fn guided(&self) -> bool {
         self.cfg_scale != 1.0
@@ -342,7 +529,7 @@ impl SamplerConfig {
     pub fn validate(&self, diffusion: &DiffusionConfig) -> Result<()> {
         diffusion.validate()?;
         let t = diffusion.timesteps;
-        let name = format!("{:?}", self.sampler).to_lowercase();
+        let name = self.sampler.name();
         if self.steps == 0 {
             return config_err("steps must be at least 1");
         }
@@ -369,6 +556,78 @@ impl SamplerConfig {
                 "eta applies only to sampler = \"ddim\", not {name}"
             ));
         }
+        if self.prev_timestep.is_some() && self.sampler != SamplerKind::Ddim {
+            return config_err(format!(
+                "prev_timestep applies only to sampler = \"ddim\", not {name}"
+            ));
+        }
+        if self.sigma_schedule != SigmaSchedule::Default && !self.sampler.sigma_space() {
+            return config_err(format!(
+                "sigma_schedule = {:?} needs a sigma-space sampler (euler, euler_a, heun, dpm++*), not {name}",
+                self.sigma_schedule
+            ));
+        }
+        if self.thresholding {
+            let ratio_ok =
+                self.dynamic_thresholding_ratio > 0.0 && self.dynamic_thresholding_ratio <= 1.0;
+            if !(ratio_ok && self.sample_max_value.is_finite() && self.sample_max_value > 0.0) {
+                return config_err(
+                    "thresholding needs 0 < dynamic_thresholding_ratio <= 1 and sample_max_value > 0",
+                );
+            }
+            if self.clip_denoised {
+                return config_err("thresholding and clip_denoised are exclusive");
+            }
+        }
+        let custom = [
+            ("timesteps", self.timesteps.is_some()),
+            ("sigmas", self.sigmas.is_some()),
+            ("respacing", self.respacing.is_some()),
+        ];
+        let overrides: Vec<&str> = custom.iter().filter(|c| c.1).map(|c| c.0).collect();
+        if overrides.len() > 1 {
+            return config_err(format!("set only one of {}", overrides.join(", ")));
+        }
+        if !overrides.is_empty() && self.sigma_schedule != SigmaSchedule::Default {
+            return config_err(format!(
+                "{} cannot be combined with sigma_schedule = {:?}",
+                overrides[0], self.sigma_schedule
+            ));
+        }
+        if let Some(ts) = &self.timesteps {
+            let ok = !ts.is_empty()
+                && ts
+                    .iter()
+                    .all(|v| v.is_finite() && *v >= 0.0 && *v <= (t - 1) as f64)
+                && ts.windows(2).all(|w| w[1] < w[0]);
+            if !ok {
+                return config_err(format!(
+                    "timesteps must be a non-empty strictly decreasing list in [0, {}]",
+                    t - 1
+                ));
+            }
+            let integer = ts.iter().all(|v| v.fract() == 0.0);
+            if !integer && !self.sampler.sigma_space() {
+                return config_err(format!(
+                    "fractional timesteps need a sigma-space sampler, not {name}"
+                ));
+            }
+        }
+        if let Some(sig) = &self.sigmas {
+            let ok = sig.len() >= 2
+                && sig.iter().all(|v| v.is_finite() && *v >= 0.0)
+                && sig.windows(2).all(|w| w[1] < w[0]);
+            if !ok {
+                return config_err(
+                    "sigmas must be N + 1 >= 2 finite, strictly decreasing values >= 0 (the last usually 0)",
+                );
+            }
+            if !self.sampler.sigma_space() {
+                return config_err(format!(
+                    "custom sigmas need a sigma-space sampler (euler, euler_a, heun, dpm++*), not {name}"
+                ));
+            }
+        }
         let spacing = self.spacing(diffusion.kind);
         match diffusion.kind {
             ProcessKind::Gaussian => {
@@ -380,6 +639,14 @@ impl SamplerConfig {
                 if self.shift != 1.0 {
                     return config_err("shift applies only to flow matching");
                 }
+                if diffusion.rescale_betas_zero_snr
+                    && diffusion.prediction() == Prediction::Eps
+                    && matches!(self.sampler, SamplerKind::Ddpm | SamplerKind::Ddim)
+                {
+                    return config_err(format!(
+                        "rescale_betas_zero_snr with eps prediction cannot sample with {name} (x0 is undefined at zero SNR); use v or x0 prediction"
+                    ));
+                }
                 if let Some(r) = &self.respacing {
                     let n = parse_respacing(t, r)?.len();
                     if self.steps != SamplerConfig::default().steps && self.steps != n {
@@ -388,32 +655,37 @@ impl SamplerConfig {
                             self.steps
                         ));
                     }
-                } else if self.steps > t {
-                    return config_err(format!(
-                        "steps = {} is more than the diffusion's {t} training timesteps",
-                        self.steps
-                    ));
-                } else if spacing == Spacing::Leading
-                    && self.sampler == SamplerKind::DpmSolverPp2M
-                    && t / (self.steps + 1) == 0
-                {
-                    return config_err(format!(
-                        "leading spacing needs steps < T for dpm++2m, got {}",
-                        self.steps
-                    ));
+                } else if self.timesteps.is_none() && self.sigmas.is_none() {
+                    if self.steps > t {
+                        return config_err(format!(
+                            "steps = {} is more than the diffusion's {t} training timesteps",
+                            self.steps
+                        ));
+                    }
+                    if spacing == Spacing::Leading
+                        && self.sampler.dpm_solver().is_some()
+                        && t / (self.steps + 1) == 0
+                    {
+                        return config_err(format!(
+                            "leading spacing needs steps < T for {name}, got {}",
+                            self.steps
+                        ));
+                    }
                 }
             }
             ProcessKind::Flow => {
-                if matches!(
-                    self.sampler,
-                    SamplerKind::Ddpm | SamplerKind::Ddim | SamplerKind::DpmSolverPp2M
-                ) {
+                if !matches!(self.sampler, SamplerKind::Euler | SamplerKind::Heun) {
                     return config_err(format!(
                         "sampler {name} is for Gaussian diffusion; flow matching supports euler and heun"
                     ));
                 }
-                if self.respacing.is_some() {
-                    return config_err("respacing applies only to Gaussian diffusion");
+                if self.respacing.is_some() || self.timesteps.is_some() || self.sigmas.is_some() {
+                    return config_err(
+                        "respacing, timesteps and sigmas apply only to Gaussian diffusion",
+                    );
+                }
+                if self.sigma_schedule != SigmaSchedule::Default {
+                    return config_err("sigma_schedule applies only to Gaussian diffusion");
                 }
                 if !matches!(spacing, Spacing::Uniform | Spacing::Linspace) {
                     return config_err(format!(
@@ -423,8 +695,10 @@ impl SamplerConfig {
                 if !(self.shift.is_finite() && self.shift > 0.0) {
                     return config_err(format!("shift must be > 0, got {}", self.shift));
                 }
-                if self.clip_denoised {
-                    return config_err("clip_denoised applies only to Gaussian diffusion");
+                if self.clip_denoised || self.thresholding {
+                    return config_err(
+                        "clip_denoised and thresholding apply only to Gaussian diffusion",
+                    );
                 }
             }
         }

@@ -109,6 +109,21 @@ impl FlowMatching {
         )
     }
 
+    /// One Euler step of `dx/dt = v` from `t` to `t_next` (diffusers
+    /// `FlowMatchEulerDiscreteScheduler.step`): `x + v (t_next - t)`. `v` is
+    /// the model output at `(x, t * time_scale)`; all tensors `(B, C, ...)`.
+    pub fn euler_step(&self, v: &Tensor, x: &Tensor, t: f64, t_next: f64) -> Tensor {
+        x + v * (t_next - t)
+    }
+
+    /// One Heun step from `t` to `t_next > 0` (diffusers
+    /// `FlowMatchHeunDiscreteScheduler`, both stages): `v` is the model output
+    /// at `(x, t)`, `v2` the one at `(euler_step(v, x, t, t_next), t_next)`.
+    /// The step to `t = 0` is an Euler step.
+    pub fn heun_step(&self, v: &Tensor, x: &Tensor, t: f64, t_next: f64, v2: &Tensor) -> Tensor {
+        x + (v + v2) * (0.5 * (t_next - t))
+    }
+
     /// Draws `shape` samples from seeded noise; see [`FlowMatching::sample_from_noise`].
     pub fn sample<M: Denoiser + ?Sized>(
         &self,
@@ -154,15 +169,14 @@ impl FlowMatching {
                 t: grid[i] * scale,
             });
             let (t, t_next) = (grid[i], grid[i + 1]);
-            let dt = t_next - t;
             let v = call(&x, t)?;
-            if heun && t_next > 0.0 {
-                let x2 = &x + &v * dt;
-                let v2 = call(&x2, t_next)?;
-                x = &x + (v + v2) * (0.5 * dt);
+            let euler = self.euler_step(&v, &x, t, t_next);
+            x = if heun && t_next > 0.0 {
+                let v2 = call(&euler, t_next)?;
+                self.heun_step(&v, &x, t, t_next, &v2)
             } else {
-                x = &x + v * dt;
-            }
+                euler
+            };
         }
         Ok(x)
     }

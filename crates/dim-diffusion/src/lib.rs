@@ -3,9 +3,10 @@
 //!
 //! * [`GaussianDiffusion`]: DDPM / improved DDPM / DiT. Beta schedules
 //!   (linear, scaled linear, cosine) with tables in f64; eps / v / x0
-//!   prediction; learned variance with the hybrid loss; samplers DDPM, DDIM,
-//!   DPM-Solver++(2M), Euler and Heun; improved-DDPM timestep respacing and
-//!   diffusers-compatible spacings.
+//!   prediction; learned variance with the hybrid loss; zero-terminal-SNR
+//!   rescaling; samplers DDPM, DDIM, DPM-Solver++(2M, 3M, 2M SDE), Euler,
+//!   Euler ancestral and Heun, with Karras / exponential / custom sigmas;
+//!   improved-DDPM timestep respacing and diffusers-compatible spacings.
 //! * [`FlowMatching`]: `x_t = (1 - t) x0 + t eps`, velocity `eps - x0`,
 //!   uniform or logit-normal `t`, Euler and Heun samplers.
 //! * [`Diffusion`]: either of them, built from a [`DiffusionConfig`].
@@ -26,14 +27,14 @@ pub mod schedule;
 
 pub use common::{mean_flat, per_sample, Losses, Progress, SampleOptions};
 pub use config::{
-    BetaSchedule, Config, DiffusionConfig, FixedVariance, Prediction, ProcessKind, SamplerConfig,
-    SamplerKind, Spacing, TimeSampling,
+    BetaSchedule, Config, DiffusionConfig, FixedVariance, InitNoise, Prediction, PrevTimestep,
+    ProcessKind, SamplerConfig, SamplerKind, SigmaSchedule, Spacing, TimeSampling,
 };
 pub use denoiser::{guided_forward, ClassifierFreeGuidance, Denoiser, FallibleFn};
 pub use error::{DiffusionError, Result};
 pub use flow::FlowMatching;
 pub use gaussian::{GaussianDiffusion, SamplingSchedule};
-pub use rng::NoiseRng;
+pub use rng::{NoiseRng, NoiseSource};
 
 use tch::Tensor;
 

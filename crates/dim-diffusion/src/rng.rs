@@ -213,6 +213,27 @@ fn to_tensor(buf: &[f64], shape: &[i64], kind: Kind, device: Device) -> Tensor {
         .to_device(device)
 }
 
+/// Where a sampler's per-step noise comes from (ddpm, ddim with eta > 0,
+/// euler_a, dpm++2m_sde): a [`NoiseRng`], or any closure
+/// `FnMut(shape, kind, device) -> Tensor`, e.g. one that replays recorded noise.
+/// Samplers draw only on steps whose noise coefficient is non-zero, in step order.
+pub trait NoiseSource {
+    /// Standard-normal noise of `shape`.
+    fn noise(&mut self, shape: &[i64], kind: Kind, device: Device) -> Tensor;
+}
+
+impl NoiseSource for NoiseRng {
+    fn noise(&mut self, shape: &[i64], kind: Kind, device: Device) -> Tensor {
+        self.randn(shape, kind, device)
+    }
+}
+
+impl<F: FnMut(&[i64], Kind, Device) -> Tensor> NoiseSource for F {
+    fn noise(&mut self, shape: &[i64], kind: Kind, device: Device) -> Tensor {
+        self(shape, kind, device)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,8 +3,41 @@
 use crate::config::{BetaSchedule, DiffusionConfig, SamplerKind, Spacing};
 use crate::error::{config_err, Result};
 
-/// The beta table of a Gaussian diffusion config, computed in f64.
+/// The beta table of a Gaussian diffusion config, computed in f64 (rescaled to
+/// zero terminal SNR when `rescale_betas_zero_snr`).
 pub fn betas(cfg: &DiffusionConfig) -> Vec<f64> {
+    let b = base_betas(cfg);
+    if cfg.rescale_betas_zero_snr {
+        rescale_zero_terminal_snr(&b)
+    } else {
+        b
+    }
+}
+
+/// diffusers' `rescale_zero_terminal_snr` (Lin et al. 2023, Algorithm 1), same
+/// operation order: shift `sqrt(alpha_bar)` so that its last value is 0 and
+/// scale it so that its first is unchanged, then recover the betas.
+pub fn rescale_zero_terminal_snr(betas: &[f64]) -> Vec<f64> {
+    let mut prod = 1.0f64;
+    let mut sq: Vec<f64> = betas
+        .iter()
+        .map(|b| {
+            prod *= 1.0 - b;
+            prod.sqrt()
+        })
+        .collect();
+    let (first, last) = (sq[0], sq[sq.len() - 1]);
+    for v in &mut sq {
+        *v -= last;
+        *v *= first / (first - last);
+    }
+    let ab: Vec<f64> = sq.iter().map(|v| v * v).collect();
+    (0..ab.len())
+        .map(|i| 1.0 - if i == 0 { ab[0] } else { ab[i] / ab[i - 1] })
+        .collect()
+}
+
+fn base_betas(cfg: &DiffusionConfig) -> Vec<f64> {
     let t = cfg.timesteps;
     match cfg.schedule {
         BetaSchedule::Linear => linspace(cfg.beta_start, cfg.beta_end, t),
@@ -39,6 +72,25 @@ pub fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
             v[n - 1] = stop;
             v
         }
+    }
+}
+
+/// `numpy.interp(t, arange(len(table)), table)`: linear between integer
+/// points, clamped at the ends, exact at integers.
+pub fn interp(t: f64, table: &[f64]) -> f64 {
+    let last = table.len() - 1;
+    if t <= 0.0 {
+        return table[0];
+    }
+    if t >= last as f64 {
+        return table[last];
+    }
+    let i = t.floor() as usize;
+    let w = t - i as f64;
+    if w == 0.0 {
+        table[i]
+    } else {
+        table[i] + w * (table[i + 1] - table[i])
     }
 }
 
@@ -101,21 +153,51 @@ pub fn parse_respacing(num_timesteps: usize, s: &str) -> Result<Vec<usize>> {
     Ok(all)
 }
 
+/// `numpy.arange(start, stop, step)` for floats, with numpy's arithmetic: the
+/// length is `ceil((stop - start) / step)`, element 1 is `start + step` and
+/// element `i >= 2` is `start + i * ((start + step) - start)`.
+pub fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+    let len = ((stop - start) / step).ceil().max(0.0) as usize;
+    let delta = (start + step) - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => start + step,
+            _ => start + i as f64 * delta,
+        })
+        .collect()
+}
+
+/// diffusers' `trailing` timesteps: `round(arange(T, 0, -T/N)) - 1`, with
+/// numpy's `arange` arithmetic (its accumulated rounding decides ties). Where
+/// numpy's length rounds up to N + 1 (e.g. T = 1000, N = 61), diffusers keeps an
+/// extra final timestep -1; this keeps the first N.
+pub fn trailing_timesteps(num_timesteps: usize, steps: usize) -> Vec<f64> {
+    let t = num_timesteps as f64;
+    numpy_arange(t, 0.0, -(t / steps as f64))
+        .into_iter()
+        .take(steps)
+        .map(|v| v.round_ties_even() - 1.0)
+        .collect()
+}
+
 /// The decreasing grid of (original-index) timesteps a Gaussian sampler visits.
 /// After the last grid point every sampler goes to `alpha_bar = 1` (x0).
 ///
 /// `Adm` is `space_timesteps(T, "steps")`; `Leading`, `Trailing` and `Linspace`
 /// reproduce the `set_timesteps` of the diffusers scheduler that corresponds
 /// to `sampler` (DDPMScheduler/DDIMScheduler for ddpm/ddim,
-/// DPMSolverMultistepScheduler for dpm++2m, EulerDiscreteScheduler and
-/// HeunDiscreteScheduler for euler/heun; `steps_offset = 0`). Only euler/heun
-/// with `Linspace` produce fractional timesteps.
+/// DPMSolverMultistepScheduler for the dpm++ family, Euler(Ancestral)Discrete
+/// and HeunDiscrete for euler/euler_a/heun), `steps_offset` included (it
+/// shifts `leading` only, as there). Only euler/euler_a/heun with `Linspace`
+/// produce fractional timesteps.
 pub fn gaussian_grid(
     num_timesteps: usize,
     sampler: SamplerKind,
     spacing: Spacing,
     steps: usize,
     respacing: Option<&str>,
+    steps_offset: usize,
 ) -> Result<Vec<f64>> {
     let t = num_timesteps;
     let n = steps;
@@ -129,8 +211,9 @@ pub fn gaussian_grid(
     if n == 0 || n > t {
         return config_err(format!("steps must be in 1..={t}, got {n}"));
     }
-    let dpm = sampler == SamplerKind::DpmSolverPp2M;
-    let continuous = matches!(sampler, SamplerKind::Euler | SamplerKind::Heun);
+    let dpm = sampler.dpm_solver().is_some();
+    let continuous = sampler.variance_exploding();
+    let offset = steps_offset as f64;
     let mut grid: Vec<f64> = match spacing {
         Spacing::Adm => parse_respacing(t, &n.to_string())?
             .into_iter()
@@ -139,20 +222,15 @@ pub fn gaussian_grid(
         Spacing::Leading if dpm => {
             let ratio = t / (n + 1);
             if ratio == 0 {
-                return config_err("leading spacing for dpm++2m needs steps < T");
+                return config_err("leading spacing for dpm++ needs steps < T");
             }
-            (1..=n).map(|i| (i * ratio) as f64).collect()
+            (1..=n).map(|i| (i * ratio) as f64 + offset).collect()
         }
         Spacing::Leading => {
             let ratio = t / n;
-            (0..n).map(|i| (i * ratio) as f64).collect()
+            (0..n).map(|i| (i * ratio) as f64 + offset).collect()
         }
-        Spacing::Trailing => {
-            let step = t as f64 / n as f64;
-            (0..n)
-                .map(|k| (t as f64 - k as f64 * step).round_ties_even() - 1.0)
-                .collect()
-        }
+        Spacing::Trailing => trailing_timesteps(t, n),
         Spacing::Linspace if dpm => {
             let mut v: Vec<f64> = linspace(0.0, (t - 1) as f64, n + 1)
                 .into_iter()
@@ -172,7 +250,52 @@ pub fn gaussian_grid(
     };
     grid.sort_by(|a, b| b.partial_cmp(a).expect("finite timesteps"));
     grid.dedup();
+    if grid[0] > (t - 1) as f64 {
+        return config_err(format!(
+            "steps_offset = {steps_offset} puts timestep {} beyond T - 1 = {}",
+            grid[0],
+            t - 1
+        ));
+    }
     Ok(grid)
+}
+
+/// diffusers' `_sigma_to_t`: the fractional timestep whose (linearly
+/// interpolated in log sigma) noise level is `sigma`, given `log_sigmas` of the
+/// training table (increasing); clamped to `[0, T - 1]`.
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let n = log_sigmas.len();
+    // numpy: cumsum(dists >= 0).argmax() is the last index with log_sigmas[i] <= log_sigma
+    // (0 when there is none), clipped to n - 2.
+    let low = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l >= 0.0)
+        .unwrap_or(0)
+        .min(n - 2);
+    let (lo, hi) = (log_sigmas[low], log_sigmas[low + 1]);
+    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
+/// Karras et al. (2022) sigmas, rho = 7, `n` values from `sigma_max` down to
+/// `sigma_min` (diffusers `_convert_to_karras`, same arithmetic).
+pub fn karras_sigmas(sigma_max: f64, sigma_min: f64, n: usize) -> Vec<f64> {
+    let rho = 7.0f64;
+    let min_inv = sigma_min.powf(1.0 / rho);
+    let max_inv = sigma_max.powf(1.0 / rho);
+    linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
+}
+
+/// Geometric sigmas from `sigma_max` to `sigma_min` (diffusers `_convert_to_exponential`).
+pub fn exponential_sigmas(sigma_max: f64, sigma_min: f64, n: usize) -> Vec<f64> {
+    linspace(sigma_max.ln(), sigma_min.ln(), n)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
 }
 
 /// The decreasing flow-matching time grid from 1 (noise) to 0 (data), `steps + 1`
@@ -316,21 +439,7 @@ impl Tables {
     /// Sigma at a fractional timestep, linearly interpolated between integer
     /// timesteps (`numpy.interp`, as diffusers' Euler/Heun schedulers do).
     pub fn sigma_at(&self, t: f64) -> f64 {
-        let s = |i: usize| ((1.0 - self.alphas_cumprod[i]) / self.alphas_cumprod[i]).sqrt();
-        let last = self.len() - 1;
-        if t <= 0.0 {
-            return s(0);
-        }
-        if t >= last as f64 {
-            return s(last);
-        }
-        let i = t.floor() as usize;
-        let w = t - i as f64;
-        if w == 0.0 {
-            s(i)
-        } else {
-            s(i) + w * (s(i + 1) - s(i))
-        }
+        interp(t, &self.sigmas())
     }
 
     /// `alpha_bar` at a fractional timestep, consistent with [`Tables::sigma_at`]:

@@ -57,16 +57,9 @@ pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
     })
 }
 
-/// Parses a sampler name as used on the command line.
+/// Parses a sampler name as used on the command line (dim-diffusion's names and aliases).
 pub fn parse_sampler(s: &str) -> Result<SamplerKind> {
-    Ok(match s {
-        "ddpm" => SamplerKind::Ddpm,
-        "ddim" => SamplerKind::Ddim,
-        "dpm++" | "dpm++2m" => SamplerKind::DpmSolverPp2M,
-        "euler" => SamplerKind::Euler,
-        "heun" => SamplerKind::Heun,
-        _ => bail!("unknown sampler `{s}`: use ddpm, ddim, dpm++, euler or heun"),
-    })
+    Ok(s.parse::<SamplerKind>()?)
 }
 
 /// The shape of one sample `(C, H, W)` or `(C, T, H, W)`.
