@@ -1,31 +1,59 @@
-// The C ABI of selective_scan.h: sizes, argument checks, launches.
+// The C ABI of selective_scan.h: argument checks, the launch plan, sizes of
+// `saved` and the workspaces, launches, and the fixed-order finishing kernels
+// of the backward.
 #include <cuda_runtime.h>
 
 #include "scan_impl.cuh"
 
 using namespace dimscan;
 
-namespace dimscan {
-// Upper bound of the deterministic backward's dB/dC partial buffer (bytes);
-// a variable only so that the test harness can force several rounds.
-int64_t g_det_partial_budget = 256ll << 20;
-// Forward variant (0: automatic); a variable only for the harness's comparisons.
-int g_fwd_variant = 0;
-// Backward warps per block override (0: automatic); harness knob.
-int g_bwd_w = 0;
-}  // namespace dimscan
-
 namespace {
 
+static_assert(kMaxN == DIM_SCAN_CUDA_MAX_DSTATE, "one limit for N");
 
 struct Plan {
-  bool ok = false;
+  bool ok = false, empty = false;
   int64_t batch = 0, dim = 0, L = 0;
-  int N = 0, G = 0, dpg = 0, W = 1, Wb = 1, nc = 0, K = 1, rounds = 1, ndirs = 1;
-  bool empty = false;
+  int N = 0, G = 0, dpg = 0, nc = 0, ndirs = 1, lpc = 1, chf = 1, chb = 1;
+  int nt = kNT, lpcf = 1, fstages = 1;  // forward: states a thread, lanes a channel, raw buffers
+  size_t esize = 4;
 };
 
 size_t up256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+// Largest power of two <= want that divides dpg (blocks stay inside a group).
+int fit(int want, int dpg) {
+  int c = want < 1 ? 1 : want;
+  while (c > 1 && dpg % c) c /= 2;
+  return c;
+}
+
+size_t smem_limit() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      v <= 0) {
+    cudaGetLastError();  // no device: size for the smallest supported card
+    return 99 * 1024;
+  }
+  return (size_t)v;
+}
+int sm_count() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) {
+    cudaGetLastError();
+    return 132;
+  }
+  return v;
+}
+size_t fwd_smem(int dtype, int nd, int ch, int N, int np, int stages) {
+  return dtype == DIM_DTYPE_F32 ? Smem<float>::fwd_bytes(nd, ch, N, np, stages)
+                                : Smem<__half>::fwd_bytes(nd, ch, N, np, stages);
+}
+size_t bwd_smem(int dtype, int ch, int N, int np) {
+  return dtype == DIM_DTYPE_F32 ? Smem<float>::bwd_bytes(ch, N, np) : Smem<__half>::bwd_bytes(ch, N, np);
+}
 
 Plan make_plan(const dim_scan_params* p) {
   Plan q;
@@ -44,66 +72,63 @@ Plan make_plan(const dim_scan_params* p) {
   q.ndirs = p->ndirs;
   q.dpg = (int)(p->dim / p->ngroups);
   q.empty = q.batch == 0 || q.dim == 0 || q.L == 0;
-  q.W = 1;
-  for (int w : {8, 4, 2}) {
-    if (q.dpg % w == 0) {
-      q.W = w;
-      break;
-    }
-  }
-  q.Wb = 1;
-  for (int w : {4, 2}) {
-    if (g_bwd_w && w > g_bwd_w) continue;
-    if (q.dpg % w == 0) {
-      q.Wb = w;
-      break;
-    }
-  }
-  q.nc = (int)((q.L + kChunk - 1) / kChunk);
-  const int cbpg = q.dpg / q.Wb;
-  q.K = cbpg;
-  q.rounds = 1;
-  if (p->deterministic && !q.empty) {
-    const int64_t per = q.batch * q.G * (int64_t)q.N * q.L * 2 * q.ndirs * 4;
-    int64_t k = g_det_partial_budget / per;
-    if (k < 1) k = 1;
-    if (k > cbpg) k = cbpg;
-    q.K = (int)k;
-    q.rounds = (cbpg + q.K - 1) / q.K;
-  }
+  q.nc = (int)((q.L + kT - 1) / kT);
+  q.esize = p->dtype == DIM_DTYPE_F32 ? 4 : 2;
+  while (q.lpc * kNT < q.N) q.lpc *= 2;
+  // The forward splits a channel's states over twice the lanes (2 a thread)
+  // when 4 a thread would leave the card under 8 warps an SM (batch x dim
+  // small: 1 x 2304 x 16384 runs 1.3x faster so; measured on an H200, 1 and
+  // 8 states a thread were slower at every size, docs/kernels.md).
+  q.lpcf = q.lpc;
+  const double warps = (double)q.batch * q.dim * q.ndirs * q.lpc / 32.0;
+  if (q.N <= 16 && warps < 8.0 * sm_count()) q.nt = 2, q.lpcf = 8;
+  // A small grid cannot hide a chunk's load latency behind other blocks:
+  // copy two chunks ahead there (2 x 2304 x 4096: 1.55 -> 0.88 ms), one
+  // elsewhere (a third buffer costs a block an SM: 8 x 2304 x 1024 0.53 -> 0.59).
+  if (warps < 16.0 * sm_count()) q.fstages = kFwdMaxStages;
+  q.chf = fit(kThreadsFwd / (q.ndirs * q.lpcf), q.dpg);
+  q.chb = fit(kThreadsBwd / q.lpc, q.dpg);
+  // Fewer channels a block where shared memory is smaller (99 KB a block on
+  // sm_86 / sm_89, 163 KB on sm_80, 227 KB on sm_90).
+  const size_t limit = smem_limit();
+  const int np = q.lpc * kNT;
+  while (q.chf > 1 && fwd_smem(p->dtype, q.ndirs, q.chf, q.N, q.lpcf * q.nt, q.fstages) > limit)
+    q.chf /= 2;
+  while (q.chb > 1 && bwd_smem(p->dtype, q.chb, q.N, np) > limit) q.chb /= 2;
   q.ok = true;
   return q;
 }
 
-size_t saved_bytes(const Plan& q) {
+size_t states_bytes(const Plan& q) {
   return up256((size_t)q.ndirs * q.batch * q.dim * q.nc * q.N * sizeof(float));
 }
-
-size_t ypart_bytes(const Plan& q) { return up256((size_t)q.batch * q.dim * q.L * sizeof(float)); }
-
-size_t fwd_ws(const Plan& q) { return q.ndirs == 2 ? ypart_bytes(q) : 0; }
+size_t ypre_bytes(const Plan& q, const dim_scan_params* p) {
+  return p->z ? up256((size_t)q.batch * q.dim * q.L * q.esize) : 0;
+}
+size_t saved_bytes(const Plan& q, const dim_scan_params* p) {
+  return states_bytes(q) + ypre_bytes(q, p);
+}
+size_t fwd_ws(const Plan& q) {
+  return q.ndirs == 2 ? up256((size_t)q.batch * q.dim * q.L * sizeof(float)) : 0;
+}
 
 struct BwdLayout {
-  size_t ypart = 0, red = 0, bc = 0, total = 0;
+  size_t red = 0, bc = 0, total = 0;
 };
-
 BwdLayout bwd_layout(const Plan& q, const dim_scan_params* p) {
   BwdLayout l;
-  size_t off = 0;
-  if (q.ndirs == 2 && p->z) {
-    l.ypart = off;
-    off += ypart_bytes(q);
-  }
-  l.red = off;
-  off += up256((size_t)q.ndirs * q.batch * q.dim * (q.N + 2) * sizeof(float));
-  l.bc = off;
+  l.red = 0;
+  l.bc = up256((size_t)q.ndirs * q.batch * q.dim * (q.N + 2) * sizeof(float));
+  l.total = l.bc;
   if (p->deterministic)
-    off += up256((size_t)q.K * q.ndirs * 2 * q.batch * q.G * q.N * q.L * sizeof(float));
-  l.total = off;
+    l.total += up256((size_t)(q.dpg / q.chb) * q.ndirs * 2 * q.batch * q.G * q.N * q.L *
+                     sizeof(float));
   return l;
 }
 
 bool al16(const void* ptr) { return ((uintptr_t)ptr & 15) == 0; }
+
+int64_t bstride(int64_t given, int64_t dflt) { return given ? given : dflt; }
 
 KArgs make_args(const Plan& q, const dim_scan_params* p, bool bwd) {
   KArgs a{};
@@ -113,12 +138,18 @@ KArgs make_args(const Plan& q, const dim_scan_params* p, bool bwd) {
   a.N = q.N;
   a.G = q.G;
   a.dpg = q.dpg;
-  a.W = bwd ? q.Wb : q.W;
+  a.CH = bwd ? q.chb : q.chf;
+  a.fstages = q.fstages;
   a.nc = q.nc;
   a.ndirs = q.ndirs;
   a.softplus = p->delta_softplus != 0;
   a.rev0 = p->dir[0].reverse != 0;
-  bool vec = (q.L % 8) == 0;
+  a.det = p->deterministic != 0;
+  // 16-byte rows everywhere: cp.async and vector loads / stores.
+  const int64_t e = (int64_t)q.esize;
+  bool vec = (q.L * e) % 16 == 0;
+  auto row_ok = [&](const void* ptr, int64_t bs) { return ptr == nullptr || (al16(ptr) && (bs * e) % 16 == 0); };
+  const int64_t per_bc = (int64_t)q.G * q.N * q.L;
   for (int k = 0; k < q.ndirs; ++k) {
     const dim_scan_dir& d = p->dir[k];
     DirArgs& o = a.dir[k];
@@ -129,33 +160,33 @@ KArgs make_args(const Plan& q, const dim_scan_params* p, bool bwd) {
     o.C = d.C;
     o.D = d.D;
     o.bias = d.delta_bias;
-    vec = vec && al16(d.u) && al16(d.delta) && al16(d.B) && al16(d.C);
+    o.u_bs = bstride(p->u_batch_stride[k], q.dim * q.L);
+    o.delta_bs = bstride(p->delta_batch_stride[k], q.dim * q.L);
+    o.B_bs = bstride(p->B_batch_stride[k], per_bc);
+    o.C_bs = bstride(p->C_batch_stride[k], per_bc);
+    vec = vec && row_ok(d.u, o.u_bs) && row_ok(d.delta, o.delta_bs) && row_ok(d.B, o.B_bs) &&
+          row_ok(d.C, o.C_bs);
     if (bwd) {
       const dim_scan_dir_grads& g = p->grad[k];
       o.du = g.du;
       o.ddelta = g.ddelta;
       o.dB = g.dB;
       o.dC = g.dC;
-      vec = vec && al16(g.du) && al16(g.ddelta);
+      vec = vec && row_ok(g.du, 0) && row_ok(g.ddelta, 0) && row_ok(g.dB, 0) && row_ok(g.dC, 0);
     }
   }
   a.z = p->z;
+  a.z_bs = bstride(p->z_batch_stride, q.dim * q.L);
   a.y = p->y;
   a.dy = p->dy;
   a.dz = p->dz;
-  vec = vec && al16(p->z) && al16(p->y);
-  if (bwd) vec = vec && al16(p->dy) && al16(p->dz);
+  vec = vec && row_ok(p->z, a.z_bs) && row_ok(p->y, 0) && row_ok(p->dy, 0) && row_ok(p->dz, 0);
   a.vec = vec;
-  a.vec4 = false;
-  if (bwd) {
-    bool v4 = (q.L % 4) == 0;
-    for (int k = 0; k < q.ndirs; ++k) v4 = v4 && al16(p->grad[k].dB) && al16(p->grad[k].dC);
-    a.vec4 = v4;
+  if (p->saved) {
+    char* s = reinterpret_cast<char*>(p->saved);
+    a.states = reinterpret_cast<float*>(s);
+    a.ypre = p->z ? s + states_bytes(q) : nullptr;
   }
-  a.saved = reinterpret_cast<float*>(p->saved);
-  a.K = q.K;
-  a.rounds = q.rounds;
-  a.det = p->deterministic != 0;
   return a;
 }
 
@@ -181,44 +212,41 @@ __global__ void finalize_param_grads(const float* __restrict__ part, int64_t bat
 // out[o] = sum over k (fixed order) of part[k][o] (deterministic dB/dC).
 __global__ void finalize_bc(const float* __restrict__ part, int K, int64_t stride_k, int64_t n,
                             float* __restrict__ out) {
-  int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  if (i + 4 <= n && (n % 4) == 0 && (stride_k % 4) == 0) {
-    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k = 0; k < K; ++k) {
-      float4 v = *reinterpret_cast<const float4*>(part + k * stride_k + i);
-      s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-    }
-    *reinterpret_cast<float4*>(out + i) = s;
-  } else {
-    for (int64_t j = i; j < i + 4 && j < n; ++j) {
-      float s = 0.f;
-      for (int k = 0; k < K; ++k) s += part[k * stride_k + j];
-      out[j] = s;
-    }
+  float s = 0.f;
+  for (int k = 0; k < K; ++k) s += part[k * stride_k + i];
+  out[i] = s;
+}
+
+int launch_fwd(int dtype, const KArgs& a, int nt, int lpc, cudaStream_t s) {
+  switch (dtype) {
+    case DIM_DTYPE_F32: return launch_fwd_f32(a, nt, lpc, s);
+    case DIM_DTYPE_BF16: return launch_fwd_bf16(a, nt, lpc, s);
+    default: return launch_fwd_f16(a, nt, lpc, s);
+  }
+}
+int launch_bwd(int dtype, const KArgs& a, int lpc, cudaStream_t s) {
+  switch (dtype) {
+    case DIM_DTYPE_F32: return launch_bwd_f32(a, lpc, s);
+    case DIM_DTYPE_BF16: return launch_bwd_bf16(a, lpc, s);
+    default: return launch_bwd_f16(a, lpc, s);
   }
 }
 
-int launch_fwd(int dtype, const KArgs& a, size_t smem, cudaStream_t s) {
-  switch (dtype) {
-    case DIM_DTYPE_F32: return launch_fwd_f32(a, smem, s);
-    case DIM_DTYPE_BF16: return launch_fwd_bf16(a, smem, s);
-    default: return launch_fwd_f16(a, smem, s);
+bool inputs_ok(const Plan& q, const dim_scan_params* p) {
+  for (int k = 0; k < q.ndirs; ++k) {
+    const dim_scan_dir& d = p->dir[k];
+    if (!d.u || !d.delta || !d.A || !d.B || !d.C) return false;
   }
-}
-int launch_bwd(int dtype, const KArgs& a, size_t smem, cudaStream_t s) {
-  switch (dtype) {
-    case DIM_DTYPE_F32: return launch_bwd_f32(a, smem, s);
-    case DIM_DTYPE_BF16: return launch_bwd_bf16(a, smem, s);
-    default: return launch_bwd_f16(a, smem, s);
-  }
+  return true;
 }
 
 }  // namespace
 
 extern "C" size_t dim_scan_cuda_saved_bytes(const dim_scan_params* p) {
   Plan q = make_plan(p);
-  return q.ok ? saved_bytes(q) : 0;
+  return q.ok ? saved_bytes(q, p) : 0;
 }
 
 extern "C" size_t dim_scan_cuda_fwd_workspace_bytes(const dim_scan_params* p) {
@@ -235,16 +263,10 @@ extern "C" int dim_scan_cuda_fwd(const dim_scan_params* p, void* stream) {
   Plan q = make_plan(p);
   if (!q.ok) return (int)cudaErrorInvalidValue;
   if (q.empty) return 0;
-  if (!p->y || !p->saved || (q.ndirs == 2 && !p->workspace)) return (int)cudaErrorInvalidValue;
-  for (int k = 0; k < q.ndirs; ++k) {
-    const dim_scan_dir& d = p->dir[k];
-    if (!d.u || !d.delta || !d.A || !d.B || !d.C) return (int)cudaErrorInvalidValue;
-  }
+  if (!p->y || (q.ndirs == 2 && !p->workspace) || !inputs_ok(q, p)) return (int)cudaErrorInvalidValue;
   KArgs a = make_args(q, p, false);
-  a.ypart = reinterpret_cast<float*>(p->workspace);
-  a.vec = a.vec && al16(a.ypart);
-  const size_t smem = 2 * kNG * kFChunk * sizeof(float);
-  return launch_fwd(p->dtype, a, smem, (cudaStream_t)stream);
+  a.ypart = q.ndirs == 2 ? reinterpret_cast<float*>(p->workspace) : nullptr;
+  return launch_fwd(p->dtype, a, q.nt, q.lpcf, (cudaStream_t)stream);
 }
 
 extern "C" int dim_scan_cuda_bwd(const dim_scan_params* p, void* stream) {
@@ -264,51 +286,39 @@ extern "C" int dim_scan_cuda_bwd(const dim_scan_params* p, void* stream) {
     }
     return (int)cudaGetLastError();
   }
-  if (!p->dy || !p->saved || !p->workspace) return (int)cudaErrorInvalidValue;
-  for (int k = 0; k < q.ndirs; ++k) {
-    const dim_scan_dir& d = p->dir[k];
-    if (!d.u || !d.delta || !d.A || !d.B || !d.C) return (int)cudaErrorInvalidValue;
-  }
+  // The backward needs what a grad-enabled forward saved.
+  if (!p->dy || !p->saved || !p->workspace || !inputs_ok(q, p)) return (int)cudaErrorInvalidValue;
   BwdLayout l = bwd_layout(q, p);
   char* ws = reinterpret_cast<char*>(p->workspace);
   KArgs a = make_args(q, p, true);
-  a.ypart = (q.ndirs == 2 && p->z) ? reinterpret_cast<float*>(ws + l.ypart) : nullptr;
   a.red_part = reinterpret_cast<float*>(ws + l.red);
-  a.bc_part = p->deterministic ? reinterpret_cast<float*>(ws + l.bc) : nullptr;
-  a.vec = a.vec && al16(a.ypart);
+  a.bc_part = a.det ? reinterpret_cast<float*>(ws + l.bc) : nullptr;
   const size_t bcbytes = (size_t)q.batch * q.G * q.N * q.L * sizeof(float);
   if (!a.det) {
     for (int k = 0; k < q.ndirs; ++k) {
-      if (p->grad[k].dB) {
-        cudaError_t e = cudaMemsetAsync(p->grad[k].dB, 0, bcbytes, s);
-        if (e != cudaSuccess) return (int)e;
-      }
-      if (p->grad[k].dC) {
-        cudaError_t e = cudaMemsetAsync(p->grad[k].dC, 0, bcbytes, s);
+      for (float* t : {p->grad[k].dB, p->grad[k].dC}) {
+        if (!t) continue;
+        cudaError_t e = cudaMemsetAsync(t, 0, bcbytes, s);
         if (e != cudaSuccess) return (int)e;
       }
     }
   }
-  const size_t smem = (2 * kNG * kChunk + 2 * (size_t)q.Wb * 2 * kChunk +
-                       2 * (size_t)q.ndirs * q.Wb * q.N * 32) *  // dA sums + compensations
-                      sizeof(float);
-  int rc = launch_bwd(p->dtype, a, smem, s);
+  int rc = launch_bwd(p->dtype, a, q.lpc, s);
   if (rc) return rc;
+  const int K = q.dpg / q.chb;
+  const int64_t n = q.batch * q.G * (int64_t)q.N * q.L;
   for (int k = 0; k < q.ndirs; ++k) {
     const dim_scan_dir_grads& g = p->grad[k];
     const int64_t per = q.dim * (q.N + 2);
     finalize_param_grads<<<(unsigned)((per + 255) / 256), 256, 0, s>>>(
-        a.red_part + (int64_t)k * q.batch * per, q.batch, q.dim, q.N, g.dA, g.dD,
-        g.ddelta_bias);
+        a.red_part + (int64_t)k * q.batch * per, q.batch, q.dim, q.N, g.dA, g.dD, g.ddelta_bias);
     if (a.det) {
-      const int64_t n = q.batch * q.G * (int64_t)q.N * q.L;
       const int64_t stride_k = (int64_t)q.ndirs * 2 * n;
       for (int which = 0; which < 2; ++which) {
         float* out = which ? g.dC : g.dB;
         if (!out) continue;
         const float* src = a.bc_part + ((int64_t)k * 2 + which) * n;
-        const int64_t thr = (n + 3) / 4;
-        finalize_bc<<<(unsigned)((thr + 255) / 256), 256, 0, s>>>(src, q.K, stride_k, n, out);
+        finalize_bc<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(src, K, stride_k, n, out);
       }
     }
   }

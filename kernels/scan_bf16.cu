@@ -2,10 +2,10 @@
 #include "scan_impl.cuh"
 
 namespace dimscan {
-int launch_fwd_bf16(const KArgs& a, size_t smem, cudaStream_t s) {
-  return launch_fwd2<__nv_bfloat16>(a, smem, s);
+int launch_fwd_bf16(const KArgs& a, int nt, int lpc, cudaStream_t s) {
+  return launch_fwd_impl<__nv_bfloat16>(a, nt, lpc, s);
 }
-int launch_bwd_bf16(const KArgs& a, size_t smem, cudaStream_t s) {
-  return launch_bwd_impl<__nv_bfloat16>(a, smem, s);
+int launch_bwd_bf16(const KArgs& a, int lpc, cudaStream_t s) {
+  return launch_bwd_impl<__nv_bfloat16>(a, lpc, s);
 }
 }  // namespace dimscan

@@ -2,10 +2,10 @@
 #include "scan_impl.cuh"
 
 namespace dimscan {
-int launch_fwd_f32(const KArgs& a, size_t smem, cudaStream_t s) {
-  return launch_fwd2<float>(a, smem, s);
+int launch_fwd_f32(const KArgs& a, int nt, int lpc, cudaStream_t s) {
+  return launch_fwd_impl<float>(a, nt, lpc, s);
 }
-int launch_bwd_f32(const KArgs& a, size_t smem, cudaStream_t s) {
-  return launch_bwd_impl<float>(a, smem, s);
+int launch_bwd_f32(const KArgs& a, int lpc, cudaStream_t s) {
+  return launch_bwd_impl<float>(a, lpc, s);
 }
 }  // namespace dimscan

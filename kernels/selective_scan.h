@@ -25,6 +25,7 @@ extern "C" {
 #endif
 
 #define DIM_SCAN_MAX_DIRS 2
+#define DIM_SCAN_CUDA_MAX_DSTATE 64
 
 typedef enum { DIM_DTYPE_F32 = 0, DIM_DTYPE_BF16 = 1, DIM_DTYPE_F16 = 2 } dim_dtype;
 
@@ -66,14 +67,27 @@ typedef struct {
   dim_scan_dir_grads grad[DIM_SCAN_MAX_DIRS];
   void* dz;                // (batch, dim, L), when z != NULL
   // Device memory the caller allocates with the sizes the *_bytes functions
-  // report: `saved` is written by the forward and read by its backward (for
-  // example chunk-boundary states); `workspace` is scratch for one call.
+  // report: `saved` is written by the forward and read by its backward
+  // (chunk-boundary states, and y before the gate when z is given); a forward
+  // whose backward will never run (sampling, no_grad) passes NULL and writes
+  // nothing there. `workspace` is scratch for one call.
   void* saved;
   void* workspace;
+  // Batch strides in elements of u, delta, B, C (per direction) and z; 0 means
+  // contiguous. Only the batch dimension may be strided (the CUDA kernels read
+  // narrowed views of a larger projection output without a copy); the other
+  // dimensions are always packed. The CPU implementation takes 0 only.
+  int64_t u_batch_stride[DIM_SCAN_MAX_DIRS];
+  int64_t delta_batch_stride[DIM_SCAN_MAX_DIRS];
+  int64_t B_batch_stride[DIM_SCAN_MAX_DIRS];
+  int64_t C_batch_stride[DIM_SCAN_MAX_DIRS];
+  int64_t z_batch_stride;
 } dim_scan_params;
 
 // CUDA entry points (kernels/*.cu). `stream` is a cudaStream_t. They return
 // 0 on success, else a CUDA error code; dim_scan_cuda_error_string names it.
+// Limits: 1 <= dstate <= DIM_SCAN_CUDA_MAX_DSTATE, dim % ngroups == 0; with two
+// directions dir[0] runs forward and dir[1] in reverse.
 size_t dim_scan_cuda_saved_bytes(const dim_scan_params* p);
 size_t dim_scan_cuda_fwd_workspace_bytes(const dim_scan_params* p);
 size_t dim_scan_cuda_bwd_workspace_bytes(const dim_scan_params* p);

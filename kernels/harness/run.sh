@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 BUILD=${BUILD:-/tmp/scan_build}
 mkdir -p "$BUILD"
-FLAGS="-gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -I kernels ${EXTRA:-}"
+FLAGS="${GENCODE:--gencode=arch=compute_90a,code=sm_90a} -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -I kernels ${EXTRA:-}"
 pids=()
 for f in kernels/scan_*.cu kernels/harness/scan_harness.cu; do
   o="$BUILD/$(basename "${f%.cu}").o"

@@ -18,12 +18,6 @@
 
 #include "selective_scan.h"
 
-namespace dimscan {
-extern int64_t g_det_partial_budget;
-extern int g_fwd_variant;
-extern int g_bwd_w;
-}
-static bool g_compare_fwd = false;
 
 #define CK(x)                                                                              \
   do {                                                                                     \
@@ -110,6 +104,7 @@ struct Cfg {
   int64_t batch, dim, L;
   int N, G, ndirs, rev, dtype;
   bool z, D, bias, softplus, det;
+  bool strided = false;  // u, delta, z, B, C with a padded batch stride
   std::string name() const {
     char buf[256];
     const char* dts[] = {"f32", "bf16", "f16"};
@@ -117,6 +112,7 @@ struct Cfg {
              (long long)batch, (long long)dim, (long long)L, N, G,
              ndirs == 2 ? "bi" : (rev ? "rev" : "fwd"), z ? " z" : "", D ? " D" : "",
              bias ? " bias" : "", softplus ? " sp" : "", det ? " det" : "");
+    if (strided) strncat(buf, " strided", sizeof buf - strlen(buf) - 1);
     return buf;
   }
 };
@@ -411,6 +407,19 @@ static bool run_case(const Cfg& c, Rng& r) {
     std::vector<float> f(v.begin(), v.end());
     return encode(f, dt);
   };
+  // Batch-strided copies: per batch `per` elements, then 8 elements of poison.
+  const int64_t kPad = 8;
+  auto enc_b = [&](const std::vector<double>& v, int64_t per) {
+    if (!c.strided) return enc(v);
+    std::vector<float> f;
+    for (int64_t b = 0; b < c.batch; ++b) {
+      f.insert(f.end(), v.begin() + b * per, v.begin() + (b + 1) * per);
+      for (int64_t i = 0; i < kPad; ++i) f.push_back(1e30f);
+    }
+    return encode(f, dt);
+  };
+  const int64_t per_e = c.dim * c.L, per_bc = c.G * c.N * c.L;
+  const int64_t s_e = c.strided ? per_e + kPad : 0, s_bc = c.strided ? per_bc + kPad : 0;
   dim_scan_params p{};
   p.batch = c.batch;
   p.dim = c.dim;
@@ -422,11 +431,15 @@ static bool run_case(const Cfg& c, Rng& r) {
   p.delta_softplus = c.softplus;
   p.deterministic = c.det;
   for (int k = 0; k < c.ndirs; ++k) {
-    u[k].upload(enc(d.u[k]));
-    de[k].upload(enc(d.delta[k]));
+    u[k].upload(enc_b(d.u[k], per_e));
+    de[k].upload(enc_b(d.delta[k], per_e));
     A[k].upload(f32bytes(d.A[k]));
-    B[k].upload(enc(d.B[k]));
-    C[k].upload(enc(d.C[k]));
+    B[k].upload(enc_b(d.B[k], per_bc));
+    C[k].upload(enc_b(d.C[k], per_bc));
+    p.u_batch_stride[k] = s_e;
+    p.delta_batch_stride[k] = s_e;
+    p.B_batch_stride[k] = s_bc;
+    p.C_batch_stride[k] = s_bc;
     if (c.D) D[k].upload(f32bytes(d.D[k]));
     if (c.bias) bias[k].upload(f32bytes(d.bias[k]));
     p.dir[k] = {u[k].p, de[k].p, (float*)A[k].p, B[k].p, C[k].p, (float*)D[k].p,
@@ -442,7 +455,8 @@ static bool run_case(const Cfg& c, Rng& r) {
                  (float*)dD[k].p, (float*)dbias[k].p};
   }
   if (c.z) {
-    z.upload(enc(d.z));
+    z.upload(enc_b(d.z, per_e));
+    p.z_batch_stride = s_e;
     dz.alloc(E * esize(dt));
     p.z = z.p;
     p.dz = dz.p;
@@ -461,8 +475,21 @@ static bool run_case(const Cfg& c, Rng& r) {
   saved.poison();
   wsb.poison();
   p.workspace = wsb.p;
-  CKR(dim_scan_cuda_fwd(&p, 0));
-  CK(cudaDeviceSynchronize());
+  // A forward with no saved buffer (sampling) gives the same y, bit for bit.
+  bool fwd_only_same = true;
+  {
+    void* keep = p.saved;
+    p.saved = nullptr;
+    y.poison();
+    CKR(dim_scan_cuda_fwd(&p, 0));
+    CK(cudaDeviceSynchronize());
+    std::vector<uint8_t> y0 = y.download();
+    p.saved = keep;
+    y.poison();
+    CKR(dim_scan_cuda_fwd(&p, 0));
+    CK(cudaDeviceSynchronize());
+    fwd_only_same = y.download() == y0;
+  }
   auto poison_grads = [&] {
     for (int k = 0; k < c.ndirs; ++k) {
       du[k].poison(); dde[k].poison(); dA[k].poison(); dB[k].poison(); dC[k].poison();
@@ -499,6 +526,10 @@ static bool run_case(const Cfg& c, Rng& r) {
     chk(7, f32out(dbias[k]), ref.dbias[k], sfx);
   }
   if (c.z) chk(8, decode(dz.download(), dt), ref.dz, "");
+  if (!fwd_only_same) {
+    line += " FWD-NO-SAVED-DIFFERS";
+    ok = false;
+  }
   if (c.det) {
     // Bit-identical twice.
     std::vector<std::vector<uint8_t>> first;
@@ -621,16 +652,26 @@ static void bench(uint64_t seed) {
            sfu_rate / 1e12);
   }
   const int N = 16, dt = DIM_DTYPE_BF16;
-  Bench shapes[] = {{8, 2304, 1024}, {32, 2304, 256}, {1, 2304, 16384}, {16, 2048, 4096},
-                    {64, 2304, 256}};
-  // reference Mamba-1 numbers from the issue (ms): fwd, fwd+bwd, flip+2 calls fwd
-  const double ref_fwd[] = {0.33, 0.33, 0.96, 2.29, NAN};
-  const double ref_fb[] = {1.81, 2.06, 4.33, 12.6, NAN};
-  const double ref_flip[] = {0.90, 0.91, 2.38, 6.18, NAN};
-  printf("%-16s %-12s %9s %9s %7s %9s %s\n", "shape", "op", "ms", "floor_ms", "ratio", "target",
-         "");
-  for (int si = 0; si < (g_prof ? 1 : 5); ++si) {
-    const Bench& s = shapes[si];
+  // Mamba-1 (state-spaces/mamba selective_scan_cuda) on one H200, 2026-11-29
+  // (../shared/ANCHORS.md): fwd, fwd+bwd, flip-bidirectional fwd, flip-bidirectional fwd+bwd.
+  struct Shape {
+    int64_t batch, dim, L;
+    double m1_fwd, m1_fb, m1_bfwd, m1_bfb;
+  };
+  const Shape shapes[] = {
+      {8, 2304, 1024, 0.327, 1.744, 0.883, 3.94},  {32, 2304, 256, 0.331, 2.016, 0.886, 4.47},
+      {1, 2304, 16384, 0.927, 4.117, 2.286, 9.12}, {256, 768, 256, 0.861, 5.347, 2.289, 11.78},
+      {256, 768, 64, 0.893, 3.349, 1.945, 7.01},   {2, 2304, 4096, 0.354, 1.842, 0.938, 4.13},
+      {16, 2048, 4096, 2.295, 12.04, 6.06, 26.8},  {32, 2304, 64, 0.340, 1.252, 0.750, 2.63},
+      {64, 2304, 256, NAN, NAN, NAN, NAN},         {16, 2304, 1024, NAN, NAN, NAN, NAN},
+      {4, 2304, 4096, NAN, NAN, NAN, NAN},
+  };
+  const int nshapes = g_prof ? 1 : (int)(sizeof shapes / sizeof shapes[0]);
+  printf("%-15s %-14s %9s %9s %6s %9s %s\n", "B,D,L", "op", "ms", "floor_ms", "xfloor", "mamba1",
+         "target");
+  double spread_fwd[4] = {0, 0, 0, 0};
+  for (int si = 0; si < nshapes; ++si) {
+    const Shape& s = shapes[si];
     const int64_t E = s.batch * s.dim * s.L, BC = s.batch * N * s.L;
     void *u[2], *de[2], *B[2], *C[2], *du[2], *dde[2];
     float *A[2], *D[2], *bias[2], *dA[2], *dB[2], *dC[2], *dD[2], *dbias[2];
@@ -656,7 +697,9 @@ static void bench(uint64_t seed) {
     void* y = dmalloc(E * 2);
     void* dz = dmalloc(E * 2);
     CK(cudaDeviceSynchronize());
-    for (int nd = 1; nd <= (g_prof ? 1 : 2); ++nd) {
+    char shp[32];
+    snprintf(shp, sizeof shp, "%lld,%lld,%lld", (long long)s.batch, (long long)s.dim, (long long)s.L);
+    for (int nd = 1; nd <= (g_prof ? 2 : 2); ++nd) {
       dim_scan_params p{};
       p.batch = s.batch; p.dim = s.dim; p.seqlen = s.L; p.dstate = N; p.ngroups = 1;
       p.ndirs = nd; p.dtype = dt; p.delta_softplus = 1; p.deterministic = 0;
@@ -665,66 +708,59 @@ static void bench(uint64_t seed) {
         p.grad[k] = {du[k], dde[k], dA[k], dB[k], dC[k], dD[k], dbias[k]};
       }
       p.z = z; p.y = y; p.dy = dy; p.dz = dz;
-      void* saved = dmalloc(std::max<size_t>(256, dim_scan_cuda_saved_bytes(&p)));
+      const size_t saved_b = dim_scan_cuda_saved_bytes(&p);
+      void* saved = dmalloc(std::max<size_t>(256, saved_b));
       size_t wsz = std::max(dim_scan_cuda_fwd_workspace_bytes(&p),
                             dim_scan_cuda_bwd_workspace_bytes(&p));
       void* ws = dmalloc(std::max<size_t>(256, wsz));
       p.saved = saved; p.workspace = ws;
+      if (g_prof) {
+        CKR(dim_scan_cuda_fwd(&p, 0));
+        CKR(dim_scan_cuda_bwd(&p, 0));
+        CK(cudaDeviceSynchronize());
+        cudaFree(saved); cudaFree(ws);
+        continue;
+      }
       double t_f = median_ms([&] { CKR(dim_scan_cuda_fwd(&p, 0)); }, 20);
       double t_fb = median_ms([&] { CKR(dim_scan_cuda_fwd(&p, 0)); CKR(dim_scan_cuda_bwd(&p, 0)); }, 20);
-      // floors
-      const double ebytes = 2.0;
-      double fwd_bytes = E * ebytes * (2 * nd + 2) + nd * 2.0 * BC * ebytes +
-                         (double)dim_scan_cuda_saved_bytes(&p);
-      double bwd_bytes = E * ebytes * (2 * nd + 2) + nd * 2.0 * BC * ebytes +
-                         (double)dim_scan_cuda_saved_bytes(&p) + E * ebytes * (2 * nd + 1) +
-                         nd * 2.0 * BC * 4;
+      p.saved = nullptr;
+      double t_s = median_ms([&] { CKR(dim_scan_cuda_fwd(&p, 0)); }, 20);
+      p.saved = saved;
+      // Floors: every input read once, every output written once (dB, dC in f32);
+      // exponentials: N per (b, d, l) per direction, once more in the backward (recompute).
+      const double eb = 2.0;
+      double fwd_bytes = E * eb * (2 * nd + 2) + nd * 2.0 * BC * eb + (double)saved_b;
+      double bwd_bytes = E * eb * (2 * nd + 2) + nd * 2.0 * BC * eb + (double)saved_b +
+                         E * eb * (2 * nd + 1) + nd * 2.0 * BC * 4;
       double exps = (double)nd * E * N;
       double fl_f = std::max(fwd_bytes / (copy_tbs * 1e12), exps / sfu_rate) * 1e3;
       double fl_fb = std::max((fwd_bytes + bwd_bytes) / (copy_tbs * 1e12), 2 * exps / sfu_rate) * 1e3;
-      char shp[32];
-      snprintf(shp, sizeof shp, "%lld,%lld,%lld", (long long)s.batch, (long long)s.dim, (long long)s.L);
-      char tg1[64] = "", tg2[64] = "";
-      if (!std::isnan(ref_fwd[si])) {
-        if (nd == 1) {
-          snprintf(tg1, sizeof tg1, "<=%.3f (0.55x ref fwd)", 0.55 * ref_fwd[si]);
-          snprintf(tg2, sizeof tg2, "(ref 1-dir fwd+bwd %.2f)", ref_fb[si]);
-        } else {
-          snprintf(tg1, sizeof tg1, "<=%.3f (1/3 flip+2 calls)", ref_flip[si] / 3);
-          snprintf(tg2, sizeof tg2, "<=%.3f (0.8x ref 1-dir f+b)", 0.8 * ref_fb[si]);
-        }
+      char t1[96] = "", t2[96] = "";
+      double m_f = nd == 1 ? s.m1_fwd : s.m1_bfwd, m_fb = nd == 1 ? s.m1_fb : s.m1_bfb;
+      if (nd == 2 && !std::isnan(s.m1_fwd)) {
+        snprintf(t1, sizeof t1, "<= %.3f (0.4x Mamba-1 flip fwd) %s", 0.4 * s.m1_bfwd,
+                 t_f <= 0.4 * s.m1_bfwd ? "MET" : "MISSED");
+        snprintf(t2, sizeof t2, "<= %.3f (0.8x Mamba-1 1-dir f+b) %s", 0.8 * s.m1_fb,
+                 t_fb <= 0.8 * s.m1_fb ? "MET" : "MISSED");
       }
-      printf("%-16s %-12s %9.4f %9.4f %7.2f %s\n", shp, nd == 1 ? "fwd" : "bi fwd", t_f, fl_f,
-             t_f / fl_f, tg1);
-      printf("%-16s %-12s %9.4f %9.4f %7.2f %s\n", shp, nd == 1 ? "fwd+bwd" : "bi fwd+bwd", t_fb,
-             fl_fb, t_fb / fl_fb, tg2);
-      if (g_compare_fwd) {
-        for (int v = 1; v <= 2; ++v) {
-          dimscan::g_fwd_variant = v;
-          double tv = median_ms([&] { CKR(dim_scan_cuda_fwd(&p, 0)); }, 20);
-          printf("%-16s %-12s %9.4f %9.4f %7.2f  (forward variant %d)\n", shp,
-                 nd == 1 ? "fwd" : "bi fwd", tv, fl_f, tv / fl_f, v);
-        }
-        dimscan::g_fwd_variant = 0;
-        for (int w : {2, 1}) {
-          dimscan::g_bwd_w = w;
-          cudaFree(ws);
-          ws = dmalloc(std::max<size_t>(256, std::max(dim_scan_cuda_fwd_workspace_bytes(&p),
-                                                       dim_scan_cuda_bwd_workspace_bytes(&p))));
-          p.workspace = ws;
-          double tw = median_ms([&] { CKR(dim_scan_cuda_fwd(&p, 0)); CKR(dim_scan_cuda_bwd(&p, 0)); }, 10);
-          printf("%-16s %-12s %9.4f  (backward with %d warps a block)\n", shp,
-                 nd == 1 ? "fwd+bwd" : "bi fwd+bwd", tw, w);
-        }
-        dimscan::g_bwd_w = 0;
+      printf("%-15s %-14s %9.4f %9.4f %6.2f %9.3f %s\n", shp, nd == 1 ? "fwd" : "bi fwd", t_f, fl_f,
+             t_f / fl_f, m_f, t1);
+      printf("%-15s %-14s %9.4f %9.4f %6.2f %9s\n", shp, nd == 1 ? "fwd no-save" : "bi fwd no-save",
+             t_s, fl_f, t_s / fl_f, "");
+      printf("%-15s %-14s %9.4f %9.4f %6.2f %9.3f %s\n", shp, nd == 1 ? "fwd+bwd" : "bi fwd+bwd", t_fb,
+             fl_fb, t_fb / fl_fb, m_fb, t2);
+      if (nd == 2 && s.dim == 2304 && s.batch * s.L == 16384) {
+        const int slot = s.L == 256 ? 0 : s.L == 1024 ? 1 : s.L == 4096 ? 2 : 3;
+        spread_fwd[slot] = t_f;
       }
-      if (nd == 1 && si == 0 && !g_prof) {
+      if (nd == 2 && si == 0) {
         p.deterministic = 1;
         cudaFree(ws);
-        ws = dmalloc(std::max<size_t>(256, dim_scan_cuda_bwd_workspace_bytes(&p)));
+        ws = dmalloc(std::max<size_t>(256, std::max(dim_scan_cuda_fwd_workspace_bytes(&p),
+                                                     dim_scan_cuda_bwd_workspace_bytes(&p))));
         p.workspace = ws;
         double t_det = median_ms([&] { CKR(dim_scan_cuda_fwd(&p, 0)); CKR(dim_scan_cuda_bwd(&p, 0)); }, 10);
-        printf("%-16s %-12s %9.4f  (deterministic mode)\n", shp, "fwd+bwd det", t_det);
+        printf("%-15s %-14s %9.4f  (deterministic mode)\n", shp, "bi fwd+bwd det", t_det);
       }
       fflush(stdout);
       cudaFree(saved);
@@ -736,6 +772,14 @@ static void bench(uint64_t seed) {
       cudaFree(dB[k]); cudaFree(dC[k]); cudaFree(dD[k]); cudaFree(dbias[k]);
     }
     cudaFree(z); cudaFree(dy); cudaFree(y); cudaFree(dz);
+  }
+  if (!g_prof && spread_fwd[0] > 0 && spread_fwd[1] > 0 && spread_fwd[2] > 0 && spread_fwd[3] > 0) {
+    double lo = *std::min_element(spread_fwd, spread_fwd + 4);
+    double hi = *std::max_element(spread_fwd, spread_fwd + 4);
+    printf("spread of the fused forward at 16384 tokens (64x256, 16x1024, 4x4096, 1x16384): "
+           "%.3f %.3f %.3f %.3f ms -> %.2f (target <= 1.3) %s\n",
+           spread_fwd[0], spread_fwd[1], spread_fwd[2], spread_fwd[3], hi / lo,
+           hi / lo <= 1.3 ? "MET" : "MISSED");
   }
 }
 
@@ -749,7 +793,6 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--no-bench")) do_bench = false;
     else if (!strcmp(argv[i], "--bench-only")) do_tests = false;
     else if (!strcmp(argv[i], "--profile")) { do_tests = false; g_prof = 1; }
-    else if (!strcmp(argv[i], "--compare-fwd")) g_compare_fwd = true;
     else if (!strcmp(argv[i], "--fd-only")) {  // CPU only: check the reference
       printf("seed %llu\n", (unsigned long long)seed);
       Rng r{seed};
@@ -764,7 +807,7 @@ int main(int argc, char** argv) {
     std::vector<Cfg> cases;
     const int F = DIM_DTYPE_F32, BF = DIM_DTYPE_BF16, H = DIM_DTYPE_F16;
     // L sweep around the chunk (256) boundaries, each direction and fused.
-    for (int64_t L : {1, 7, 127, 255, 256, 257, 511, 512, 513, 2049})
+    for (int64_t L : {1, 7, 31, 32, 33, 63, 65, 127, 257, 1000, 2049})
       for (int m = 0; m < 3; ++m)
         cases.push_back({2, 8, L, 16, 1, m == 2 ? 2 : 1, m == 1, F, true, true, true, true, false});
     // dtypes
@@ -778,6 +821,11 @@ int main(int argc, char** argv) {
     cases.push_back({1, 4, 515, 33, 1, 1, 1, F, true, true, true, true, false});
     cases.push_back({2, 6, 300, 16, 2, 2, 0, F, true, true, true, true, false});
     cases.push_back({1, 12, 600, 64, 3, 2, 0, BF, true, true, true, true, false});
+    // N = 1 .. 64 (every lanes-per-channel instantiation), G = 1 and 4
+    for (int n : {1, 3, 4, 5, 8, 9, 16, 17, 31, 32, 48, 64})
+      for (int m = 0; m < 3; ++m)
+        cases.push_back({2, 16, 97, n, m == 1 ? 4 : 1, m == 2 ? 2 : 1, m == 1, m == 2 ? BF : F,
+                         true, true, true, true, false});
     // feature toggles
     for (int f = 0; f < 16; ++f)
       for (int m = 0; m < 3; ++m)
@@ -795,11 +843,17 @@ int main(int argc, char** argv) {
       cases.push_back({1, 2, (1 << 20) + 3, 16, 2, 1, 1, BF, true, true, true, true, false});
     }
     for (const Cfg& c : cases) all_ok &= run_case(c, r);
-    // deterministic mode with several rounds per block (tiny partial budget)
-    dimscan::g_det_partial_budget = 1;
-    all_ok &= run_case({2, 32, 700, 16, 1, 2, 0, F, true, true, true, true, true}, r);
-    all_ok &= run_case({2, 32, 700, 16, 2, 1, 1, BF, true, true, true, true, true}, r);
-    dimscan::g_det_partial_budget = 256ll << 20;
+    // Batch-strided inputs (narrowed views of a larger projection), each direction and fused.
+    for (int m = 0; m < 3; ++m) {
+      Cfg cs{3, 24, 200, 16, 2, m == 2 ? 2 : 1, m == 1, BF, true, true, true, true, false};
+      cs.strided = true;
+      all_ok &= run_case(cs, r);
+    }
+    {
+      Cfg cs{2, 8, 301, 16, 1, 2, 0, F, true, true, true, true, false};
+      cs.strided = true;
+      all_ok &= run_case(cs, r);
+    }
     printf("\nmax rel. error per tensor over all cases:\n");
     const char* dts[] = {"f32", "bf16", "f16"};
     for (int t = 0; t < 3; ++t) {

@@ -221,7 +221,8 @@ passed=0; failed=0; summary=()
 for t in "$here"/tests/*; do
   [ -x "$t" ] || continue
   echo "=== test $(basename "$t")"
-  if "$t" --test-threads=1 --nocapture; then passed=$((passed+1)); summary+=("ok    test  $(basename "$t")")
+  # GPU tests are #[ignore]d in plain cargo test (no GPU in CI); run them here.
+  if "$t" --test-threads=1 --nocapture --include-ignored; then passed=$((passed+1)); summary+=("ok    test  $(basename "$t")")
   else failed=$((failed+1)); summary+=("FAIL  test  $(basename "$t")"); fi
 done
 for b in "$here"/benches/*; do

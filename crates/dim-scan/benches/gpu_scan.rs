@@ -2,12 +2,16 @@
 //! N = 16, z gate and softplus on), run from the GPU bundle.
 //!
 //! For each shape it prints the median time of: one direction forward, the
-//! fused bidirectional forward, the "flip + 2 calls" bidirectional forward
-//! built from our own one-direction op, one direction forward+backward and
-//! fused bidirectional forward+backward; the bytes moved and exponentials
-//! computed; the floor (the larger of bytes over the copy bandwidth and
-//! exponentials over the ex2 rate, both measured here, in this run); and
-//! the ratio to the Mamba-1 reference figures of `docs/benchmarks/scan.md`.
+//! fused bidirectional forward (with gradients wanted, and under no_grad as
+//! in sampling), the "flip + 2 calls" bidirectional forward built from our
+//! own one-direction op, one direction forward+backward and fused
+//! bidirectional forward+backward; the bytes moved and exponentials computed;
+//! the floor (the larger of bytes over the copy bandwidth and exponentials
+//! over the ex2 rate, both measured here, in this run); and the ratio to the
+//! Mamba-1 figures measured on an H200 (issue 12's targets: fused
+//! bidirectional forward <= 0.4x Mamba-1's flip-bidirectional forward, fused
+//! bidirectional forward+backward <= 0.8x Mamba-1's one-direction
+//! forward+backward, spread at fixed tokens <= 1.3).
 //!
 //! `DIM_BENCH_SHAPES="8x2304x1024,1x2304x16384"` picks shapes.
 use dim_scan::device::{copy_bandwidth, exp2_rate, time_cuda_ms};
@@ -19,15 +23,18 @@ use tch::{Device, Kind, Tensor};
 
 const N: i64 = 16;
 
-/// Mamba-1 reference on an H100 (ms): forward, forward+backward, flip + 2 calls.
-#[allow(clippy::approx_constant)] // 3.14 ms is a measurement, not π
-const ANCHORS: [((i64, i64, i64), [f64; 3]); 6] = [
-    ((32, 2304, 256), [0.33, 2.06, 0.91]),
-    ((8, 2304, 1024), [0.33, 1.81, 0.90]),
-    ((2, 2304, 4096), [0.36, 1.94, 0.97]),
-    ((1, 2304, 16384), [0.96, 4.33, 2.38]),
-    ((16, 2048, 1024), [0.57, 3.14, 1.55]),
-    ((16, 2048, 4096), [2.29, 12.6, 6.18]),
+/// Mamba-1 (state-spaces/mamba `selective_scan_cuda`) on one H200, 2026-11-29
+/// (`../shared/ANCHORS.md`), ms: forward, forward+backward, flip-bidirectional
+/// forward, flip-bidirectional forward+backward.
+const ANCHORS: [((i64, i64, i64), [f64; 4]); 8] = [
+    ((8, 2304, 1024), [0.327, 1.744, 0.883, 3.94]),
+    ((32, 2304, 256), [0.331, 2.016, 0.886, 4.47]),
+    ((1, 2304, 16384), [0.927, 4.117, 2.286, 9.12]),
+    ((256, 768, 256), [0.861, 5.347, 2.289, 11.78]),
+    ((256, 768, 64), [0.893, 3.349, 1.945, 7.01]),
+    ((2, 2304, 4096), [0.354, 1.842, 0.938, 4.13]),
+    ((16, 2048, 4096), [2.295, 12.04, 6.06, 26.8]),
+    ((32, 2304, 64), [0.340, 1.252, 0.750, 2.63]),
 ];
 
 struct Dir {
@@ -204,10 +211,14 @@ fn main() {
             fwd_bytes(1.0),
             exps_dir,
             anchor.map(|a| a[0]),
-            Some(0.55),
+            None,
         );
+        // The training forward: inputs that require grad, so it saves the
+        // chunk states and the ungated y for its backward.
+        let fg = f.with_grad();
+        let rg = r.with_grad();
         let t = median_ms(|| {
-            let _ = selective_scan_bidirectional(f.inputs(), r.inputs(), Some(&z), opts).unwrap();
+            let _ = selective_scan_bidirectional(fg.inputs(), rg.inputs(), Some(&z), opts).unwrap();
         });
         row(
             "fwd, fused bidir",
@@ -215,7 +226,21 @@ fn main() {
             fwd_bytes(2.0),
             2.0 * exps_dir,
             anchor.map(|a| a[2]),
-            Some(1.0 / 3.0),
+            Some(0.4),
+        );
+        let t = tch::no_grad(|| {
+            median_ms(|| {
+                let _ =
+                    selective_scan_bidirectional(fg.inputs(), rg.inputs(), Some(&z), opts).unwrap();
+            })
+        });
+        row(
+            "fwd, bidir, no_grad",
+            t,
+            fwd_bytes(2.0),
+            2.0 * exps_dir,
+            anchor.map(|a| a[2]),
+            None,
         );
         let t = median_ms(|| {
             // The usual way: flip copies, two one-direction calls, flip back, add, gate.
@@ -232,8 +257,6 @@ fn main() {
             anchor.map(|a| a[2]),
             None,
         );
-        let fg = f.with_grad();
-        let rg = r.with_grad();
         let t = median_ms(|| {
             let y = selective_scan(fg.inputs(), Direction::Forward, Some(&z), opts).unwrap();
             backward_with_grad(&y, &dy).unwrap();
@@ -261,11 +284,13 @@ fn main() {
     }
 
     // Linear cost: at fixed batch x L, the time should not depend on L.
-    println!("gpu_scan: fused bidirectional forward at 16384 tokens per call (D 2304):");
+    println!(
+        "gpu_scan: fused bidirectional forward (saving for backward) at 16384 tokens per call (D 2304):"
+    );
     let mut times = Vec::new();
     for (batch, len) in [(64, 256), (16, 1024), (4, 4096), (1, 16384)] {
-        let f = Dir::new(batch, 2304, len, dev);
-        let r = Dir::new(batch, 2304, len, dev);
+        let f = Dir::new(batch, 2304, len, dev).with_grad();
+        let r = Dir::new(batch, 2304, len, dev).with_grad();
         let z = Tensor::randn([batch, 2304, len], (Kind::BFloat16, dev));
         let t = median_ms(|| {
             let _ = selective_scan_bidirectional(f.inputs(), r.inputs(), Some(&z), opts).unwrap();
@@ -277,8 +302,8 @@ fn main() {
         .iter()
         .fold((f64::INFINITY, 0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));
     println!(
-        "  spread max/min {:.2} (target <= 1.20: {})",
+        "  spread max/min {:.2} (target <= 1.30: {})",
         hi / lo,
-        if hi / lo <= 1.2 { "ok" } else { "MISSED" }
+        if hi / lo <= 1.3 { "ok" } else { "MISSED" }
     );
 }

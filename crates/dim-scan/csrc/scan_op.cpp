@@ -48,10 +48,11 @@ enum { kU = 0, kDelta, kA, kB, kC, kD, kBias };
 // only takes defined tensors, so absent ones are left out of its input list.
 struct Flags {
   int ndirs;
-  bool reverse, softplus, deterministic;
+  bool reverse, softplus, deterministic, save;
   int64_t present;
   static Flags decode(int64_t f) {
-    return {static_cast<int>(f & 3), (f & 4) != 0, (f & 8) != 0, (f & 16) != 0, f >> 8};
+    return {static_cast<int>(f & 3), (f & 4) != 0, (f & 8) != 0, (f & 16) != 0, (f & 32) != 0,
+            f >> 8};
   }
   size_t slots() const { return static_cast<size_t>(ndirs) * kPerDir + 1; }
   bool has(size_t slot) const { return (present >> slot) & 1; }
@@ -78,7 +79,21 @@ int dtype_code(at::ScalarType t) {
 
 bool is_param(int slot) { return slot == kA || slot == kD || slot == kBias; }
 
-// Contiguous copies where needed; A, D and delta_bias in f32.
+// Whether a CUDA tensor is packed in every dimension but the first: the
+// kernels take such views (narrowed out of a larger projection output, say)
+// with their batch stride, without a copy.
+bool packed_but_batch(const at::Tensor& t) {
+  if (!t.is_cuda() || t.dim() < 2) return false;
+  int64_t expect = 1;
+  for (int64_t i = t.dim() - 1; i >= 1; --i) {
+    if (t.size(i) != 1 && t.stride(i) != expect) return false;
+    expect *= t.size(i);
+  }
+  return t.stride(0) >= expect || t.size(0) == 1;
+}
+
+// Contiguous copies where needed (CUDA data tensors may keep a batch stride);
+// A, D and delta_bias in f32.
 std::vector<at::Tensor> prepare(at::TensorList in) {
   std::vector<at::Tensor> out;
   out.reserve(in.size());
@@ -90,9 +105,15 @@ std::vector<at::Tensor> prepare(at::TensorList in) {
     bool param = i + 1 < in.size() && is_param(static_cast<int>(i % kPerDir));
     at::Tensor t = in[i].detach();
     if (param) t = t.to(at::kFloat);
-    out.push_back(t.contiguous());
+    out.push_back(!param && packed_but_batch(t) ? t : t.contiguous());
   }
   return out;
+}
+
+// The batch stride to hand the kernels: 0 (packed) unless a CUDA view keeps one.
+int64_t batch_stride(const at::Tensor& t) {
+  if (!t.defined() || !t.is_cuda() || t.is_contiguous() || t.size(0) == 1) return 0;
+  return t.stride(0);
 }
 
 template <typename T>
@@ -125,8 +146,13 @@ dim_scan_params make_params(const std::vector<at::Tensor>& in, Flags f) {
     d.D = ptr<float>(t[kD]);
     d.delta_bias = ptr<float>(t[kBias]);
     d.reverse = f.ndirs == 2 ? k : f.reverse;
+    p.u_batch_stride[k] = batch_stride(t[kU]);
+    p.delta_batch_stride[k] = batch_stride(t[kDelta]);
+    p.B_batch_stride[k] = batch_stride(t[kB]);
+    p.C_batch_stride[k] = batch_stride(t[kC]);
   }
   p.z = ptr<void>(in[f.ndirs * kPerDir]);
+  p.z_batch_stride = batch_stride(in[f.ndirs * kPerDir]);
   return p;
 }
 
@@ -172,7 +198,9 @@ class SelectiveScanFn : public torch::autograd::Function<SelectiveScanFn> {
     p.y = y.data_ptr();
     at::Tensor saved;
 #ifdef DIM_WITH_CUDA
-    if (u.is_cuda()) {
+    // Only a forward whose backward can run keeps anything (no_grad sampling
+    // writes no chunk states and no ungated y).
+    if (u.is_cuda() && f.save) {
       c10::cuda::CUDAGuard guard(u.device());
       saved = bytes_on(u, dim_scan_cuda_saved_bytes(&p));
     }
@@ -195,6 +223,8 @@ class SelectiveScanFn : public torch::autograd::Function<SelectiveScanFn> {
     variable_list in = ctx->get_saved_variables();
     at::Tensor saved = in.back();
     in.pop_back();
+    TORCH_CHECK(!in[kU].is_cuda() || (saved.defined() && saved.numel() > 0),
+                "selective scan: backward of a forward that saved nothing (it ran without grad)");
     const at::Tensor& u = in[kU];
     dim_scan_params p = make_params(in, f);
     at::Tensor dy = grad_out[0].defined() ? grad_out[0].to(u.scalar_type()).contiguous()
@@ -287,12 +317,17 @@ int dim_scan_apply(void** inputs, int n, int64_t flags, void** out, char* err, s
   return guarded(err, errlen, [&] {
     std::vector<at::Tensor> list;
     int64_t present = 0;
+    bool wants_grad = false;
     for (int i = 0; i < n; ++i) {
       if (!inputs[i]) continue;
       list.push_back(*static_cast<at::Tensor*>(inputs[i]));
       present |= int64_t{1} << i;
+      wants_grad = wants_grad || list.back().requires_grad();
     }
-    variable_list y = SelectiveScanFn::apply(at::TensorList(list), flags | (present << 8));
+    // Bit 5: a backward may run, so the forward keeps what it needs.
+    const int64_t save = at::GradMode::is_enabled() && wants_grad ? 32 : 0;
+    variable_list y =
+        SelectiveScanFn::apply(at::TensorList(list), flags | save | (present << 8));
     *out = new at::Tensor(y[0]);
   });
 }

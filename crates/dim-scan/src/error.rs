@@ -24,6 +24,13 @@ pub enum ScanError {
         got: tch::Device,
         expected: tch::Device,
     },
+    /// A size is outside what the CUDA kernels support; names the argument.
+    #[error("selective scan: {name} = {got} is not supported on CUDA ({limit})")]
+    Unsupported {
+        name: String,
+        got: i64,
+        limit: String,
+    },
     /// CUDA tensors were given, but this build has no CUDA kernels.
     #[error("selective scan: CUDA tensors given, but dim-scan was built without its CUDA kernels (nvcc was not found at build time: run `cargo xtask setup`, then rebuild with the `cuda` feature)")]
     NoCudaKernels,

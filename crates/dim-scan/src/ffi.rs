@@ -58,6 +58,14 @@ pub(crate) struct Params {
     pub dz: *mut c_void,
     pub saved: *mut c_void,
     pub workspace: *mut c_void,
+    /// Batch strides (elements) of u, delta, B, C per direction and of z; 0 is
+    /// contiguous. The shim sets them for CUDA tensors only: the CPU
+    /// implementation gets contiguous tensors and zeros here.
+    pub u_batch_stride: [i64; MAX_DIRS],
+    pub delta_batch_stride: [i64; MAX_DIRS],
+    pub b_batch_stride: [i64; MAX_DIRS],
+    pub c_batch_stride: [i64; MAX_DIRS],
+    pub z_batch_stride: i64,
 }
 
 pub(crate) const DTYPE_F32: i32 = 0;

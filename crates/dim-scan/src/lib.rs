@@ -37,6 +37,7 @@ pub mod reference;
 pub use error::ScanError;
 pub use op::{
     backward_with_grad, cuda_kernels_built, selective_scan, selective_scan_bidirectional,
+    CUDA_MAX_DSTATE,
 };
 
 use tch::Tensor;

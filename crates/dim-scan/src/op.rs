@@ -4,6 +4,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{Direction, ScanError, ScanInputs, ScanOptions};
 
+/// Largest state size N the CUDA kernels take (`DIM_SCAN_CUDA_MAX_DSTATE`).
+pub const CUDA_MAX_DSTATE: i64 = 64;
+
 /// Whether this build compiled the CUDA kernels (nvcc was found at build time).
 pub fn cuda_kernels_built() -> bool {
     cfg!(dim_cuda)
@@ -172,6 +175,13 @@ fn validate(dirs: &[ScanInputs<'_>], z: Option<&Tensor>) -> Result<Dims, ScanErr
     if let Device::Cuda(_) = device {
         if !cuda_kernels_built() {
             return Err(ScanError::NoCudaKernels);
+        }
+        if dstate > CUDA_MAX_DSTATE {
+            return Err(ScanError::Unsupported {
+                name: "N (A's second dimension, the state size)".into(),
+                got: dstate,
+                limit: format!("at most {CUDA_MAX_DSTATE}; the CPU implementation has no limit"),
+            });
         }
     }
     Ok(Dims {

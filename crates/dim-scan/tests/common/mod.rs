@@ -214,6 +214,37 @@ pub fn run(
     }
 }
 
+/// The op's forward alone (for runs under `tch::no_grad`): y on `device`.
+pub fn forward_only(p: &Problem, kind: Kind, device: Device) -> Tensor {
+    let cast = |t: &Tensor, k: Kind| t.to_kind(k).to_device(device);
+    let dirs: Vec<Vec<Option<Tensor>>> = p
+        .dirs
+        .iter()
+        .map(|x| {
+            vec![
+                Some(cast(&x.u, kind)),
+                Some(cast(&x.delta, kind)),
+                Some(cast(&x.a, Kind::Float)),
+                Some(cast(&x.b, kind)),
+                Some(cast(&x.c, kind)),
+                x.d.as_ref().map(|t| cast(t, Kind::Float)),
+                x.bias.as_ref().map(|t| cast(t, Kind::Float)),
+            ]
+        })
+        .collect();
+    let z = p.z.as_ref().map(|t| cast(t, kind));
+    let opts = ScanOptions {
+        delta_softplus: p.case.softplus,
+        deterministic: false,
+    };
+    let y = match p.case.direction {
+        Some(dir) => selective_scan(inputs(&dirs[0]), dir, z.as_ref(), opts).unwrap(),
+        None => selective_scan_bidirectional(inputs(&dirs[0]), inputs(&dirs[1]), z.as_ref(), opts)
+            .unwrap(),
+    };
+    y.to_device(Device::Cpu).to_kind(Kind::Double)
+}
+
 fn inputs(v: &[Option<Tensor>]) -> ScanInputs<'_> {
     ScanInputs {
         u: v[0].as_ref().unwrap(),
