@@ -1,28 +1,38 @@
 //! GPU benchmark: training-step throughput and peak memory of DiM vs DiT
-//! (XL/2 by default) under bf16 autocast, at several token counts, plus a
-//! per-block breakdown of where DiM's (and DiT's) time goes.
+//! (XL/2 by default) under bf16 autocast, at several token counts; the
+//! sampling cost (one denoiser evaluation, forward only); and a per-block
+//! breakdown of where DiM's (and DiT's) time goes, each piece beside its
+//! floor.
 //!
 //! One training step = forward + MSE loss (on the ε channels) + backward +
-//! AdamW step. Warm-up steps, then the median of timed steps, each between
-//! two CUDA synchronisations.
+//! fused AdamW step (`dim_model::optim`, libtorch's `_fused_adamw_`).
+//! Warm-up steps, then the median of timed steps, each between two CUDA
+//! synchronisations. One sampling evaluation = the network's forward under
+//! `no_grad` (labels given, no label dropout).
+//!
+//! Floors: each piece's FLOPs at the matmul rate measured in the same run
+//! (an 8192³ bf16 matmul), its compulsory activation bytes (read + written,
+//! forward + backward) at the measured device copy rate, and the scan's
+//! exponentials at the measured `ex2` rate; the floor is the largest.
 //!
 //! ```text
 //! cargo bench -p dim-model --bench gpu_model -- [--tokens 256:32,1024:8,4096:2,16384:1]
 //!     [--arch dim,dit] [--size XL] [--patch 2] [--depth N] [--warmup 2] [--steps 5]
-//!     [--reps 5] [--no-breakdown] [--cpu]
+//!     [--reps 5] [--no-breakdown] [--no-sampling] [--cpu]
 //! ```
 //!
 //! The same options can come from the environment: `DIM_BENCH_TOKENS`,
 //! `DIM_BENCH_ARCH`, `DIM_BENCH_SIZE`, `DIM_BENCH_STEPS`, `DIM_BENCH_DEPTH`.
-//! Without CUDA it prints why and exits 0; `--cpu` runs a tiny smoke version
-//! on the CPU instead (checks the code path, not the speed).
+//! Without CUDA it prints `skipped: no CUDA` and exits 0; `--cpu` runs a tiny
+//! smoke version on the CPU instead (checks the code path, not the speed).
 
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use dim_model::network::{Block, Mixer};
+use dim_model::network::{Block, Mixer, ScanOperands};
+use dim_model::optim::{AdamW, AdamWConfig};
 use dim_model::{Arch, Model, ModelConfig};
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind, Reduction, Tensor};
 
 #[derive(Debug, Clone)]
@@ -36,6 +46,7 @@ struct Args {
     steps: usize,
     reps: usize,
     breakdown: bool,
+    sampling: bool,
     cpu: bool,
 }
 
@@ -88,6 +99,7 @@ fn parse_args() -> Result<Args, String> {
             .unwrap_or(5),
         reps: 5,
         breakdown: true,
+        sampling: true,
         cpu: false,
     };
     let mut it = std::env::args().skip(1);
@@ -107,6 +119,7 @@ fn parse_args() -> Result<Args, String> {
             "--steps" => a.steps = num(it.next(), "--steps")?.max(1) as usize,
             "--reps" => a.reps = num(it.next(), "--reps")?.max(1) as usize,
             "--no-breakdown" => a.breakdown = false,
+            "--no-sampling" => a.sampling = false,
             "--cpu" => a.cpu = true,
             // Passed by `cargo bench` to every bench binary.
             "--bench" => {}
@@ -166,20 +179,30 @@ struct StepResult {
     tflops: f64,
 }
 
+/// One denoiser evaluation (forward only).
+struct SampleResult {
+    ms: f64,
+    images_per_s: f64,
+    peak_gib: Option<f64>,
+}
+
 fn config(args: &Args, arch: Arch, tokens: i64) -> ModelConfig {
-    let name = format!(
-        "{}-{}/{}",
-        if arch == Arch::Dim { "DiM" } else { "DiT" },
-        args.size,
-        args.patch
-    );
-    let mut cfg = ModelConfig::preset(&name).unwrap_or_else(|e| panic!("{e}"));
+    let mut cfg = ModelConfig::preset(&model_name(args, arch)).unwrap_or_else(|e| panic!("{e}"));
     let side = (tokens as f64).sqrt().round() as i64 * args.patch;
     cfg.input_size = [side, side];
     if let Some(d) = args.depth {
         cfg.depth = d;
     }
     cfg
+}
+
+fn model_name(args: &Args, arch: Arch) -> String {
+    format!(
+        "{}-{}/{}",
+        if arch == Arch::Dim { "DiM" } else { "DiT" },
+        args.size,
+        args.patch
+    )
 }
 
 fn randn_inputs(cfg: &ModelConfig, batch: i64, device: Device) -> (Tensor, Tensor, Tensor, Tensor) {
@@ -191,6 +214,24 @@ fn randn_inputs(cfg: &ModelConfig, batch: i64, device: Device) -> (Tensor, Tenso
     (x, noise, t, y)
 }
 
+/// Median wall time (ms) of `f` over `reps` runs after `warmup` runs, each between synchronisations.
+fn timed(device: Device, warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    sync(device);
+    peak_reset(device);
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        sync(device);
+        let t0 = Instant::now();
+        f();
+        sync(device);
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    median(times)
+}
+
 fn train_step_bench(
     args: &Args,
     cfg: &ModelConfig,
@@ -199,12 +240,14 @@ fn train_step_bench(
 ) -> (StepResult, Model, nn::VarStore) {
     let vs = nn::VarStore::new(device);
     let model = Model::new(vs.root(), cfg).unwrap_or_else(|e| panic!("{e}"));
-    let mut opt = nn::AdamW::default()
-        .build(&vs, 1e-4)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let params: Vec<Tensor> = vs.trainable_variables();
+    let decay = vec![false; params.len()];
+    // DiT's recipe: AdamW without weight decay or clipping.
+    let mut opt =
+        AdamW::new(params, &decay, AdamWConfig::default()).unwrap_or_else(|e| panic!("{e}"));
     let (x, noise, t, y) = randn_inputs(cfg, batch, device);
     let c = cfg.in_channels;
-    let mut step = || {
+    let step = || {
         let loss = amp(|| {
             let out = model
                 .forward(&x, &t, Some(&y), true)
@@ -213,24 +256,11 @@ fn train_step_bench(
                 .to_kind(Kind::Float)
                 .mse_loss(&noise, Reduction::Mean)
         });
-        opt.zero_grad();
         loss.backward();
-        opt.step();
+        opt.step(1e-4, 0.0, false).unwrap_or_else(|e| panic!("{e}"));
+        opt.zero_grad().unwrap_or_else(|e| panic!("{e}"));
     };
-    for _ in 0..args.warmup {
-        step();
-    }
-    sync(device);
-    peak_reset(device);
-    let mut times = Vec::with_capacity(args.steps);
-    for _ in 0..args.steps {
-        sync(device);
-        let t0 = Instant::now();
-        step();
-        sync(device);
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    let ms = median(times);
+    let ms = timed(device, args.warmup, args.steps, step);
     let flops = cfg.flops(&x.size()).map(|f| f.gflops()).unwrap_or(0.0);
     let result = StepResult {
         ms,
@@ -241,6 +271,24 @@ fn train_step_bench(
         tflops: 3.0 * flops / 1e3 / (ms / 1e3),
     };
     (result, model, vs)
+}
+
+/// One denoiser evaluation of a fresh model: forward under `no_grad` and autocast.
+fn sample_bench(args: &Args, cfg: &ModelConfig, batch: i64, device: Device) -> SampleResult {
+    let vs = nn::VarStore::new(device);
+    let model = Model::new(vs.root(), cfg).unwrap_or_else(|e| panic!("{e}"));
+    let (x, _, t, y) = randn_inputs(cfg, batch, device);
+    let ms = timed(device, args.warmup, args.steps.max(args.reps), || {
+        tch::no_grad(|| {
+            let _ =
+                amp(|| model.forward(&x, &t, Some(&y), false)).unwrap_or_else(|e| panic!("{e}"));
+        })
+    });
+    SampleResult {
+        ms,
+        images_per_s: batch as f64 / (ms / 1e3),
+        peak_gib: peak_gib(device),
+    }
 }
 
 /// Runs `f` under CUDA autocast.
@@ -260,14 +308,82 @@ fn leaf(t: &Tensor) -> Tensor {
     t.detach().copy().set_requires_grad(true)
 }
 
-/// Per-block breakdown (forward + backward, ms) of the first block, in the model's step shapes.
-fn breakdown(
-    model: &Model,
-    block: &Block,
-    batch: i64,
-    reps: usize,
-    device: Device,
-) -> Vec<(String, f64)> {
+/// The device's rates that the floors use.
+struct Rates {
+    /// bf16 matmul FLOP/s (an 8192³ matmul; 512³ f32 in the CPU smoke run).
+    matmul: f64,
+    /// Device copy bytes/s, read plus written.
+    copy: f64,
+    /// `ex2.approx` per second (CUDA only).
+    exp2: Option<f64>,
+}
+
+fn measure_rates(device: Device) -> Rates {
+    let (n, kind) = if device.is_cuda() {
+        (8192, Kind::BFloat16)
+    } else {
+        (512, Kind::Float)
+    };
+    let a = Tensor::randn([n, n], (kind, device));
+    let b = Tensor::randn([n, n], (kind, device));
+    let mm = time_ms(device, 10, || {
+        let _ = a.matmul(&b);
+    });
+    let matmul = 2.0 * (n as f64).powi(3) / (mm / 1e3);
+    let (copy, exp2) = if device.is_cuda() {
+        (
+            dim_scan::device::copy_bandwidth(device).unwrap_or_else(|e| panic!("{e}")),
+            dim_scan::device::exp2_rate(device).ok(),
+        )
+    } else {
+        let src = Tensor::ones([1 << 24], (Kind::Float, device));
+        let mut dst = src.empty_like();
+        let ms = time_ms(device, 5, || dst.copy_(&src));
+        (2.0 * 4.0 * (1 << 24) as f64 / (ms / 1e3), None)
+    };
+    Rates { matmul, copy, exp2 }
+}
+
+/// One piece of a block: measured forward+backward time and its work.
+struct Piece {
+    name: String,
+    ms: f64,
+    /// Forward + backward FLOPs.
+    flops: f64,
+    /// Compulsory activation bytes, read + written, forward + backward.
+    bytes: f64,
+    /// Exponentials (the scan's `exp(Δ·A)`), forward + backward.
+    exps: f64,
+}
+
+impl Piece {
+    fn new(name: &str, ms: f64, flops: f64, bytes: f64, exps: f64) -> Self {
+        Self {
+            name: name.into(),
+            ms,
+            flops,
+            bytes,
+            exps,
+        }
+    }
+
+    /// The largest of the three bounds, ms.
+    fn floor_ms(&self, r: &Rates) -> f64 {
+        let exp = r.exp2.map_or(0.0, |rate| self.exps / rate);
+        (self.flops / r.matmul).max(self.bytes / r.copy).max(exp) * 1e3
+    }
+}
+
+/// A linear layer `I → O` over `t` tokens, forward + backward: FLOPs
+/// (forward, input gradient, weight gradient) and activation elements (read
+/// x, write y; read dy and x, write dx).
+fn linear_work(t: f64, i: f64, o: f64) -> (f64, f64) {
+    (6.0 * t * i * o, 3.0 * t * i + 2.0 * t * o)
+}
+
+/// Per-block breakdown (forward + backward) of the first block, in the
+/// model's step shapes, with each piece's FLOPs and bytes.
+fn breakdown(model: &Model, block: &Block, batch: i64, reps: usize, device: Device) -> Vec<Piece> {
     let cfg = model.config();
     let [h, w] = cfg.input_size;
     let g = cfg
@@ -276,80 +392,119 @@ fn breakdown(
     let tokens =
         Tensor::randn([batch, g.len(), cfg.width], (Kind::Float, device)).set_requires_grad(true);
     let c = Tensor::randn([batch, cfg.width], (Kind::Float, device));
+    // Work counts: t tokens of width wd; activations in bf16 (2 bytes).
+    let (t, wd) = ((batch * g.len()) as f64, cfg.width as f64);
+    let el = 2.0;
     let mut parts = Vec::new();
     let total = fwd_bwd_ms(device, reps, || {
         block
             .forward(&tokens, &c, &g)
             .unwrap_or_else(|e| panic!("{e}"))
     });
-    let mlp = fwd_bwd_ms(device, reps, || block.mlp.forward(&tokens));
+    let mlp_ms = fwd_bwd_ms(device, reps, || block.mlp.forward(&tokens));
+    let hidden = cfg.mlp_width() as f64;
+    let (f1, b1) = linear_work(t, wd, hidden);
+    let (f2, b2) = linear_work(t, hidden, wd);
+    // GELU: read x, write y; read dy and x, write dx.
+    let mlp = Piece::new(
+        "MLP (fc1, GELU, fc2)",
+        mlp_ms,
+        f1 + f2,
+        (b1 + b2 + 5.0 * t * hidden) * el,
+        0.0,
+    );
     match &block.mixer {
         Mixer::Mamba(m) => {
-            parts.push((
-                "in_proj".to_string(),
+            let (e, n, r, k) = (
+                cfg.inner_width() as f64,
+                cfg.d_state as f64,
+                cfg.dt_rank as f64,
+                cfg.d_conv as f64,
+            );
+            let (f, b) = linear_work(t, wd, 2.0 * e);
+            parts.push(Piece::new(
+                "in_proj (one bmm → (B, 2E, L))",
                 fwd_bwd_ms(device, reps, || {
-                    let (xs, z) = m.project_in(&tokens);
-                    xs + z
+                    m.project_in(&tokens).unwrap_or_else(|e| panic!("{e}"))
                 }),
+                f,
+                b * el,
+                0.0,
             ));
-            let (xs, z) = amp(|| m.project_in(&tokens));
-            let (xs, z) = (leaf(&xs), leaf(&z));
-            parts.push((
-                "conv+SiLU+x_proj+dt_proj (2 dirs)".into(),
+            let xz = leaf(&amp(|| {
+                m.project_in(&tokens).unwrap_or_else(|e| panic!("{e}"))
+            }));
+            let (xs, z) = m.split_xz(&xz);
+            // Conv (K real taps per direction), x_proj and dt_proj of both
+            // directions; I/O: read x, write u, Δ (both 2E wide) and x_proj's
+            // output; backward reads their gradients and x, writes dx.
+            let conv_flops = 6.0 * t * 2.0 * e * k;
+            let proj_flops = 2.0 * (linear_work(t, e, r + 2.0 * n).0 + linear_work(t, r, e).0);
+            let io = t * (e + 4.0 * e + 2.0 * (r + 2.0 * n)) + t * (4.0 * e + 4.0 * n + e + e);
+            parts.push(Piece::new(
+                "conv+SiLU+x_proj+dt_proj (2 dirs, batched)",
                 fwd_bwd_ms(device, reps, || {
-                    let (f, r) = m.direction_inputs(&xs);
-                    f.u.sum(Kind::Float)
-                        + f.delta.sum(Kind::Float)
-                        + f.b.sum(Kind::Float)
-                        + f.c.sum(Kind::Float)
-                        + r.u.sum(Kind::Float)
-                        + r.delta.sum(Kind::Float)
-                        + r.b.sum(Kind::Float)
-                        + r.c.sum(Kind::Float)
+                    let ops = m.scan_operands(&xs);
+                    ops.u.sum(Kind::Float) + ops.delta.sum(Kind::Float) + ops.dbl.sum(Kind::Float)
                 }),
+                conv_flops + proj_flops,
+                io * el,
+                0.0,
             ));
-            let (f, r) = amp(|| m.direction_inputs(&xs));
-            let lf = dim_model::network::DirectionInputs {
-                u: leaf(&f.u),
-                delta: leaf(&f.delta),
-                a: f.a.detach(),
-                b: leaf(&f.b),
-                c: leaf(&f.c),
+            let ops = amp(|| m.scan_operands(&xs));
+            let lops = ScanOperands {
+                u: leaf(&ops.u),
+                delta: leaf(&ops.delta),
+                dbl: leaf(&ops.dbl),
+                a: [ops.a[0].detach(), ops.a[1].detach()],
             };
-            let lr = dim_model::network::DirectionInputs {
-                u: leaf(&r.u),
-                delta: leaf(&r.delta),
-                a: r.a.detach(),
-                b: leaf(&r.b),
-                c: leaf(&r.c),
-            };
-            parts.push((
-                "scan op (fused bidirectional)".into(),
+            // Forward reads u, Δ (2E each), z, B, C and writes y; backward
+            // reads those and dy, writes du, dΔ, dz, dB, dC. exp(Δ·A) per
+            // channel, state and token, both directions, forward and again in
+            // the backward (recomputed).
+            let scan_io = t * (6.0 * e + 4.0 * n) + t * (7.0 * e + 4.0 * n + 5.0 * e + 4.0 * n);
+            parts.push(Piece::new(
+                "scan op (fused bidirectional)",
                 fwd_bwd_ms(device, reps, || {
-                    m.scan_op(&lf, &lr, &z).unwrap_or_else(|e| panic!("{e}"))
+                    m.scan_op(&lops, &z).unwrap_or_else(|e| panic!("{e}"))
                 }),
+                0.0,
+                scan_io * el,
+                4.0 * t * e * n,
             ));
             let y = leaf(&amp(|| {
-                m.scan_op(&lf, &lr, &z).unwrap_or_else(|e| panic!("{e}"))
+                m.scan_op(&lops, &z).unwrap_or_else(|e| panic!("{e}"))
             }));
-            parts.push((
-                "out_proj".into(),
-                fwd_bwd_ms(device, reps, || m.out_proj.weight.matmul(&y)),
+            let (f, b) = linear_work(t, e, wd);
+            parts.push(Piece::new(
+                "out_proj (bmm → (B, L, W))",
+                fwd_bwd_ms(device, reps, || m.project_out(&y)),
+                f,
+                b * el,
+                0.0,
             ));
         }
         Mixer::Attention(a) => {
-            let (b, l, wd) = (batch, g.len(), cfg.width);
-            let hd = wd / cfg.heads;
-            parts.push((
-                "qkv".into(),
+            let (b, l, wdi) = (batch, g.len(), cfg.width);
+            let hd = wdi / cfg.heads;
+            let (f, bytes) = linear_work(t, wd, 3.0 * wd);
+            parts.push(Piece::new(
+                "qkv",
                 fwd_bwd_ms(device, reps, || a.qkv.forward(&tokens)),
+                f,
+                bytes * el,
+                0.0,
             ));
             let qkv = amp(|| a.qkv.forward(&tokens))
                 .reshape([b, l, 3, cfg.heads, hd])
                 .permute([2, 0, 3, 1, 4]);
             let (q, k, v) = (leaf(&qkv.get(0)), leaf(&qkv.get(1)), leaf(&qkv.get(2)));
-            parts.push((
-                "scaled_dot_product_attention".into(),
+            // Flash attention: 2 L×L products forward, 5 backward (with the
+            // recomputation); I/O q, k, v, o forward; q, k, v, o, do in and
+            // dq, dk, dv out backward.
+            let l = l as f64;
+            parts.push(Piece::new(
+                "scaled_dot_product_attention",
                 fwd_bwd_ms(device, reps, || {
                     Tensor::scaled_dot_product_attention(
                         &q,
@@ -362,20 +517,42 @@ fn breakdown(
                         false,
                     )
                 }),
+                14.0 * batch as f64 * l * l * wd,
+                12.0 * t * wd * el,
+                0.0,
             ));
-            parts.push((
-                "proj".into(),
+            let (f, bytes) = linear_work(t, wd, wd);
+            parts.push(Piece::new(
+                "proj",
                 fwd_bwd_ms(device, reps, || a.proj.forward(&tokens)),
+                f,
+                bytes * el,
+                0.0,
             ));
         }
     }
-    parts.push(("MLP (fc1, GELU, fc2)".into(), mlp));
-    let named: f64 = parts.iter().map(|(_, v)| v).sum();
-    parts.push((
-        "rest: adaLN, LayerNorm, modulate, gates, residuals".into(),
+    parts.push(mlp);
+    let named: f64 = parts.iter().map(|p| p.ms).sum();
+    // adaLN modulation, two LayerNorms, modulate, gates and residuals:
+    // elementwise passes over (B, L, W) in f32, about 12 reads/writes
+    // forward and 20 backward.
+    let (fa, _) = linear_work(batch as f64, wd, 6.0 * wd);
+    parts.push(Piece::new(
+        "rest: adaLN, LayerNorm, modulate, gates, residuals",
         (total - named).max(0.0),
+        fa,
+        32.0 * t * wd * 4.0,
+        0.0,
     ));
-    parts.push(("block total".into(), total));
+    let sum = |f: fn(&Piece) -> f64| parts.iter().map(f).sum::<f64>();
+    let (flops, bytes, exps) = (sum(|p| p.flops), sum(|p| p.bytes), sum(|p| p.exps));
+    parts.push(Piece {
+        name: "block total".into(),
+        ms: total,
+        flops,
+        bytes,
+        exps,
+    });
     parts
 }
 
@@ -393,6 +570,38 @@ fn card_name() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown card".into())
+}
+
+/// The first line of a caught panic's message.
+fn panic_line(e: &(dyn std::any::Any + Send)) -> String {
+    let msg = e
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    msg.lines().next().unwrap_or("").chars().take(160).collect()
+}
+
+fn gib(g: Option<f64>) -> String {
+    g.map_or("n/a".to_string(), |g| format!("{g:.2}"))
+}
+
+/// `a / b` as `0.00×`, or `n/a`.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "n/a".into(),
+    }
+}
+
+struct Breakdown {
+    arch: Arch,
+    label: String,
+    tokens: i64,
+    batch: i64,
+    depth: i64,
+    step_ms: f64,
+    parts: Vec<Piece>,
 }
 
 fn main() {
@@ -419,7 +628,9 @@ fn main() {
         args.steps = args.steps.min(2);
         Device::Cpu
     } else if !tch::Cuda::is_available() {
-        println!("gpu_model: skipped: CUDA is not available (libtorch sees no GPU); use --cpu for a smoke run");
+        println!(
+            "gpu_model: skipped: no CUDA (libtorch sees no GPU); `--cpu` runs a tiny smoke version"
+        );
         return;
     } else if !dim_scan::cuda_kernels_built() {
         println!("gpu_model: skipped: dim-scan was built without its CUDA kernels (nvcc not found at build time)");
@@ -446,14 +657,29 @@ fn main() {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .unwrap_or_default();
     println!("# gpu_model: {card}, {}", date.trim());
+    let rates = measure_rates(device);
     println!(
-        "# {}/{} models, bf16 autocast, AdamW, warm-up {} steps, median of {} steps; libtorch {}",
+        "# measured: matmul {:.1} TFLOP/s ({}), copy {:.2} TB/s (read + written){}",
+        rates.matmul / 1e12,
+        if device.is_cuda() {
+            "8192³ bf16"
+        } else {
+            "512³ f32"
+        },
+        rates.copy / 1e12,
+        rates
+            .exp2
+            .map_or(String::new(), |r| format!(", ex2 {:.2} T/s", r / 1e12))
+    );
+    println!(
+        "# {}/{} models, bf16 autocast, fused AdamW, warm-up {} steps, median of {} steps; libtorch {}",
         args.size,
         args.patch,
         args.warmup,
         args.steps,
         if device == Device::Cpu { "CPU" } else { "CUDA" }
     );
+    println!("\n# training step (forward, loss, backward, AdamW)");
     println!(
         "{:<10} {:>7} {:>6} {:>10} {:>10} {:>9} {:>10} {:>8}",
         "model", "tokens", "batch", "ms/step", "images/s", "peak GiB", "params M", "TFLOP/s"
@@ -463,12 +689,7 @@ fn main() {
     for &(tokens, batch) in &args.sizes {
         for &arch in &args.archs {
             let cfg = config(&args, arch, tokens);
-            let label = format!(
-                "{}-{}/{}",
-                if arch == Arch::Dim { "DiM" } else { "DiT" },
-                args.size,
-                args.patch
-            );
+            let label = model_name(&args, arch);
             let args_ref = &args;
             let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let (r, model, vs) = train_step_bench(args_ref, &cfg, batch, device);
@@ -495,63 +716,143 @@ fn main() {
                         batch,
                         r.ms,
                         r.images_per_s,
-                        r.peak_gib.map_or("n/a".to_string(), |g| format!("{g:.2}")),
+                        gib(r.peak_gib),
                         r.params as f64 / 1e6,
                         r.tflops
                     );
-                    if let Some(p) = parts {
-                        breakdowns.push((label.clone(), tokens, batch, cfg.depth, r.ms, p));
+                    if let Some(parts) = parts {
+                        breakdowns.push(Breakdown {
+                            arch,
+                            label: label.clone(),
+                            tokens,
+                            batch,
+                            depth: cfg.depth,
+                            step_ms: r.ms,
+                            parts,
+                        });
                     }
                     results.push((arch, tokens, Some(r)));
                 }
                 Err(e) => {
-                    let msg = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    let first = msg
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .chars()
-                        .take(160)
-                        .collect::<String>();
-                    println!("{label:<10} {tokens:>7} {batch:>6}   FAILED: {first}");
+                    println!(
+                        "{label:<10} {tokens:>7} {batch:>6}   FAILED: {}",
+                        panic_line(e.as_ref())
+                    );
                     results.push((arch, tokens, None));
                 }
             }
         }
     }
 
-    println!("\n# DiM / DiT at equal tokens and batch (targets: ≥0.8× at 1024, ≥1× at 4096, ≥2× at 16384; lower memory from 4096)");
+    let mut samples: Vec<(Arch, i64, Option<SampleResult>)> = Vec::new();
+    if args.sampling {
+        println!("\n# sampling: one denoiser evaluation (forward, no grad, bf16 autocast)");
+        println!(
+            "{:<10} {:>7} {:>6} {:>10} {:>10} {:>9} {:>9}",
+            "model", "tokens", "batch", "ms", "images/s", "peak GiB", "floor ms"
+        );
+        for &(tokens, batch) in &args.sizes {
+            for &arch in &args.archs {
+                let cfg = config(&args, arch, tokens);
+                let label = model_name(&args, arch);
+                let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    sample_bench(&args, &cfg, batch, device)
+                }));
+                match run {
+                    Ok(r) => {
+                        let [h, w] = cfg.input_size;
+                        let floor = cfg
+                            .flops(&[batch, cfg.in_channels, h, w])
+                            .map(|f| f.gflops() * 1e9 / rates.matmul * 1e3)
+                            .unwrap_or(0.0);
+                        println!(
+                            "{:<10} {:>7} {:>6} {:>10.2} {:>10.2} {:>9} {:>9.2}",
+                            label,
+                            tokens,
+                            batch,
+                            r.ms,
+                            r.images_per_s,
+                            gib(r.peak_gib),
+                            floor
+                        );
+                        samples.push((arch, tokens, Some(r)));
+                    }
+                    Err(e) => {
+                        println!(
+                            "{label:<10} {tokens:>7} {batch:>6}   FAILED: {}",
+                            panic_line(e.as_ref())
+                        );
+                        samples.push((arch, tokens, None));
+                    }
+                }
+            }
+        }
+    }
+
+    for b in &breakdowns {
+        println!(
+            "\n# {} at {} tokens, batch {}: one block, forward+backward, × depth {}, share of the step; floor = max(FLOPs at the matmul rate, bytes at the copy rate, exps at the ex2 rate)",
+            b.label, b.tokens, b.batch, b.depth
+        );
+        println!(
+            "  {:<52} {:>9} {:>11} {:>6} {:>9} {:>9} {:>9} {:>7}",
+            "piece", "ms", "× depth", "share", "GFLOP", "MB", "floor ms", "/floor"
+        );
+        let depth = b.depth as f64;
+        for p in &b.parts {
+            let floor = p.floor_ms(&rates);
+            println!(
+                "  {:<52} {:>9.3} {:>11.1} {:>5.1}% {:>9.2} {:>9.1} {:>9.3} {:>6.1}×",
+                p.name,
+                p.ms,
+                p.ms * depth,
+                100.0 * p.ms * depth / b.step_ms,
+                p.flops / 1e9,
+                p.bytes / 1e6,
+                floor,
+                if floor > 0.0 { p.ms / floor } else { 0.0 }
+            );
+        }
+    }
+
+    println!("\n# DiM / DiT at equal tokens and batch");
+    println!("#   train: throughput (targets ≥0.8× at 1024, ≥1.2× at 4096, ≥2× at 16384), peak memory (DiM ≤ DiT from 4096)");
+    println!(
+        "#   sample: throughput (targets ≥1× at 1024, ≥1.5× at 4096, ≥3× at 16384), peak memory"
+    );
+    println!("#   block: DiT block time / DiM block time, forward+backward");
     for &(tokens, _) in &args.sizes {
-        let get = |a: Arch| {
+        let step = |a: Arch| {
             results
                 .iter()
                 .find(|(ar, t, _)| *ar == a && *t == tokens)
                 .and_then(|(_, _, r)| r.as_ref())
         };
-        if let (Some(m), Some(t)) = (get(Arch::Dim), get(Arch::Dit)) {
-            let mem = match (m.peak_gib, t.peak_gib) {
-                (Some(a), Some(b)) => format!("{:.2}×", a / b),
-                _ => "n/a".into(),
-            };
-            println!(
-                "tokens {tokens:>6}: throughput {:.2}×, peak memory {mem}",
-                m.images_per_s / t.images_per_s
-            );
+        let sample = |a: Arch| {
+            samples
+                .iter()
+                .find(|(ar, t, _)| *ar == a && *t == tokens)
+                .and_then(|(_, _, r)| r.as_ref())
+        };
+        let block = |a: Arch| {
+            breakdowns
+                .iter()
+                .find(|b| b.arch == a && b.tokens == tokens)
+                .and_then(|b| b.parts.last())
+                .map(|p| p.ms)
+        };
+        let (sm, st) = (step(Arch::Dim), step(Arch::Dit));
+        let (pm, pt) = (sample(Arch::Dim), sample(Arch::Dit));
+        if sm.is_none() && pm.is_none() {
+            continue;
         }
-    }
-
-    for (label, tokens, batch, depth, step_ms, parts) in breakdowns {
-        println!("\n# {label} at {tokens} tokens, batch {batch}: one block, forward+backward (ms), × depth {depth}, share of the step");
-        for (name, ms) in parts {
-            println!(
-                "  {name:<52} {ms:>8.2} ms  ×{depth} = {:>8.1} ms  {:>5.1}%",
-                ms * depth as f64,
-                100.0 * ms * depth as f64 / step_ms
-            );
-        }
+        println!(
+            "tokens {tokens:>6}: train {} (memory {}), sample {} (memory {}), block {}",
+            ratio(sm.map(|r| r.images_per_s), st.map(|r| r.images_per_s)),
+            ratio(sm.and_then(|r| r.peak_gib), st.and_then(|r| r.peak_gib)),
+            ratio(pm.map(|r| r.images_per_s), pt.map(|r| r.images_per_s)),
+            ratio(pm.and_then(|r| r.peak_gib), pt.and_then(|r| r.peak_gib)),
+            ratio(block(Arch::Dit), block(Arch::Dim)),
+        );
     }
 }

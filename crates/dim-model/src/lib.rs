@@ -21,6 +21,7 @@ mod checkpoint;
 mod config;
 mod error;
 pub mod network;
+pub mod optim;
 
 pub use checkpoint::{
     load_checkpoint, load_weights, save_checkpoint, Checkpoint, CONFIG_KEY, FORMAT_KEY,

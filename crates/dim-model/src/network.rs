@@ -11,8 +11,8 @@
 //! ```
 //!
 //! Tokens are kept in frame-major raster order `(t, h, w)` between blocks; a
-//! Mamba mixer whose layer scans in interleaved order permutes on entry and
-//! back on exit (inside copies it makes anyway).
+//! Mamba layer that scans in another order permutes its input (one copy) and
+//! puts its output back in the residual add, through a view.
 
 use std::sync::Mutex;
 
@@ -222,18 +222,13 @@ impl LabelEmbedder {
         self.embedding_table.size()[0] > self.num_classes
     }
 
-    /// `y (B)` i64 labels in `[0, num_classes)` (or `num_classes` = null) → `(B, W)`.
-    /// In training, each label becomes the null class with the dropout probability.
-    pub fn forward(&self, y: &Tensor, batch: i64, train: bool) -> Result<Tensor> {
-        if y.size() != [batch] || y.kind() != Kind::Int64 {
-            return Err(ModelError::input(
-                "y",
-                format!(
-                    "shape {:?} dtype {:?}, expected ({batch}) Int64 labels",
-                    y.size(),
-                    y.kind()
-                ),
-            ));
+    /// Checks that labels `y` lie in `[0, num_classes)` (or are `num_classes`,
+    /// the null class, when the table has it). Reads the values, so on a GPU
+    /// tensor it waits for the device: call it on host labels, before they
+    /// are moved (as `dim train` does when a batch is loaded).
+    pub fn check_labels(&self, y: &Tensor) -> Result<()> {
+        if y.numel() == 0 {
+            return Ok(());
         }
         let max_label = if self.has_null_class() {
             self.num_classes
@@ -253,6 +248,28 @@ impl LabelEmbedder {
                     }
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// `y (B)` i64 labels in `[0, num_classes)` (or `num_classes` = null) → `(B, W)`.
+    /// In training, each label becomes the null class with the dropout probability.
+    /// Label values are checked ([`LabelEmbedder::check_labels`]) only on the
+    /// CPU: on a GPU the check would stall every step on a device-to-host copy,
+    /// so callers check their labels on the host before moving them.
+    pub fn forward(&self, y: &Tensor, batch: i64, train: bool) -> Result<Tensor> {
+        if y.size() != [batch] || y.kind() != Kind::Int64 {
+            return Err(ModelError::input(
+                "y",
+                format!(
+                    "shape {:?} dtype {:?}, expected ({batch}) Int64 labels",
+                    y.size(),
+                    y.kind()
+                ),
+            ));
+        }
+        if y.device() == Device::Cpu {
+            self.check_labels(y)?;
         }
         let y = if train && self.dropout_prob > 0.0 {
             let drop = Tensor::rand([batch], (Kind::Float, y.device())).lt(self.dropout_prob);
@@ -292,7 +309,9 @@ pub struct MambaDirection {
     pub d: Tensor,
 }
 
-/// One direction's scan operands (what [`MambaDirection`] computes before the scan).
+/// One direction's scan operands: views into [`ScanOperands`]' buffers, in
+/// the layout the scan reads (`L` innermost and contiguous, channel stride
+/// `L`, any batch stride).
 #[derive(Debug)]
 pub struct DirectionInputs {
     /// `(B, E, L)`: SiLU of the convolution.
@@ -305,6 +324,47 @@ pub struct DirectionInputs {
     pub b: Tensor,
     /// `(B, 1, N, L)`.
     pub c: Tensor,
+}
+
+/// Both directions' scan operands, computed together by
+/// [`BiMamba::scan_operands`]: one convolution and one batched matmul each for
+/// `x_proj` and `dt_proj` instead of one per direction.
+#[derive(Debug)]
+pub struct ScanOperands {
+    /// `(B, 2E, L)`: SiLU of the convolution; channels `[0, E)` belong to the
+    /// forward direction, `[E, 2E)` to the reverse one.
+    pub u: Tensor,
+    /// `(B, 2E, L)`: Δ before bias and softplus, halves as in `u`.
+    pub delta: Tensor,
+    /// `(2B, R + 2N, L)`: `x_proj`'s output (Δ low-rank, B, C); row `2b + d`
+    /// holds batch item `b`, direction `d` (0 forward, 1 reverse).
+    pub dbl: Tensor,
+    /// `(E, N)` per direction (forward, reverse): `-exp(A_log)`, f32 (f64 for f64 models).
+    pub a: [Tensor; 2],
+}
+
+impl ScanOperands {
+    /// The per-direction views `[forward, reverse]`. `u` and `Δ` are cut by
+    /// one `chunk` each, whose backward concatenates the pieces' gradients in
+    /// one kernel (a `narrow` per piece would zero-fill a full-size gradient
+    /// for each); `dbl`, small (`R + 2N` rows), by one `split`.
+    pub fn directions(&self) -> [DirectionInputs; 2] {
+        let s = self.dbl.size();
+        let (batch, rows, len) = (s[0] / 2, s[1], s[2]);
+        let n = self.a[0].size()[1];
+        let parts = self.dbl.split_with_sizes([rows - 2 * n, n, n], 1);
+        // (2B, N, L) → per direction (B, 1, N, L).
+        let per_dir = |t: &Tensor| t.view([batch, 2, n, len]).unbind(1);
+        let (bs, cs) = (per_dir(&parts[1]), per_dir(&parts[2]));
+        let (us, ds) = (self.u.chunk(2, 1), self.delta.chunk(2, 1));
+        [0, 1].map(|d| DirectionInputs {
+            u: us[d].shallow_clone(),
+            delta: ds[d].shallow_clone(),
+            a: self.a[d].shallow_clone(),
+            b: bs[d].unsqueeze(1),
+            c: cs[d].unsqueeze(1),
+        })
+    }
 }
 
 impl MambaDirection {
@@ -366,38 +426,14 @@ impl MambaDirection {
         })
     }
 
-    /// Conv, SiLU and projections for `x (B, E, L)`: the scan's `u`, `Δ`, `A`, `B`, `C`.
-    fn inputs(&self, x: &Tensor, reverse: bool, dt_rank: i64, d_state: i64) -> DirectionInputs {
-        let (len, k) = (x.size()[2], self.conv_weight.size()[2]);
-        let e = self.conv_weight.size()[0];
-        let weight = if reverse {
-            self.conv_weight.flip([-1])
-        } else {
-            self.conv_weight.shallow_clone()
-        };
-        // Pad K-1 on both sides; the first L outputs are causal, the last L anti-causal.
-        let conv = x.conv1d(&weight, Some(&self.conv_bias), [1], [k - 1], [1], e);
-        let u = conv.narrow(2, if reverse { k - 1 } else { 0 }, len).silu();
-        // (B, R+2N, L)
-        let dbl = self.x_proj.weight.matmul(&u);
-        // (B, E, L); contiguous() is a no-op unless matmul chose a transposed layout.
-        let delta = self
-            .dt_proj
-            .weight
-            .matmul(&dbl.narrow(1, 0, dt_rank))
-            .contiguous();
-        let b = dbl.narrow(1, dt_rank, d_state).unsqueeze(1).contiguous();
-        let c = dbl
-            .narrow(1, dt_rank + d_state, d_state)
-            .unsqueeze(1)
-            .contiguous();
-        let a_kind = if self.a_log.kind() == Kind::Double {
+    /// `A = -exp(A_log)` `(E, N)`, f32 (f64 for f64 models).
+    pub fn a(&self) -> Tensor {
+        let kind = if self.a_log.kind() == Kind::Double {
             Kind::Double
         } else {
             Kind::Float
         };
-        let a = -self.a_log.to_kind(a_kind).exp();
-        DirectionInputs { u, delta, a, b, c }
+        -self.a_log.to_kind(kind).exp()
     }
 
     /// Borrows `x` with this direction's `D` and Δ bias into the scan's argument struct.
@@ -427,8 +463,6 @@ pub struct BiMamba {
     /// `(W, E)`, no bias.
     pub out_proj: Linear,
     dt_rank: i64,
-    d_state: i64,
-    inner: i64,
 }
 
 impl BiMamba {
@@ -440,41 +474,90 @@ impl BiMamba {
             rev: MambaDirection::new(p.sub("rev"), reg, cfg)?,
             out_proj: Linear::new(p.sub("out_proj"), reg, e, w, false, LinearInit::Xavier)?,
             dt_rank: cfg.dt_rank,
-            d_state: cfg.d_state,
-            inner: e,
         })
     }
 
-    /// The projection `in_proj` as `(x, z)`, each `(B, E, L)` contiguous, from tokens `(B, L, W)`.
-    pub fn project_in(&self, x: &Tensor) -> (Tensor, Tensor) {
-        let xt = x.transpose(1, 2); // (B, W, L), a view: bmm reads it strided
-        let e = self.inner;
-        // matmul may return these as transposed views; the conv and the scan want L innermost.
-        let xs = self.in_proj.weight.narrow(0, 0, e).matmul(&xt).contiguous();
-        let z = self.in_proj.weight.narrow(0, e, e).matmul(&xt).contiguous();
-        (xs, z)
+    /// `in_proj` in one matmul: tokens `x (B, L, W)` in scan order →
+    /// `xz (B, 2E, L)` contiguous, rows `[0, E)` the scan input `x`, rows
+    /// `[E, 2E)` the gate `z` (cut with [`BiMamba::split_xz`]). A bmm against
+    /// the weight broadcast over the batch (stride 0, no copy) writes the
+    /// `L`-innermost layout the conv and the scan read; `matmul` would instead
+    /// fold the batch into one mm and copy its `(B, L, 2E)` result into this
+    /// layout (and its gradient back).
+    pub fn project_in(&self, x: &Tensor) -> Result<Tensor> {
+        let kind = compute_kind(x)?;
+        let batch = x.size()[0];
+        let w = broadcast(&self.in_proj.weight.to_kind(kind), batch);
+        Ok(w.bmm(&x.to_kind(kind).transpose(1, 2)))
     }
 
-    /// The bidirectional scan gated by `silu(z)`: `xs`, `z` `(B, E, L)` → `(B, E, L)`.
-    /// f64 inputs (numerical checks only) go through dim-scan's plain-tch
-    /// reference, since the fused op takes f32, bf16 and f16.
-    pub fn scan(&self, xs: &Tensor, z: &Tensor) -> Result<Tensor> {
-        let (f, r) = self.direction_inputs(xs);
-        self.scan_op(&f, &r, z)
+    /// `xz (B, 2E, L)` → `(x, z)`, each a `(B, E, L)` view (batch stride `2E·L`).
+    pub fn split_xz(&self, xz: &Tensor) -> (Tensor, Tensor) {
+        let v = xz.chunk(2, 1);
+        (v[0].shallow_clone(), v[1].shallow_clone())
     }
 
-    /// Per direction: depthwise conv (causal forward, anti-causal reverse), SiLU,
-    /// `x_proj` and `dt_proj`: `xs (B, E, L)` → (forward, reverse) scan operands.
-    pub fn direction_inputs(&self, xs: &Tensor) -> (DirectionInputs, DirectionInputs) {
-        (
-            self.fwd.inputs(xs, false, self.dt_rank, self.d_state),
-            self.rev.inputs(xs, true, self.dt_rank, self.d_state),
+    /// Both directions' depthwise conv, SiLU, `x_proj` and `dt_proj`, batched:
+    /// `xs (B, E, L)` (any batch stride) → the scan's operands.
+    ///
+    /// The conv is one grouped conv with two outputs per channel (`E`
+    /// groups, `2E` outputs, channel `2e + d` for direction `d`) and `2K-1`
+    /// taps: the forward direction's `K` taps on the left (causal), the
+    /// reverse direction's mirrored on the right (anti-causal, which equals
+    /// flipping the sequence, convolving causally and flipping back); the
+    /// other `K-1` taps are zero. It keeps only `xs` (a view of `in_proj`'s
+    /// output, alive anyway) for its backward. One copy then groups the
+    /// channels by direction, `[forward | reverse]`, as the scan reads them.
+    /// `x_proj` and `dt_proj` each run as one bmm over (batch item,
+    /// direction) pairs, with the two directions' weights stacked at forward
+    /// time (the parameters stay per direction, as checkpoints name them).
+    pub fn scan_operands(&self, xs: &Tensor) -> ScanOperands {
+        let s = xs.size();
+        let (batch, e, len) = (s[0], s[1], s[2]);
+        let k = self.fwd.conv_weight.size()[2];
+        let weight = Tensor::stack(
+            &[
+                self.fwd.conv_weight.constant_pad_nd([0, k - 1]),
+                self.rev.conv_weight.flip([-1]).constant_pad_nd([k - 1, 0]),
+            ],
+            1,
         )
+        .view([2 * e, 1, 2 * k - 1]);
+        let bias = Tensor::stack(&[&self.fwd.conv_bias, &self.rev.conv_bias], 1).view([2 * e]);
+        let u = xs
+            .conv1d(&weight, Some(&bias), [1], [k - 1], [1], e) // (B, 2E, L), channel 2e + d
+            .view([batch, e, 2, len])
+            .transpose(1, 2)
+            .reshape([batch, 2 * e, len])
+            .silu(); // (B, 2E, L), [forward | reverse]
+        let kind = u.kind();
+        let stacked = |f: &Linear, r: &Linear| {
+            let w = Tensor::stack(&[&f.weight, &r.weight], 0).to_kind(kind); // (2, O, I)
+            let (o, i) = (w.size()[1], w.size()[2]);
+            // (2B, O, I), entry 2b + d = direction d: a copy, but of weights only.
+            w.unsqueeze(0)
+                .expand([batch, 2, o, i], false)
+                .reshape([2 * batch, o, i])
+        };
+        let dbl = stacked(&self.fwd.x_proj, &self.rev.x_proj).bmm(&u.view([2 * batch, e, len]));
+        let delta = stacked(&self.fwd.dt_proj, &self.rev.dt_proj)
+            .bmm(&dbl.narrow(1, 0, self.dt_rank))
+            .view([batch, 2 * e, len]);
+        ScanOperands {
+            u,
+            delta,
+            dbl,
+            a: [self.fwd.a(), self.rev.a()],
+        }
     }
 
-    /// The fused bidirectional scan alone, gated by `silu(z)`: → `(B, E, L)`.
-    pub fn scan_op(&self, f: &DirectionInputs, r: &DirectionInputs, z: &Tensor) -> Result<Tensor> {
-        let (fi, ri) = (self.fwd.scan_inputs(f), self.rev.scan_inputs(r));
+    /// The fused bidirectional scan, gated by `silu(z)`: operands and
+    /// `z (B, E, L)` → `y (B, E, L)` contiguous. f64 inputs (numerical checks
+    /// only) go through dim-scan's plain-tch reference, since the fused op
+    /// takes f32, bf16 and f16.
+    pub fn scan_op(&self, ops: &ScanOperands, z: &Tensor) -> Result<Tensor> {
+        let [f, r] = ops.directions();
+        let (fi, ri) = (self.fwd.scan_inputs(&f), self.rev.scan_inputs(&r));
         if z.kind() == Kind::Double {
             Ok(reference::selective_scan_bidirectional_ref(
                 fi,
@@ -492,31 +575,115 @@ impl BiMamba {
         }
     }
 
-    /// Tokens `(B, L, W)` in frame-major order → `(B, L, W)`, scanning in `order`.
+    /// `out_proj`: the scan's `y (B, E, L)` → `(B, L, W)` contiguous, by a bmm
+    /// that reads `y` transposed in place against the weight broadcast over
+    /// the batch.
+    pub fn project_out(&self, y: &Tensor) -> Tensor {
+        let w = broadcast(&self.out_proj.weight.to_kind(y.kind()).tr(), y.size()[0]);
+        y.transpose(1, 2).bmm(&w)
+    }
+
+    /// The mixer up to `out_proj`: tokens `(B, L, W)` in frame-major order →
+    /// `(B, L, W)` in the scan order `order` (see [`scan_order`]). The caller
+    /// reads the result back in frame-major order through [`add_gated`], so
+    /// that a permuted layer makes one copy of its tokens (on entry) rather
+    /// than two.
+    pub fn mix(&self, x: &Tensor, g: &TokenGrid, order: LayerOrder) -> Result<Tensor> {
+        let x = scan_order(x, g, order);
+        let xz = self.project_in(&x)?;
+        let (xs, z) = self.split_xz(&xz);
+        let ops = self.scan_operands(&xs);
+        let y = self.scan_op(&ops, &z)?;
+        Ok(self.project_out(&y))
+    }
+
+    /// Tokens `(B, L, W)` in frame-major order → `(B, L, W)` in frame-major
+    /// order, scanning in `order`.
     pub fn forward(&self, x: &Tensor, g: &TokenGrid, order: LayerOrder) -> Result<Tensor> {
-        let x = reorder(x, g, order, false);
-        let (xs, z) = self.project_in(&x);
-        let y = self.scan(&xs, &z)?;
-        let out = self.out_proj.weight.matmul(&y).transpose(1, 2); // (B, L, W)
-        Ok(reorder(&out, g, order, true))
+        let h = self.mix(x, g, order)?;
+        Ok(match order_blocks(g, order) {
+            None => h,
+            Some(_) => frame_major_view(&h, g, order).reshape(x.size()),
+        })
     }
 }
 
-/// Tokens `(B, L, W)` from frame-major raster order into `order` (or back,
-/// with `back`). The permutations are transposes of the `(T, H, W)` grid.
-fn reorder(x: &Tensor, g: &TokenGrid, order: LayerOrder, back: bool) -> Tensor {
-    let s = x.size();
-    // (outer, inner) blocks of the flat token axis to swap, per frame count.
-    let (lead, outer, inner) = match order {
-        LayerOrder::FrameMajor => return x.shallow_clone(),
-        LayerOrder::Interleaved if g.frames == 1 => return x.shallow_clone(),
-        LayerOrder::Interleaved => (1, g.frames, g.spatial()),
-        LayerOrder::ColumnMajor => (g.frames, g.rows, g.cols),
+/// The dtype matmuls compute in for input `x`: CUDA autocast's while it is
+/// on (for a CUDA f32 input), else `x`'s own. Operands are cast before they
+/// are broadcast, since autocast would materialise a broadcast operand.
+fn compute_kind(x: &Tensor) -> Result<Kind> {
+    if x.device().is_cuda() && x.kind() == Kind::Float && dim_scan::device::cuda_autocast_enabled()?
+    {
+        if let Some(kind) = dim_scan::device::cuda_autocast_dtype()? {
+            return Ok(kind);
+        }
+    }
+    Ok(x.kind())
+}
+
+/// A matrix `(O, I)` as a `(batch, O, I)` bmm operand with batch stride 0.
+fn broadcast(w: &Tensor, batch: i64) -> Tensor {
+    let s = w.size();
+    w.unsqueeze(0).expand([batch, s[0], s[1]], false)
+}
+
+/// The token permutation of a scan order as `(lead, outer, inner)`: the flat
+/// frame-major token axis read as `(lead, outer, inner)` blocks is scanned
+/// as `(lead, inner, outer)`, a transpose of the `(T, H, W)` grid. `None`
+/// for frame-major order (no permutation).
+fn order_blocks(g: &TokenGrid, order: LayerOrder) -> Option<(i64, i64, i64)> {
+    match order {
+        LayerOrder::FrameMajor => None,
+        LayerOrder::Interleaved if g.frames == 1 => None,
+        LayerOrder::Interleaved => Some((1, g.frames, g.spatial())),
+        LayerOrder::ColumnMajor => Some((g.frames, g.rows, g.cols)),
+    }
+}
+
+/// Tokens `(B, L, W)` from frame-major order into `order`: a copy for a
+/// permuted order. It cannot be folded into `in_proj`'s operand: a cuBLAS
+/// operand has one stride per matrix dimension, and a transposed token grid
+/// needs two along `L`.
+fn scan_order(x: &Tensor, g: &TokenGrid, order: LayerOrder) -> Tensor {
+    let Some((lead, outer, inner)) = order_blocks(g, order) else {
+        return x.shallow_clone();
     };
-    let (outer, inner) = if back { (inner, outer) } else { (outer, inner) };
+    let s = x.size();
     x.reshape([s[0], lead, outer, inner, s[2]])
         .transpose(2, 3)
         .reshape([s[0], s[1], s[2]])
+}
+
+/// `h (B, L, W)` in scan order `order`, viewed in frame-major order as
+/// `(B, lead, outer, inner, W)` (no copy; `(B, L, W)` for frame-major order).
+fn frame_major_view(h: &Tensor, g: &TokenGrid, order: LayerOrder) -> Tensor {
+    let Some((lead, outer, inner)) = order_blocks(g, order) else {
+        return h.shallow_clone();
+    };
+    let s = h.size();
+    h.view([s[0], lead, inner, outer, s[2]]).transpose(2, 3)
+}
+
+/// The residual update `x + gate · h` for tokens `x (B, L, W)` in
+/// frame-major order, `gate (B, 1, W)` and a mixer output `h (B, L, W)` in
+/// scan order `order`. `h` is read through a permuted view, so the add,
+/// which writes a new tensor anyway, also puts the tokens back in
+/// frame-major order: no separate copy.
+pub fn add_gated(
+    x: &Tensor,
+    gate: &Tensor,
+    h: &Tensor,
+    g: &TokenGrid,
+    order: LayerOrder,
+) -> Tensor {
+    if order_blocks(g, order).is_none() {
+        return x + gate * h;
+    }
+    let hv = frame_major_view(h, g, order);
+    let s = x.size();
+    let x5 = x.reshape(hv.size());
+    let gate5 = gate.reshape([s[0], 1, 1, 1, s[2]]);
+    (x5 + gate5 * hv).reshape([s[0], s[1], s[2]])
 }
 
 /// Multi-head self-attention (DiT's mixer) through libtorch's
@@ -657,11 +824,12 @@ impl Block {
             .unsqueeze(1)
             .chunk(6, 2);
         let h = modulate(&layer_norm(x), &m[0], &m[1]);
-        let h = match &self.mixer {
-            Mixer::Mamba(mamba) => mamba.forward(&h, g, self.order)?,
-            Mixer::Attention(attn) => attn.forward(&h),
+        let x = match &self.mixer {
+            Mixer::Mamba(mamba) => {
+                add_gated(x, &m[2], &mamba.mix(&h, g, self.order)?, g, self.order)
+            }
+            Mixer::Attention(attn) => x + &m[2] * attn.forward(&h),
         };
-        let x = x + &m[2] * h;
         let h = self.mlp.forward(&modulate(&layer_norm(&x), &m[3], &m[4]));
         Ok(x + &m[5] * h)
     }

@@ -1,6 +1,7 @@
 //! On CUDA (skipped with a printed reason elsewhere): the network with the
 //! fused scan on the GPU against the same weights on the CPU, f32 outputs and
-//! gradients, and a bf16-autocast training step against f32.
+//! gradients, a bf16-autocast training step against f32, and the fused
+//! optimizer step against the same step on the CPU.
 
 use dim_model::{Model, ModelConfig};
 use dim_scan::device::{autocast, set_cuda_autocast_dtype};
@@ -126,5 +127,65 @@ fn gpu_bf16_autocast_step_tracks_f32() {
         .unwrap();
         loss.backward();
         assert!(loss.double_value(&[]).is_finite());
+    }
+}
+
+/// The fused AdamW step (with clipping, weight decay on some parameters) on
+/// CUDA against the same step on the CPU, and the foreach norm and lerp.
+#[test]
+fn gpu_fused_adamw_matches_cpu() {
+    use dim_model::optim::{foreach_lerp_, AdamW, AdamWConfig};
+    let Some(device) = cuda() else { return };
+    tch::manual_seed(3);
+    let shapes: [&[i64]; 3] = [&[33, 7], &[7], &[5, 1, 4]];
+    let init: Vec<Tensor> = shapes
+        .iter()
+        .map(|s| Tensor::randn(*s, (Kind::Float, Device::Cpu)))
+        .collect();
+    let decay = [true, false, true];
+    let cfg = AdamWConfig {
+        weight_decay: 0.1,
+        ..AdamWConfig::default()
+    };
+    let mut runs = Vec::new();
+    for d in [Device::Cpu, device] {
+        let params: Vec<Tensor> = init
+            .iter()
+            .map(|t| t.copy().to_device(d).set_requires_grad(true))
+            .collect();
+        let handles = params.iter().map(Tensor::shallow_clone).collect();
+        let mut opt = AdamW::new(handles, &decay, cfg).unwrap();
+        let mut norms = Vec::new();
+        for step in 0..4 {
+            tch::manual_seed(10 + step);
+            let loss = params
+                .iter()
+                .map(|p| {
+                    let w = Tensor::randn(p.size().as_slice(), (Kind::Float, Device::Cpu));
+                    (p * w.to_device(d) * (1.0 + step as f64)).sum(Kind::Float)
+                })
+                .fold(Tensor::zeros([], (Kind::Float, d)), |a, b| a + b);
+            loss.backward();
+            let norm = opt.step(1e-2, 3.0, true).unwrap().unwrap();
+            norms.push(norm.double_value(&[]));
+            opt.zero_grad().unwrap();
+        }
+        let ema: Vec<Tensor> = params.iter().map(|p| p.detach().zeros_like()).collect();
+        foreach_lerp_(&ema, &params, 0.25).unwrap();
+        runs.push((params, norms, ema));
+    }
+    let (cpu, gpu) = (&runs[0], &runs[1]);
+    for (a, b) in cpu.1.iter().zip(&gpu.1) {
+        assert!(
+            (a - b).abs() < 1e-5 * a,
+            "gradient norm {b} on CUDA, {a} on CPU"
+        );
+    }
+    for (i, (a, b)) in cpu.0.iter().zip(&gpu.0).enumerate() {
+        let err = rel(b, a);
+        assert!(err < 1e-5, "parameter {i} differs by {err:e}");
+    }
+    for (a, b) in cpu.2.iter().zip(&gpu.2) {
+        assert!(rel(b, a) < 1e-6);
     }
 }

@@ -2,7 +2,7 @@
 //! tch operations: explicit flips, an explicit causal convolution loop and a
 //! sequential scan, in f64 at small awkward sizes.
 
-use dim_model::network::{BiMamba, Mixer};
+use dim_model::network::{add_gated, BiMamba, DirectionInputs, MambaDirection, Mixer};
 use dim_model::{LayerOrder, Model, ModelConfig, TokenGrid};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -51,7 +51,7 @@ fn causal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Tensor {
 }
 
 /// One direction by the textbook recipe on an already-ordered sequence: conv, SiLU, projections, sequential scan.
-fn direction_ref(xs: &Tensor, dir: &dim_model::network::MambaDirection, r: i64, n: i64) -> Tensor {
+fn direction_ref(xs: &Tensor, dir: &MambaDirection, r: i64, n: i64) -> Tensor {
     let d64 = |t: &Tensor| t.detach().to_kind(Kind::Double);
     let (b, e, len) = xs.size3().unwrap();
     let u = causal_conv(xs, &d64(&dir.conv_weight), &d64(&dir.conv_bias)).silu(); // (B, E, L)
@@ -93,7 +93,7 @@ fn mixer_ref(m: &BiMamba, x: &Tensor, cfg: &ModelConfig) -> Tensor {
 }
 
 /// Silences one direction: zero `B` rows of `x_proj` and `D` make its output 0.
-fn silence(dir: &dim_model::network::MambaDirection, r: i64, n: i64) {
+fn silence(dir: &MambaDirection, r: i64, n: i64) {
     tch::no_grad(|| {
         let _ = dir.x_proj.weight.narrow(0, r, n).fill_(0.0);
         let _ = dir.d.shallow_clone().fill_(0.0);
@@ -277,4 +277,176 @@ fn attention_matches_reference() {
         o.matmul(&attn.proj.weight.detach().tr()) + attn.proj.bias.as_ref().unwrap().detach();
     let err = max_rel_err(&got, &want);
     assert!(err < 1e-10, "attention: relative error {err:e}");
+}
+
+/// The per-direction computation the batched one replaced, kept here as its
+/// reference: each direction's own conv (K taps, padded K-1 on both sides,
+/// causal window forward, anti-causal window with mirrored taps reverse),
+/// SiLU, x_proj and dt_proj matmuls. `xs (B, E, L)`.
+fn direction_old(
+    dir: &MambaDirection,
+    xs: &Tensor,
+    reverse: bool,
+    r: i64,
+    n: i64,
+) -> DirectionInputs {
+    let (len, k) = (xs.size()[2], dir.conv_weight.size()[2]);
+    let e = dir.conv_weight.size()[0];
+    let weight = if reverse {
+        dir.conv_weight.flip([-1])
+    } else {
+        dir.conv_weight.shallow_clone()
+    };
+    let conv = xs.conv1d(&weight, Some(&dir.conv_bias), [1], [k - 1], [1], e);
+    let u = conv.narrow(2, if reverse { k - 1 } else { 0 }, len).silu();
+    let dbl = dir.x_proj.weight.matmul(&u);
+    let delta = dir.dt_proj.weight.matmul(&dbl.narrow(1, 0, r));
+    DirectionInputs {
+        u,
+        delta,
+        a: dir.a(),
+        b: dbl.narrow(1, r, n).unsqueeze(1),
+        c: dbl.narrow(1, r + n, n).unsqueeze(1),
+    }
+}
+
+/// The batched directions (one conv with 2E channels, one bmm each for
+/// x_proj and dt_proj) give the per-direction operands of the old path, and
+/// so the same mixer output and input gradient, in f64 and f32.
+#[test]
+fn batched_directions_equal_per_direction_computation() {
+    let cfg = small_cfg();
+    let (r, n) = (cfg.dt_rank, cfg.d_state);
+    for kind in [Kind::Double, Kind::Float] {
+        tch::manual_seed(21);
+        let mut vs = VarStore::new(Device::Cpu);
+        let model = Model::new(vs.root(), &cfg).unwrap();
+        if kind == Kind::Double {
+            vs.double();
+        }
+        let m = mamba(&model);
+        let tol = if kind == Kind::Double { 1e-12 } else { 1e-5 };
+        let (batch, len, w) = (3, 11, cfg.width);
+        let x = Tensor::randn([batch, len, w], (kind, Device::Cpu)).set_requires_grad(true);
+
+        let xz = m.project_in(&x).unwrap();
+        assert_eq!(xz.size(), [batch, 2 * cfg.inner_width(), len]);
+        assert!(
+            xz.is_contiguous(),
+            "in_proj must write the (B, 2E, L) layout"
+        );
+        let (xs, z) = m.split_xz(&xz);
+        let ops = m.scan_operands(&xs);
+        let new = ops.directions();
+        let xs_c = xs.contiguous();
+        let old = [
+            direction_old(&m.fwd, &xs_c, false, r, n),
+            direction_old(&m.rev, &xs_c, true, r, n),
+        ];
+        for (d, (a, b)) in new.iter().zip(&old).enumerate() {
+            for (name, got, want) in [
+                ("u", &a.u, &b.u),
+                ("delta", &a.delta, &b.delta),
+                ("A", &a.a, &b.a),
+                ("B", &a.b, &b.b),
+                ("C", &a.c, &b.c),
+            ] {
+                assert_eq!(got.size(), want.size(), "direction {d} {name}");
+                // The scan reads L contiguously with channel stride L.
+                if name != "A" {
+                    let st = got.stride();
+                    assert_eq!(st[st.len() - 1], 1, "direction {d} {name} strides {st:?}");
+                    assert_eq!(st[st.len() - 2], len, "direction {d} {name} strides {st:?}");
+                }
+                let err = max_rel_err(&got.to_kind(Kind::Double), &want.to_kind(Kind::Double));
+                assert!(
+                    err < tol,
+                    "{kind:?} direction {d} {name}: relative error {err:e}"
+                );
+            }
+        }
+
+        // Whole mixer and its input gradient: batched against the old path.
+        let y_new = m.project_out(&m.scan_op(&ops, &z).unwrap());
+        let z_old = xz.narrow(1, cfg.inner_width(), cfg.inner_width());
+        let y_old = {
+            let (f, rv) = (&old[0], &old[1]);
+            let y = if kind == Kind::Double {
+                dim_scan::reference::selective_scan_bidirectional_ref(
+                    m.fwd.scan_inputs(f),
+                    m.rev.scan_inputs(rv),
+                    Some(&z_old),
+                    true,
+                )
+            } else {
+                dim_scan::selective_scan_bidirectional(
+                    m.fwd.scan_inputs(f),
+                    m.rev.scan_inputs(rv),
+                    Some(&z_old.contiguous()),
+                    dim_scan::ScanOptions::default(),
+                )
+                .unwrap()
+            };
+            m.out_proj.weight.matmul(&y).transpose(1, 2)
+        };
+        assert!(
+            y_new.is_contiguous(),
+            "out_proj must write (B, L, W) contiguous"
+        );
+        let err = max_rel_err(&y_new.to_kind(Kind::Double), &y_old.to_kind(Kind::Double));
+        assert!(err < tol, "{kind:?} mixer output: relative error {err:e}");
+        let probe = Tensor::randn_like(&y_new);
+        let grads = |y: &Tensor| {
+            Tensor::run_backward(
+                &[(y * &probe).sum(kind)],
+                &[&x, &m.fwd.x_proj.weight, &m.rev.conv_weight],
+                true,
+                false,
+            )
+        };
+        let (g_new, g_old) = (grads(&y_new), grads(&y_old));
+        for (i, (a, b)) in g_new.iter().zip(&g_old).enumerate() {
+            let err = max_rel_err(&a.to_kind(Kind::Double), &b.to_kind(Kind::Double));
+            assert!(
+                err < tol * 10.0,
+                "{kind:?} gradient {i}: relative error {err:e}"
+            );
+        }
+    }
+}
+
+/// A permuted layer inside a block: the residual add that reads the mixer's
+/// scan-order output through a view equals adding the mixer's frame-major output.
+#[test]
+fn residual_add_puts_scan_order_back() {
+    tch::manual_seed(8);
+    let mut cfg = small_cfg();
+    cfg.frames = 2;
+    cfg.width = 20;
+    cfg.validate().unwrap();
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = Model::new(vs.root(), &cfg).unwrap();
+    vs.double();
+    let m = mamba(&model);
+    let grid = TokenGrid {
+        batch: 2,
+        frames: 2,
+        rows: 3,
+        cols: 4,
+    };
+    let opts = (Kind::Double, Device::Cpu);
+    let x = Tensor::randn([2, grid.len(), cfg.width], opts);
+    let h = Tensor::randn([2, grid.len(), cfg.width], opts);
+    let gate = Tensor::randn([2, 1, cfg.width], opts);
+    for order in [
+        LayerOrder::FrameMajor,
+        LayerOrder::ColumnMajor,
+        LayerOrder::Interleaved,
+    ] {
+        let got = add_gated(&x, &gate, &m.mix(&h, &grid, order).unwrap(), &grid, order);
+        let want = &x + &gate * m.forward(&h, &grid, order).unwrap();
+        assert!(got.is_contiguous());
+        let err = max_rel_err(&got, &want);
+        assert!(err < 1e-14, "{order:?}: relative error {err:e}");
+    }
 }

@@ -196,7 +196,7 @@ pub fn train(
     tch::manual_seed(mix(t.seed, u64::MAX) as i64);
     let net = Net::new(&mcfg, device)?;
     let params = named_params(&net.vs);
-    let mut opt = AdamW::new(&cfg.optim, &params);
+    let mut opt = AdamW::new(&cfg.optim, &params)?;
     let mut ema = Ema::new(
         cfg.optim.ema_decay,
         cfg.optim.ema_start,
@@ -278,6 +278,11 @@ pub fn train(
     let mut last_ckpt: Option<PathBuf> = resume_path.clone();
     let amp = set_precision(&t.precision, device)?;
     let conditional = mcfg.num_classes > 0;
+    // Step losses not yet checked for finiteness: (first such step, their sum
+    // on the device). Reading a loss waits for the device, so it happens
+    // when a step is logged, before a checkpoint or sample grid, and at the
+    // end, not every step; a non-finite loss poisons the sum.
+    let mut unchecked: Option<(u64, Tensor)> = None;
 
     let save = |step: u64,
                 net: &Net,
@@ -325,15 +330,21 @@ pub fn train(
             break;
         }
         tch::manual_seed(mix(t.seed, step) as i64);
-        let mut step_loss = 0.0;
+        let mut step_loss = Tensor::zeros([], (Kind::Double, device));
         for m in 0..t.grad_accum {
             let batch = loader
                 .next_batch()
                 .context("the data loader stopped")?
                 .context("loading a batch")?;
-            let x = batch.x.to_device(device);
+            // Non-blocking from the loader's pinned memory: the host goes on to queue the step.
+            let x = batch.x.to_device_(device, batch.x.kind(), true, false);
             let y = if conditional {
-                Some(batch.y.context("the model is class-conditional (model.num_classes > 0) but the dataset has no labels: set model.num_classes = 0")?.to_device(device))
+                let y = batch.y.context("the model is class-conditional (model.num_classes > 0) but the dataset has no labels: set model.num_classes = 0")?;
+                // Checked here on the host; the model checks only CPU labels.
+                if let Some(emb) = &net.model.y_embedder {
+                    emb.check_labels(&y).context("a batch from the dataset")?;
+                }
+                Some(y.to_device_(device, y.kind(), true, false))
             } else {
                 None
             };
@@ -349,33 +360,27 @@ pub fn train(
             })??;
             let loss = losses_t.loss.mean(Kind::Float) / t.grad_accum as f64;
             loss.backward();
-            step_loss += loss.double_value(&[]);
+            step_loss += loss.detach().to_kind(Kind::Double);
         }
-        if !step_loss.is_finite() {
-            bail!(
-                "loss is {step_loss} at step {}: training stopped; the last good checkpoint ({}) is intact. Lower optim.lr, set optim.grad_clip, or use train.precision = \"f32\"",
-                step + 1,
-                last_ckpt.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into())
-            );
-        }
-        let (grad_norm, lr) = opt.step(&params);
-        for (_, p) in &params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.zero_();
-            }
-        }
+        unchecked = Some(match unchecked.take() {
+            None => (step + 1, step_loss.shallow_clone()),
+            Some((first, sum)) => (first, sum + &step_loss),
+        });
+        let logs = (step + 1).is_multiple_of(t.log_every) || step + 1 == t.steps;
+        let (grad_norm, lr) = opt.step(logs)?;
+        opt.zero_grad()?;
         step += 1;
-        ema.update(&params, step);
+        ema.update(&params, step)?;
         window.1 += t.batch_size;
         bar.set_position(step);
 
         if step.is_multiple_of(t.log_every) || step == t.steps {
+            check_finite(&mut unchecked, step, last_ckpt.as_deref())?;
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
             let rec = StepRecord {
                 step,
-                loss: step_loss,
-                grad_norm,
+                loss: step_loss.double_value(&[]),
+                grad_norm: grad_norm.map_or(0.0, |n| n.double_value(&[])),
                 lr,
                 images_per_s: window.1 as f64 / secs,
                 memory_mib: match device {
@@ -389,7 +394,7 @@ pub fn train(
             tracing::debug!(
                 step,
                 loss = rec.loss,
-                grad_norm,
+                grad_norm = rec.grad_norm,
                 lr,
                 images_per_s = rec.images_per_s,
                 memory_mib = rec.memory_mib,
@@ -398,6 +403,7 @@ pub fn train(
             metrics.write(&rec)?;
         }
         if t.sample_every > 0 && step.is_multiple_of(t.sample_every) {
+            check_finite(&mut unchecked, step, last_ckpt.as_deref())?;
             let p = t.out_dir.join(format!("samples-{step:09}.png"));
             sample_grid(
                 &net,
@@ -411,10 +417,12 @@ pub fn train(
             tracing::info!(path = %p.display(), "sample grid");
         }
         if step.is_multiple_of(t.ckpt_every) && step < t.steps {
+            check_finite(&mut unchecked, step, last_ckpt.as_deref())?;
             last_ckpt = Some(save(step, &net, &ema, &opt, &loader)?);
         }
     }
     bar.finish_and_clear();
+    check_finite(&mut unchecked, step, last_ckpt.as_deref())?;
     let ck = match (&last_ckpt, checkpoint::path_for_step(&t.out_dir, step)) {
         (Some(p), q) if *p == q && p.exists() => q,
         _ => save(step, &net, &ema, &opt, &loader)?,
@@ -427,6 +435,32 @@ pub fn train(
         checkpoint: ck,
         interrupted,
     })
+}
+
+/// Reads the sum of the step losses since the last check (waiting for the
+/// device) and stops training if one of them was not finite, before anything
+/// is written from the spoiled weights. `step`: the last step taken.
+fn check_finite(
+    unchecked: &mut Option<(u64, Tensor)>,
+    step: u64,
+    last_ckpt: Option<&Path>,
+) -> Result<()> {
+    let Some((first, sum)) = unchecked.take() else {
+        return Ok(());
+    };
+    let total = sum.double_value(&[]);
+    if !total.is_finite() {
+        let at = if first == step {
+            format!("at step {step}")
+        } else {
+            format!("in steps {first}..={step}")
+        };
+        bail!(
+            "loss is {total} {at}: training stopped; the last good checkpoint ({}) is intact. Lower optim.lr, set optim.grad_clip, or use train.precision = \"f32\"",
+            last_ckpt.map(|p| p.display().to_string()).unwrap_or_else(|| "none yet".into())
+        );
+    }
+    Ok(())
 }
 
 /// Sets libtorch up for `train.precision` on `device`; returns whether the
