@@ -1,4 +1,4 @@
-//! On CUDA (skipped with a printed reason elsewhere): the network with the
+//! On CUDA (`#[ignore]`d elsewhere; the GPU bundle runs them): the network with the
 //! fused scan on the GPU against the same weights on the CPU, f32 outputs and
 //! gradients, a bf16-autocast training step against f32, and the fused
 //! optimizer step against the same step on the CPU.
@@ -8,16 +8,18 @@ use dim_scan::device::{autocast, set_cuda_autocast_dtype};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-fn cuda() -> Option<Device> {
-    if !tch::Cuda::is_available() {
-        eprintln!("gpu_model_cuda: skipped: CUDA is not available");
-        return None;
-    }
-    if !dim_scan::cuda_kernels_built() {
-        eprintln!("gpu_model_cuda: skipped: dim-scan was built without its CUDA kernels");
-        return None;
-    }
-    Some(Device::Cuda(0))
+/// The CUDA device, or a panic saying why there is none (these tests are
+/// `#[ignore]`d in a plain `cargo test`; the GPU bundle runs them).
+fn cuda() -> Device {
+    assert!(
+        tch::Cuda::is_available(),
+        "gpu_model_cuda: CUDA is not available (GPU tests run through the GPU bundle)"
+    );
+    assert!(
+        dim_scan::cuda_kernels_built(),
+        "gpu_model_cuda: dim-scan was built without its CUDA kernels"
+    );
+    Device::Cuda(0)
 }
 
 fn cfg(arch: &str, video: bool) -> ModelConfig {
@@ -58,8 +60,9 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 #[test]
+#[ignore = "needs CUDA: runs in the GPU bundle"]
 fn gpu_forward_and_gradients_match_cpu_in_f32() {
-    let Some(device) = cuda() else { return };
+    let device = cuda();
     for (arch, video) in [("dim", false), ("dim", true), ("dit", false)] {
         let cfg = cfg(arch, video);
         let (cpu_vs, cpu, gpu_vs, gpu) = pair(&cfg, device);
@@ -105,8 +108,9 @@ fn gpu_forward_and_gradients_match_cpu_in_f32() {
 }
 
 #[test]
+#[ignore = "needs CUDA: runs in the GPU bundle"]
 fn gpu_bf16_autocast_step_tracks_f32() {
-    let Some(device) = cuda() else { return };
+    let device = cuda();
     set_cuda_autocast_dtype(Kind::BFloat16).unwrap();
     for arch in ["dim", "dit"] {
         let cfg = cfg(arch, false);
@@ -133,9 +137,10 @@ fn gpu_bf16_autocast_step_tracks_f32() {
 /// The fused AdamW step (with clipping, weight decay on some parameters) on
 /// CUDA against the same step on the CPU, and the foreach norm and lerp.
 #[test]
+#[ignore = "needs CUDA: runs in the GPU bundle"]
 fn gpu_fused_adamw_matches_cpu() {
     use dim_model::optim::{foreach_lerp_, AdamW, AdamWConfig};
-    let Some(device) = cuda() else { return };
+    let device = cuda();
     tch::manual_seed(3);
     let shapes: [&[i64]; 3] = [&[33, 7], &[7], &[5, 1, 4]];
     let init: Vec<Tensor> = shapes

@@ -143,6 +143,10 @@ fn main() {
         return;
     }
     let dev = Device::Cuda(0);
+    if std::env::var_os("DIM_BENCH_PROFILE").is_some() {
+        profile_run(dev);
+        return;
+    }
     let bw = copy_bandwidth(dev).expect("copy bandwidth");
     let ex2 = exp2_rate(dev).expect("ex2 rate");
     println!(
@@ -306,4 +310,22 @@ fn main() {
         hi / lo,
         if hi / lo <= 1.3 { "ok" } else { "MISSED" }
     );
+}
+
+/// `DIM_BENCH_PROFILE=1`: five untimed fused forward+backward calls of the
+/// op at 8 x 2304 x 1024, for a profiler to list every kernel the op launches
+/// (`ncu --print-summary per-kernel`).
+fn profile_run(dev: Device) {
+    let (batch, dim, len) = (8, 2304, 1024);
+    let f = Dir::new(batch, dim, len, dev).with_grad();
+    let r = Dir::new(batch, dim, len, dev).with_grad();
+    let z = Tensor::randn([batch, dim, len], (Kind::BFloat16, dev));
+    let dy = Tensor::randn([batch, dim, len], (Kind::BFloat16, dev));
+    for _ in 0..5 {
+        let y =
+            selective_scan_bidirectional(f.inputs(), r.inputs(), Some(&z), ScanOptions::default())
+                .unwrap();
+        backward_with_grad(&y, &dy).unwrap();
+    }
+    tch::Cuda::synchronize(0);
 }

@@ -237,8 +237,9 @@ class SelectiveScanFn : public torch::autograd::Function<SelectiveScanFn> {
       at::Tensor* g = &grads[k * kPerDir];
       const at::Tensor* t = &in[k * kPerDir];
       dim_scan_dir_grads& pg = p.grad[k];
-      g[kU] = at::empty_like(t[kU]);
-      g[kDelta] = at::empty_like(t[kDelta]);
+      // Contiguous, as the kernels write them (inputs may be batch-strided views).
+      g[kU] = at::empty(t[kU].sizes(), t[kU].options());
+      g[kDelta] = at::empty(t[kDelta].sizes(), t[kDelta].options());
       g[kA] = at::empty(t[kA].sizes(), f32);
       g[kB] = at::empty(t[kB].sizes(), f32);
       g[kC] = at::empty(t[kC].sizes(), f32);
@@ -254,7 +255,7 @@ class SelectiveScanFn : public torch::autograd::Function<SelectiveScanFn> {
     }
     const size_t zi = static_cast<size_t>(f.ndirs) * kPerDir;
     if (in[zi].defined()) {
-      grads[zi] = at::empty_like(in[zi]);
+      grads[zi] = at::empty(in[zi].sizes(), in[zi].options());
       p.dz = grads[zi].data_ptr();
     }
     run(p, u, true, saved);
