@@ -315,6 +315,11 @@ __device__ __forceinline__ void flip4(float (&v)[4]) {
   t = v[1]; v[1] = v[2]; v[2] = t;
 }
 
+// Positions of a chunk starting at pos0 that lie inside [0, L): kT or fewer.
+__device__ __forceinline__ int chunk_valid(int64_t L, int64_t pos0) {
+  return L - pos0 < kT ? (int)(L - pos0) : kT;
+}
+
 // min(4, r) as an int (r may exceed int range).
 __device__ __forceinline__ int rem4(int64_t r) { return r < 4 ? (int)r : 4; }
 
@@ -435,7 +440,7 @@ __global__ void __launch_bounds__(kThreadsFwd, kMinBlocksFwd) scan_fwd_kernel(co
     const T* r_d = raw_of(i, k) + (CH + ch) * R;
     const int c = chunk_of(k, i);
     const int64_t pos0 = (int64_t)c * kT;
-    const int lim = L - pos0 < kT ? (int)(L - pos0) : kT;  // valid positions of the chunk
+    const int lim = chunk_valid(L, pos0);
     // Per position, once: dt = softplus(delta + bias), dt*u, and y := D*u.
     with_rev(rev, [&](auto rc) {
       constexpr bool RV = decltype(rc)::value;
@@ -665,7 +670,7 @@ __global__ void __launch_bounds__(kThreadsBwd, kMinBlocksBwd) scan_bwd_kernel(co
     __syncthreads();  // raw chunk i is in; the previous chunk's tiles are free
     const int c = chunk_at(i);
     const int64_t pos0 = (int64_t)c * kT;
-    const int lim = L - pos0 < kT ? (int)(L - pos0) : kT;  // valid positions of the chunk
+    const int lim = chunk_valid(L, pos0);
     // Per position: dt, dt*u, g = dy * silu(z), u, sigmoid(x) into tiles; dz out.
     with_rev(rev, [&](auto rc) {
     constexpr bool RV = decltype(rc)::value;

@@ -16,6 +16,7 @@ fn main() {
         .pic(true)
         .std("c++17")
         .includes(dim_build::libtorch_includes(&libtorch))
+        .include(dim_build::shim_include_dir())
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag("-O2")
         .warnings(false)

@@ -119,6 +119,7 @@ fn compile_shim(manifest: &Path, libtorch: &Path, kernels: &Path, nvcc: Option<&
         .pic(true)
         .std("c++17")
         .includes(dim_build::libtorch_includes(libtorch))
+        .include(dim_build::shim_include_dir())
         .include(kernels)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag("-O2")

@@ -75,3 +75,14 @@ pub fn find_nvcc() -> Option<PathBuf> {
         .map(|dir| dir.join("nvcc"))
         .find(|p| p.exists())
 }
+
+/// The folder of `dim_shim.h`, the error guard shared by the crates' C++
+/// shims; also tells cargo to rebuild when it changes.
+pub fn shim_include_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
+    println!(
+        "cargo:rerun-if-changed={}",
+        dir.join("dim_shim.h").display()
+    );
+    dir
+}

@@ -143,15 +143,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Median wall time (ms) of `f` over `reps` runs after one warm-up run, synchronised.
 fn time_ms(device: Device, reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        sync(device);
-        let t0 = Instant::now();
-        f();
-        sync(device);
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    median(times)
+    median_runs(device, reps, f)
 }
 
 fn peak_reset(device: Device) {
@@ -215,12 +207,19 @@ fn randn_inputs(cfg: &ModelConfig, batch: i64, device: Device) -> (Tensor, Tenso
 }
 
 /// Median wall time (ms) of `f` over `reps` runs after `warmup` runs, each between synchronisations.
+/// Median wall time (ms) of `f` over `reps` runs after `warmup` runs; the
+/// peak-memory counter restarts after the warm-up.
 fn timed(device: Device, warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..warmup {
         f();
     }
     sync(device);
     peak_reset(device);
+    median_runs(device, reps, f)
+}
+
+/// Median wall time (ms) of `reps` synchronised runs of `f`.
+fn median_runs(device: Device, reps: usize, mut f: impl FnMut()) -> f64 {
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         sync(device);
@@ -573,6 +572,14 @@ fn card_name() -> String {
 }
 
 /// The first line of a caught panic's message.
+/// A table row for a size whose run panicked (out of memory, say).
+fn print_failure(label: &str, tokens: i64, batch: i64, e: &(dyn std::any::Any + Send)) {
+    println!(
+        "{label:<10} {tokens:>7} {batch:>6}   FAILED: {}",
+        panic_line(e)
+    );
+}
+
 fn panic_line(e: &(dyn std::any::Any + Send)) -> String {
     let msg = e
         .downcast_ref::<String>()
@@ -734,10 +741,7 @@ fn main() {
                     results.push((arch, tokens, Some(r)));
                 }
                 Err(e) => {
-                    println!(
-                        "{label:<10} {tokens:>7} {batch:>6}   FAILED: {}",
-                        panic_line(e.as_ref())
-                    );
+                    print_failure(&label, tokens, batch, e.as_ref());
                     results.push((arch, tokens, None));
                 }
             }
@@ -778,10 +782,7 @@ fn main() {
                         samples.push((arch, tokens, Some(r)));
                     }
                     Err(e) => {
-                        println!(
-                            "{label:<10} {tokens:>7} {batch:>6}   FAILED: {}",
-                            panic_line(e.as_ref())
-                        );
+                        print_failure(&label, tokens, batch, e.as_ref());
                         samples.push((arch, tokens, None));
                     }
                 }

@@ -11,6 +11,8 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/GradMode.h>
 
+#include "dim_shim.h"
+
 #include <cstring>
 #include <exception>
 #include <optional>
@@ -25,28 +27,14 @@ std::vector<at::Tensor> list(void** ts, int n) {
   return out;
 }
 
-void set_error(char* err, size_t len, const char* msg) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, msg, len - 1);
-  err[len - 1] = '\0';
-}
-
 // Runs `body` without autograd recording (the ops update leaves in place),
-// turning C++ exceptions into a return code and a message.
+// through the shared error guard.
 template <typename F>
 int guarded(char* err, size_t len, F&& body) {
-  try {
+  return dim_shim::guarded(err, len, [&] {
     c10::AutoGradMode no_grad(false);
     body();
-    return 0;
-  } catch (const c10::Error& e) {
-    set_error(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_error(err, len, e.what());
-  } catch (...) {
-    set_error(err, len, "unknown C++ exception");
-  }
-  return 1;
+  });
 }
 
 }  // namespace

@@ -25,6 +25,18 @@ fn small_cfg() -> ModelConfig {
     .unwrap()
 }
 
+/// A small video DiM with `frames` frames, in f64 (config, its store, the model).
+fn video_model_f64(frames: i64) -> (ModelConfig, VarStore, Model) {
+    let mut cfg = small_cfg();
+    cfg.frames = frames;
+    cfg.width = 20; // video position embeddings need at least 16
+    cfg.validate().unwrap();
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = Model::new(vs.root(), &cfg).unwrap();
+    vs.double();
+    (cfg, vs, model)
+}
+
 fn mamba(model: &Model) -> &BiMamba {
     match &model.blocks[0].mixer {
         Mixer::Mamba(m) => m,
@@ -169,13 +181,7 @@ fn mixer_matches_reference_bidirectional() {
 #[test]
 fn interleaved_order_matches_reference_on_permuted_tokens() {
     tch::manual_seed(3);
-    let mut cfg = small_cfg();
-    cfg.frames = 3;
-    cfg.width = 20; // video position embeddings need at least 16
-    cfg.validate().unwrap();
-    let mut vs = VarStore::new(Device::Cpu);
-    let model = Model::new(vs.root(), &cfg).unwrap();
-    vs.double();
+    let (cfg, _vs, model) = video_model_f64(3);
     let m = mamba(&model);
     let grid = TokenGrid {
         batch: 1,
@@ -420,13 +426,7 @@ fn batched_directions_equal_per_direction_computation() {
 #[test]
 fn residual_add_puts_scan_order_back() {
     tch::manual_seed(8);
-    let mut cfg = small_cfg();
-    cfg.frames = 2;
-    cfg.width = 20;
-    cfg.validate().unwrap();
-    let mut vs = VarStore::new(Device::Cpu);
-    let model = Model::new(vs.root(), &cfg).unwrap();
-    vs.double();
+    let (cfg, _vs, model) = video_model_f64(2);
     let m = mamba(&model);
     let grid = TokenGrid {
         batch: 2,

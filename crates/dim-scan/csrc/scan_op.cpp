@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "dim_shim.h"
 #include "selective_scan.h"
 
 extern "C" {
@@ -273,27 +274,7 @@ class SelectiveScanFn : public torch::autograd::Function<SelectiveScanFn> {
   }
 };
 
-void set_error(char* err, size_t len, const char* msg) {
-  if (err == nullptr || len == 0) return;
-  std::strncpy(err, msg, len - 1);
-  err[len - 1] = '\0';
-}
-
-// Runs `body`, turning C++ exceptions into a message and a non-zero return.
-template <typename F>
-int guarded(char* err, size_t len, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    set_error(err, len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    set_error(err, len, e.what());
-  } catch (...) {
-    set_error(err, len, "unknown C++ exception");
-  }
-  return 1;
-}
+using dim_shim::guarded;
 
 }  // namespace
 
