@@ -1,6 +1,6 @@
 //! The multi-threaded CPU implementation of the selective scan, forward and
 //! backward, on plain slices (no libtorch). The autograd op calls it for CPU
-//! tensors through [`ffi_forward`] / [`ffi_backward`].
+//! tensors through the C-ABI adapter in `ffi.rs`.
 //!
 //! The SIMD lanes run over channels: a block of up to 16 (`LANES`)
 //! consecutive channels of one group and one batch element shares `B_l` and
@@ -25,13 +25,10 @@
 //! so results do not depend on the thread count: the CPU backward is always
 //! deterministic.
 
-use std::ffi::c_int;
 use std::ops::{Add, Deref, DerefMut, Div, Mul, Sub};
 
 use half::{bf16, f16};
 use rayon::prelude::*;
-
-use crate::ffi;
 
 /// Positions between stored states in the backward's first pass.
 pub const SEGMENT: usize = 128;
@@ -1454,109 +1451,6 @@ struct TaskDir<'a, E> {
     /// `(L, N)`: this task's share of dB and dC.
     db: &'a mut [f32],
     dc: &'a mut [f32],
-}
-
-// ---- The C ABI entry points the autograd shim calls for CPU tensors. ----
-
-/// Builds slices over the raw pointers of `p` and runs `f` for the dtype.
-///
-/// # Safety
-/// `p` must describe valid, contiguous, non-overlapping CPU buffers of the
-/// sizes its shape implies (the shim guarantees this).
-unsafe fn with_views(p: &ffi::Params, is_backward: bool) {
-    let s = Shape {
-        batch: p.batch as usize,
-        dim: p.dim as usize,
-        len: p.seqlen as usize,
-        dstate: p.dstate as usize,
-        groups: p.ngroups as usize,
-    };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match p.dtype {
-            ffi::DTYPE_F32 => run_typed::<f32>(p, s, is_backward),
-            ffi::DTYPE_BF16 => run_typed::<bf16>(p, s, is_backward),
-            ffi::DTYPE_F16 => run_typed::<f16>(p, s, is_backward),
-            other => panic!("unknown dtype code {other}"),
-        }
-    }
-}
-
-/// # Safety
-/// See [`with_views`].
-unsafe fn run_typed<E: Elem>(p: &ffi::Params, s: Shape, is_backward: bool) {
-    use std::slice::{from_raw_parts as view, from_raw_parts_mut as view_mut};
-    let bdl = s.batch * s.dim * s.len;
-    let bgnl = s.batch * s.groups * s.dstate * s.len;
-    let dn = s.dim * s.dstate;
-    let ndirs = p.ndirs as usize;
-    // SAFETY: sizes follow the layouts of selective_scan.h; pointers are valid
-    // for the call and outputs do not alias inputs.
-    unsafe {
-        let opt = |ptr: *const f32, n: usize| (!ptr.is_null()).then(|| view(ptr, n));
-        let dirs: Vec<DirInputs<'_, E>> = p.dir[..ndirs]
-            .iter()
-            .map(|d| DirInputs {
-                u: view(d.u as *const E, bdl),
-                delta: view(d.delta as *const E, bdl),
-                a: view(d.a, dn),
-                b: view(d.b as *const E, bgnl),
-                c: view(d.c as *const E, bgnl),
-                d: opt(d.d, s.dim),
-                delta_bias: opt(d.delta_bias, s.dim),
-                reverse: d.reverse != 0,
-            })
-            .collect();
-        let z = (!p.z.is_null()).then(|| view(p.z as *const E, bdl));
-        let softplus = p.delta_softplus != 0;
-        if !is_backward {
-            forward(s, &dirs, z, view_mut(p.y as *mut E, bdl), softplus);
-            return;
-        }
-        let optm = |ptr: *mut f32, n: usize| (!ptr.is_null()).then(|| view_mut(ptr, n));
-        let mut grads: Vec<DirGrads<'_, E>> = p.grad[..ndirs]
-            .iter()
-            .map(|g| DirGrads {
-                du: view_mut(g.du as *mut E, bdl),
-                ddelta: view_mut(g.ddelta as *mut E, bdl),
-                da: view_mut(g.da, dn),
-                db: view_mut(g.db, bgnl),
-                dc: view_mut(g.dc, bgnl),
-                dd: optm(g.dd, s.dim),
-                ddelta_bias: optm(g.ddelta_bias, s.dim),
-            })
-            .collect();
-        let dz = (!p.dz.is_null()).then(|| view_mut(p.dz as *mut E, bdl));
-        let dy = view(p.dy as *const E, bdl);
-        backward(s, &dirs, z, dy, &mut grads, dz, softplus);
-    }
-}
-
-fn ffi_entry(p: *const ffi::Params, backward: bool) -> c_int {
-    let result = std::panic::catch_unwind(|| {
-        // SAFETY: the shim passes a valid params struct over live CPU tensors.
-        unsafe { with_views(&*p, backward) }
-    });
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            let msg = e
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| e.downcast_ref::<&str>().copied())
-                .unwrap_or("panic");
-            eprintln!("dim-scan CPU implementation failed: {msg}");
-            1
-        }
-    }
-}
-
-pub(crate) extern "C" fn ffi_forward(p: *const ffi::Params) -> c_int {
-    ffi_entry(p, false)
-}
-
-pub(crate) extern "C" fn ffi_backward(p: *const ffi::Params) -> c_int {
-    ffi_entry(p, true)
 }
 
 #[cfg(test)]

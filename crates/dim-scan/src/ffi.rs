@@ -6,7 +6,9 @@ use std::sync::Once;
 
 use tch::Tensor;
 
-use crate::op::Dims;
+use half::{bf16, f16};
+
+use crate::cpu::{self, Elem, Shape};
 use crate::{ScanError, ScanInputs, ScanOptions};
 
 pub(crate) const MAX_DIRS: usize = 2;
@@ -147,11 +149,10 @@ pub(crate) fn apply(
     reverse: bool,
     z: Option<&Tensor>,
     opts: ScanOptions,
-    _dims: Dims,
 ) -> Result<Tensor, ScanError> {
     REGISTER_CPU.call_once(|| {
         // SAFETY: plain function pointers with the C signature the shim expects.
-        unsafe { dim_scan_set_cpu_impl(crate::cpu::ffi_forward, crate::cpu::ffi_backward) }
+        unsafe { dim_scan_set_cpu_impl(ffi_forward, ffi_backward) }
     });
     let mut inputs: Vec<*mut c_void> = Vec::with_capacity(dirs.len() * 7 + 1);
     for x in dirs {
@@ -273,4 +274,117 @@ pub(crate) fn probe_exp2(out: &Tensor, iters: i32) -> Result<(), ScanError> {
         // SAFETY: live tensor handle borrowed for the call.
         unsafe { dim_probe_exp2(handle(Some(out)), iters, err, len) }
     })
+}
+
+// ---- The CPU implementation behind the C ABI: the shim calls these for CPU tensors. ----
+
+/// Builds slices over the raw pointers of `p` and runs `f` for the dtype.
+///
+/// # Safety
+/// `p` must describe valid, contiguous, non-overlapping CPU buffers of the
+/// sizes its shape implies (the shim guarantees this).
+unsafe fn with_views(p: &Params, is_backward: bool) {
+    // The shim hands the CPU implementation contiguous tensors only.
+    let strided = p
+        .u_batch_stride
+        .iter()
+        .chain(&p.delta_batch_stride)
+        .chain(&p.b_batch_stride);
+    assert!(
+        strided.chain(&p.c_batch_stride).all(|&s| s == 0) && p.z_batch_stride == 0,
+        "the CPU implementation takes contiguous tensors (batch strides must be 0)"
+    );
+    let s = Shape {
+        batch: p.batch as usize,
+        dim: p.dim as usize,
+        len: p.seqlen as usize,
+        dstate: p.dstate as usize,
+        groups: p.ngroups as usize,
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match p.dtype {
+            DTYPE_F32 => run_typed::<f32>(p, s, is_backward),
+            DTYPE_BF16 => run_typed::<bf16>(p, s, is_backward),
+            DTYPE_F16 => run_typed::<f16>(p, s, is_backward),
+            other => panic!("unknown dtype code {other}"),
+        }
+    }
+}
+
+/// # Safety
+/// See [`with_views`].
+unsafe fn run_typed<E: Elem>(p: &Params, s: Shape, is_backward: bool) {
+    use std::slice::{from_raw_parts as view, from_raw_parts_mut as view_mut};
+    let bdl = s.batch * s.dim * s.len;
+    let bgnl = s.batch * s.groups * s.dstate * s.len;
+    let dn = s.dim * s.dstate;
+    let ndirs = p.ndirs as usize;
+    // SAFETY: sizes follow the layouts of selective_scan.h; pointers are valid
+    // for the call and outputs do not alias inputs.
+    unsafe {
+        let opt = |ptr: *const f32, n: usize| (!ptr.is_null()).then(|| view(ptr, n));
+        let dirs: Vec<cpu::DirInputs<'_, E>> = p.dir[..ndirs]
+            .iter()
+            .map(|d| cpu::DirInputs {
+                u: view(d.u as *const E, bdl),
+                delta: view(d.delta as *const E, bdl),
+                a: view(d.a, dn),
+                b: view(d.b as *const E, bgnl),
+                c: view(d.c as *const E, bgnl),
+                d: opt(d.d, s.dim),
+                delta_bias: opt(d.delta_bias, s.dim),
+                reverse: d.reverse != 0,
+            })
+            .collect();
+        let z = (!p.z.is_null()).then(|| view(p.z as *const E, bdl));
+        let softplus = p.delta_softplus != 0;
+        if !is_backward {
+            cpu::forward(s, &dirs, z, view_mut(p.y as *mut E, bdl), softplus);
+            return;
+        }
+        let optm = |ptr: *mut f32, n: usize| (!ptr.is_null()).then(|| view_mut(ptr, n));
+        let mut grads: Vec<cpu::DirGrads<'_, E>> = p.grad[..ndirs]
+            .iter()
+            .map(|g| cpu::DirGrads {
+                du: view_mut(g.du as *mut E, bdl),
+                ddelta: view_mut(g.ddelta as *mut E, bdl),
+                da: view_mut(g.da, dn),
+                db: view_mut(g.db, bgnl),
+                dc: view_mut(g.dc, bgnl),
+                dd: optm(g.dd, s.dim),
+                ddelta_bias: optm(g.ddelta_bias, s.dim),
+            })
+            .collect();
+        let dz = (!p.dz.is_null()).then(|| view_mut(p.dz as *mut E, bdl));
+        let dy = view(p.dy as *const E, bdl);
+        cpu::backward(s, &dirs, z, dy, &mut grads, dz, softplus);
+    }
+}
+
+fn ffi_entry(p: *const Params, backward: bool) -> c_int {
+    let result = std::panic::catch_unwind(|| {
+        // SAFETY: the shim passes a valid params struct over live CPU tensors.
+        unsafe { with_views(&*p, backward) }
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| e.downcast_ref::<&str>().copied())
+                .unwrap_or("panic");
+            eprintln!("dim-scan CPU implementation failed: {msg}");
+            1
+        }
+    }
+}
+
+pub(crate) extern "C" fn ffi_forward(p: *const Params) -> c_int {
+    ffi_entry(p, false)
+}
+
+pub(crate) extern "C" fn ffi_backward(p: *const Params) -> c_int {
+    ffi_entry(p, true)
 }

@@ -23,8 +23,8 @@ pub fn selective_scan(
     z: Option<&Tensor>,
     opts: ScanOptions,
 ) -> Result<Tensor, ScanError> {
-    let dims = validate(&[x], z)?;
-    crate::ffi::apply(&[x], direction == Direction::Reverse, z, opts, dims)
+    validate(&[x], z)?;
+    crate::ffi::apply(&[x], direction == Direction::Reverse, z, opts)
 }
 
 /// Fused bidirectional scan: `(scan_forward(forward) + scan_reverse(reverse)) · silu(z)`.
@@ -37,8 +37,8 @@ pub fn selective_scan_bidirectional(
     z: Option<&Tensor>,
     opts: ScanOptions,
 ) -> Result<Tensor, ScanError> {
-    let dims = validate(&[forward, reverse], z)?;
-    crate::ffi::apply(&[forward, reverse], false, z, opts, dims)
+    validate(&[forward, reverse], z)?;
+    crate::ffi::apply(&[forward, reverse], false, z, opts)
 }
 
 /// Backpropagates `dy` from `y` through libtorch autograd (`y.backward(dy)`),
@@ -54,20 +54,10 @@ pub fn backward_with_grad(y: &Tensor, dy: &Tensor) -> Result<(), ScanError> {
     crate::ffi::backward_with_grad(y, dy)
 }
 
-/// Sizes of a validated call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Dims {
-    pub batch: i64,
-    pub dim: i64,
-    pub len: i64,
-    pub dstate: i64,
-    pub groups: i64,
-}
-
 const DATA_KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
 const PARAM_KINDS: [Kind; 4] = [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Double];
 
-fn validate(dirs: &[ScanInputs<'_>], z: Option<&Tensor>) -> Result<Dims, ScanError> {
+fn validate(dirs: &[ScanInputs<'_>], z: Option<&Tensor>) -> Result<(), ScanError> {
     let u0 = dirs[0].u;
     let (kind, device) = (u0.kind(), u0.device());
     let shape = |name: &str, t: &Tensor, expected: &[i64]| -> Result<(), ScanError> {
@@ -184,11 +174,5 @@ fn validate(dirs: &[ScanInputs<'_>], z: Option<&Tensor>) -> Result<Dims, ScanErr
             });
         }
     }
-    Ok(Dims {
-        batch,
-        dim,
-        len,
-        dstate,
-        groups,
-    })
+    Ok(())
 }
