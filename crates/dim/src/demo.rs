@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use crate::config::{load_table_str, TrainConfig};
-use crate::{eval, sample, train};
+use crate::{eval, runtime, sample, train};
 
 /// The CPU demo config (embedded so that the demo runs from any folder).
 const DEMO_CPU: &str = include_str!("../../../configs/demo.toml");
@@ -42,7 +42,7 @@ pub struct DemoArgs {
 /// Runs the demo.
 pub fn run(a: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
     let started = Instant::now();
-    let device = train::resolve_device(&a.device)?;
+    let device = runtime::resolve_device(&a.device)?;
     let gpu = device.is_cuda();
     let mut overrides = vec![
         format!("train.out_dir=\"{}\"", a.out.join("train").display()),

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::train::resolve_device;
+use crate::runtime::resolve_device;
 
 /// Where a set of images comes from.
 pub enum Source {

@@ -16,6 +16,7 @@ mod images;
 mod metrics;
 mod ops;
 mod optim;
+mod runtime;
 mod sample;
 mod train;
 
@@ -224,7 +225,7 @@ fn run(cli: Cli) -> Result<()> {
             device,
             json,
         } => {
-            let device = train::resolve_device(&device)?;
+            let device = runtime::resolve_device(&device)?;
             let weights = weights.unwrap_or_else(eval::default_features_path);
             let ext = eval::feature_network(&features, &weights, device)?;
             let report = eval::evaluate(&samples, &reference, ext.as_ref(), num, k, batch.max(1))?;

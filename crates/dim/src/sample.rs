@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::Checkpoint;
 use crate::config::TrainConfig;
 use crate::images;
-use crate::train::{diffusion_config, model_config, resolve_device, Net};
+use crate::runtime::{diffusion_config, model_config, resolve_device, set_precision, Net};
 
 /// A network restored from a training checkpoint, with its diffusion setup.
 pub struct Restored {
@@ -37,7 +37,7 @@ pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
     let dcfg = diffusion_config(&cfg)?;
     let net = Net::new(&mcfg, device)?;
     // Sampling runs without autocast; TF32 matmuls as the model trained.
-    crate::train::set_precision(&cfg.train.precision, device)?;
+    set_precision(&cfg.train.precision, device)?;
     let group = if ema { "ema" } else { "model" };
     let mut weights = ck.group(group);
     if ema {
