@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{config_err, Result};
-use crate::schedule::parse_respacing;
+use crate::respacing::parse_respacing;
 
 /// Which generative process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -22,6 +22,7 @@ mod denoiser;
 mod error;
 pub mod flow;
 pub mod gaussian;
+pub mod respacing;
 pub mod rng;
 pub mod schedule;
 
