@@ -8,8 +8,8 @@ use std::sync::Once;
 
 use ffmpeg_next as ffmpeg;
 
+use crate::decode::{DecodeOptions, VideoInfo};
 use crate::error::{DataError, Result};
-use crate::video::{DecodeOptions, VideoInfo};
 
 fn init_ffmpeg() {
     static INIT: Once = Once::new();

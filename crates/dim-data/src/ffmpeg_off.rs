@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
+use crate::decode::{DecodeOptions, VideoInfo};
 use crate::error::{DataError, Result};
-use crate::video::{DecodeOptions, VideoInfo};
 
 fn unsupported(path: &Path) -> DataError {
     DataError::NoVideoSupport {

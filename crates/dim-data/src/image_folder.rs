@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use crate::dataset::{check_index, Dataset, RawSample};
 use crate::error::{DataError, Result};
+use crate::files::{has_extension, list_dir, IMAGE_EXTENSIONS};
 use crate::frames::Frames;
-use crate::video::{has_extension, list_dir, IMAGE_EXTENSIONS};
 
 /// Decodes a JPEG or PNG file to RGB `(H, W, 3)`.
 ///

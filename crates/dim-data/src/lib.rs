@@ -19,11 +19,13 @@ pub mod rng;
 mod arrays;
 mod config;
 mod dataset;
+mod decode;
 #[cfg(feature = "video")]
 mod ffmpeg;
 #[cfg(not(feature = "video"))]
 #[path = "ffmpeg_off.rs"]
 mod ffmpeg;
+mod files;
 mod frames;
 mod idx;
 mod image_folder;

@@ -8,56 +8,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::dataset::{check_index, Dataset, RawSample};
+pub use crate::decode::{DecodeOptions, VideoInfo};
 use crate::error::{DataError, Result};
 pub use crate::ffmpeg::{decode_each, probe, write_mp4};
+use crate::files::{has_extension, sorted_entries};
+pub use crate::files::{IMAGE_EXTENSIONS, VIDEO_EXTENSIONS};
 use crate::frames::Frames;
 use crate::idx::Split;
 use crate::rng::{derive, Rng};
-
-/// File extensions treated as videos (case-insensitive).
-pub const VIDEO_EXTENSIONS: &[&str] = &["mp4", "avi", "mkv", "webm", "mov", "m4v"];
-/// File extensions treated as images (case-insensitive).
-pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
-
-pub(crate) fn has_extension(path: &Path, exts: &[&str]) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
-}
-
-/// Stream facts of a video file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VideoInfo {
-    /// Frame count: the container's, or counted from the packets when the
-    /// container does not declare one (Matroska, WebM).
-    pub frames: usize,
-    /// Average frame rate (frames per second).
-    pub fps: f64,
-    /// Frame width in pixels.
-    pub width: usize,
-    /// Frame height in pixels.
-    pub height: usize,
-}
-
-/// Decoder settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecodeOptions {
-    /// FFmpeg decoder threads per clip; 1 by default because the loader
-    /// already decodes one clip per worker thread.
-    pub threads: usize,
-    /// Fail on damaged data (FFmpeg's `err_recognition = explode`) instead of
-    /// concealing it, so a corrupt clip is reported rather than trained on.
-    pub strict: bool,
-}
-
-impl Default for DecodeOptions {
-    fn default() -> Self {
-        Self {
-            threads: 1,
-            strict: true,
-        }
-    }
-}
 
 /// Decodes the frames at the sorted positions `wanted` (0-based, in decode
 /// order, repeats allowed) of `path` as RGB24 and returns them as a clip
@@ -199,45 +157,6 @@ impl ClipSource {
             ClipSource::File(p) | ClipSource::FrameFolder(p) => p,
         }
     }
-}
-
-/// Sort key that orders `frame_2` before `frame_10`.
-fn natural_key(name: &str) -> Vec<(String, u64)> {
-    let mut parts = Vec::new();
-    let mut text = String::new();
-    let mut num: Option<u64> = None;
-    for ch in name.chars() {
-        if let Some(d) = ch.to_digit(10) {
-            num = Some(num.unwrap_or(0).saturating_mul(10).saturating_add(d as u64));
-        } else {
-            if let Some(n) = num.take() {
-                parts.push((std::mem::take(&mut text), n));
-            }
-            text.push(ch);
-        }
-    }
-    parts.push((text, num.unwrap_or(0)));
-    parts
-}
-
-fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
-    let mut v = Vec::new();
-    for entry in rd {
-        let entry = entry.map_err(|e| DataError::io(dir, e))?;
-        let name = entry.file_name();
-        // Hidden files (.DS_Store, editor droppings) are never samples.
-        if name.to_string_lossy().starts_with('.') {
-            continue;
-        }
-        v.push(entry.path());
-    }
-    v.sort_by_cached_key(|p| natural_key(&p.file_name().unwrap_or_default().to_string_lossy()));
-    Ok(v)
-}
-
-pub(crate) fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
-    sorted_entries(dir)
 }
 
 fn frame_images(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -533,6 +452,7 @@ impl Dataset for VideoDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::natural_key;
 
     #[test]
     fn clip_indices_respect_stride_fps_and_start() {
