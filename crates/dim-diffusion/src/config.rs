@@ -717,10 +717,49 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parses and validates both tables.
+    /// Parses and validates both tables. A `[sampler]` that leaves `steps`
+    /// out gets the default (250) capped at a Gaussian diffusion's
+    /// `timesteps`: a default follows from what the config did set, so
+    /// `[diffusion] timesteps = 100` alone samples with 100 steps.
     pub fn from_toml_str(s: &str) -> Result<Self> {
-        let cfg: Self = toml::from_str(s)?;
+        let table: toml::Table = toml::from_str(s)?;
+        let steps_given = table
+            .get("sampler")
+            .and_then(|t| t.as_table())
+            .is_some_and(|t| t.contains_key("steps"));
+        let mut cfg: Self = table.try_into()?;
+        let sampler = &mut cfg.sampler;
+        if !steps_given
+            && cfg.diffusion.kind == ProcessKind::Gaussian
+            && sampler.respacing.is_none()
+            && sampler.timesteps.is_none()
+            && sampler.sigmas.is_none()
+        {
+            sampler.steps = sampler.steps.min(cfg.diffusion.timesteps);
+        }
         cfg.sampler.validate(&cfg.diffusion)?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_steps_follow_the_timesteps() {
+        // Left out: capped at T.
+        let c = Config::from_toml_str("[diffusion]\ntimesteps = 100\n").unwrap();
+        assert_eq!(c.sampler.steps, 100);
+        let c = Config::from_toml_str("[diffusion]\ntimesteps = 1000\n[sampler]\n").unwrap();
+        assert_eq!(c.sampler.steps, SamplerConfig::default().steps);
+        // Asked for: kept, and too many is still an error that says so.
+        let c =
+            Config::from_toml_str("[diffusion]\ntimesteps = 100\n[sampler]\nsteps = 40\n").unwrap();
+        assert_eq!(c.sampler.steps, 40);
+        let e = Config::from_toml_str("[diffusion]\ntimesteps = 100\n[sampler]\nsteps = 250\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than"), "{e}");
     }
 }
