@@ -3,6 +3,8 @@
 // of the backward.
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "scan_impl.cuh"
 
 using namespace dimscan;
@@ -28,25 +30,31 @@ int fit(int want, int dpg) {
   return c;
 }
 
-size_t smem_limit() {
+// An attribute of the current device, read once per device and kept
+// (make_plan runs several times per op call); `fallback` without a device.
+enum CachedAttr { kAttrSmemOptin = 0, kAttrSms = 1 };
+int device_attr(CachedAttr which, int fallback) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> cache[2][kDevices];  // 0: not read yet
+  const cudaDeviceAttr attr =
+      which == kAttrSms ? cudaDevAttrMultiProcessorCount : cudaDevAttrMaxSharedMemoryPerBlockOptin;
   int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
-      v <= 0) {
-    cudaGetLastError();  // no device: size for the smallest supported card
-    return 99 * 1024;
-  }
-  return (size_t)v;
-}
-int sm_count() {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) {
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();
-    return 132;
+    return fallback;
   }
+  const bool cached = dev >= 0 && dev < kDevices;
+  if (cached && (v = cache[which][dev].load(std::memory_order_relaxed)) > 0) return v;
+  if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess || v <= 0) {
+    cudaGetLastError();
+    return fallback;
+  }
+  if (cached) cache[which][dev].store(v, std::memory_order_relaxed);
   return v;
 }
+// No device: size for the smallest supported card (99 KB a block) and an H100/H200.
+size_t smem_limit() { return (size_t)device_attr(kAttrSmemOptin, 99 * 1024); }
+int sm_count() { return device_attr(kAttrSms, 132); }
 size_t fwd_smem(int dtype, int nd, int ch, int N, int np, int stages) {
   return dtype == DIM_DTYPE_F32 ? Smem<float>::fwd_bytes(nd, ch, N, np, stages)
                                 : Smem<__half>::fwd_bytes(nd, ch, N, np, stages);
