@@ -87,6 +87,7 @@ impl Xoshiro256pp {
 pub struct NoiseRng {
     seed: u64,
     first_row: u64,
+    row_stride: u64,
     streams: Vec<Xoshiro256pp>,
 }
 
@@ -100,9 +101,18 @@ impl NoiseRng {
     /// generator draws exactly what row `first_row + r` of `NoiseRng::new(seed)`
     /// draws (given the same sequence of calls).
     pub fn with_first_row(seed: u64, first_row: u64) -> Self {
+        Self::with_rows(seed, first_row, 1)
+    }
+
+    /// Streams for global rows `first_row, first_row + stride, ...`: one
+    /// data-parallel rank's share of a batch whose rows are dealt out round
+    /// robin (rank `r` of `n` holds rows `first + r, first + r + n, ...`), so
+    /// every sample draws the same noise whatever the number of ranks.
+    pub fn with_rows(seed: u64, first_row: u64, stride: u64) -> Self {
         Self {
             seed,
             first_row,
+            row_stride: stride.max(1),
             streams: Vec::new(),
         }
     }
@@ -114,7 +124,7 @@ impl NoiseRng {
 
     fn rows(&mut self, n: usize) -> &mut [Xoshiro256pp] {
         while self.streams.len() < n {
-            let r = self.first_row + self.streams.len() as u64;
+            let r = self.first_row + self.streams.len() as u64 * self.row_stride;
             self.streams.push(Xoshiro256pp::new(self.seed, r));
         }
         &mut self.streams[..n]
@@ -255,6 +265,21 @@ mod tests {
         let big = NoiseRng::new(7).randn(&[64, 8192], Kind::Double, Device::Cpu);
         let small = NoiseRng::with_first_row(7, 63).randn(&[1, 8192], Kind::Double, Device::Cpu);
         assert!(big.narrow(0, 63, 1).equal(&small));
+    }
+
+    /// Round-robin shares of a batch (data-parallel ranks) draw the rows of
+    /// the whole batch, for every number of ranks.
+    #[test]
+    fn strided_rows_equal_the_whole_batch() {
+        let all = NoiseRng::with_first_row(3, 10).randn(&[12, 7], Kind::Double, Device::Cpu);
+        for ranks in [2i64, 3, 4] {
+            for r in 0..ranks {
+                let part = NoiseRng::with_rows(3, 10 + r as u64, ranks as u64)
+                    .randn(&[12 / ranks, 7], Kind::Double, Device::Cpu);
+                let rows = Tensor::arange_start_step(r, 12, ranks, (Kind::Int64, Device::Cpu));
+                assert!(all.index_select(0, &rows).equal(&part), "rank {r} of {ranks}");
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! [optim]      # OptimConfig
 //! [train]      # LoopConfig
 //! [eval]       # EvalConfig
+//! [dist]       # DistConfig (data-parallel runs: timeout, gradient buckets)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -209,6 +210,30 @@ impl Default for LoopConfig {
     }
 }
 
+/// Data-parallel training (`dim train --gpus N` / `--nproc N`, or torchrun's
+/// environment); ignored by single-process runs. See docs/distributed.md.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Seconds a rank waits for the rendezvous or a collective before it
+    /// gives up (a peer crashed, was killed or hangs) and exits naming it.
+    pub timeout_s: f64,
+    /// Gradient bucket size of the all-reduce, MiB (DDP's 25).
+    pub bucket_mib: f64,
+    /// The first bucket (the last layers' gradients, ready first), MiB.
+    pub first_bucket_mib: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            timeout_s: 300.0,
+            bucket_mib: 25.0,
+            first_bucket_mib: 1.0,
+        }
+    }
+}
+
 /// Evaluation settings (`dim eval`, the demo).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -251,6 +276,7 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     pub train: LoopConfig,
     pub eval: EvalConfig,
+    pub dist: DistConfig,
     /// The file it came from (for messages).
     pub file: String,
 }
@@ -273,6 +299,7 @@ impl TrainConfig {
             "optim",
             "train",
             "eval",
+            "dist",
         ];
         if let Some(k) = table.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ConfigError::Invalid {
@@ -328,6 +355,7 @@ impl TrainConfig {
             optim: section(&table, "optim", file)?,
             train: section(&table, "train", file)?,
             eval: section(&table, "eval", file)?,
+            dist: section(&table, "dist", file)?,
             file: file.into(),
         };
         cfg.validate()?;
@@ -369,6 +397,13 @@ impl TrainConfig {
         if t.log_every == 0 || t.ckpt_every == 0 {
             return bad("train.log_every / train.ckpt_every", "must be at least 1");
         }
+        let d = &self.dist;
+        if !(d.timeout_s > 0.0 && d.bucket_mib > 0.0 && d.first_bucket_mib > 0.0) {
+            return bad(
+                "dist.timeout_s / dist.bucket_mib / dist.first_bucket_mib",
+                "must be positive",
+            );
+        }
         if !["bf16", "amp", "f32", "tf32"].contains(&t.precision.as_str()) {
             return bad("train.precision", "must be \"f32\", \"tf32\" or \"bf16\"");
         }
@@ -387,6 +422,7 @@ impl TrainConfig {
         t.insert("optim".into(), val(&self.optim));
         t.insert("train".into(), val(&self.train));
         t.insert("eval".into(), val(&self.eval));
+        t.insert("dist".into(), val(&self.dist));
         t
     }
 }

@@ -1,6 +1,6 @@
 //! The `dim` command: train, sample and evaluate Diffusion Mamba models.
 //!
-//! - `dim train --config configs/<x>.toml [--resume <ckpt|auto>] [key=value ...]`
+//! - `dim train --config configs/<x>.toml [--resume <ckpt|auto>] [--gpus N | --nproc N] [key=value ...]`
 //! - `dim sample --checkpoint <ckpt> --out <dir> [--num N] [--steps S] [--sampler ...] [--cfg s] [--class k]`
 //! - `dim eval --samples <dir|fashion-mnist:train> [--reference fashion-mnist:test] [--features ...]`
 //! - `dim train-features`: the Fashion-MNIST feature classifier for `dim eval`
@@ -11,8 +11,10 @@
 mod checkpoint;
 mod config;
 mod demo;
+mod dist;
 mod eval;
 mod images;
+mod launch;
 mod metrics;
 mod ops;
 mod optim;
@@ -49,6 +51,12 @@ enum Command {
         /// Resume from a checkpoint file, or `auto` for the newest in train.out_dir.
         #[arg(long)]
         resume: Option<String>,
+        /// Data-parallel training on N GPUs of this machine (one process each, NCCL).
+        #[arg(long, conflicts_with = "nproc")]
+        gpus: Option<usize>,
+        /// Data-parallel training in N processes on train.device (on CPU: Gloo).
+        #[arg(long)]
+        nproc: Option<usize>,
         /// Overrides such as `train.steps=100 optim.lr=2e-4`.
         overrides: Vec<String>,
     },
@@ -166,14 +174,33 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train {
             config,
             resume,
+            gpus,
+            nproc,
             overrides,
         } => {
             let cfg = config::TrainConfig::load(&config, &overrides)?;
+            let placement = match (gpus, nproc) {
+                (Some(n), _) => Some(launch::Placement::Gpus(n)),
+                (None, Some(n)) => Some(launch::Placement::Procs(n)),
+                (None, None) => None,
+            };
+            if let Some(placement) = placement {
+                let mut args: Vec<std::ffi::OsString> =
+                    vec!["train".into(), "--config".into(), config.into_os_string()];
+                if let Some(r) = resume {
+                    args.extend(["--resume".into(), r.into()]);
+                }
+                args.extend(overrides.into_iter().map(Into::into));
+                return launch::run(placement, &args, stop_flag()?);
+            }
             let resume = resume.map(|r| match r.as_str() {
                 "auto" => train::Resume::Auto,
                 p => train::Resume::Path(PathBuf::from(p)),
             });
             let out = train::train(&cfg, resume, stop_flag()?)?;
+            if !out.primary {
+                return Ok(());
+            }
             if out.interrupted {
                 eprintln!(
                     "interrupted at step {}; continue with --resume auto",

@@ -22,11 +22,12 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::TrainConfig;
+use crate::dist::{self, World};
 use crate::images;
 use crate::metrics::{rss_mib, JsonlWriter, StepRecord};
 use crate::optim::{AdamW, Ema};
 use crate::runtime::{
-    diffusion_config, model_config, named_params, resolve_device, set_precision, Net,
+    diffusion_config, model_config, named_params, set_precision, Net,
 };
 
 /// Mixes a seed and a counter into a new seed (SplitMix64 finaliser).
@@ -52,6 +53,8 @@ pub struct TrainOutcome {
     pub step: u64,
     pub checkpoint: PathBuf,
     pub interrupted: bool,
+    /// Whether this process is rank 0 (the one that reports).
+    pub primary: bool,
 }
 
 /// Trains per `cfg`; `stop` is set by Ctrl-C and makes the loop checkpoint
@@ -62,11 +65,15 @@ pub fn train(
     stop: Arc<AtomicBool>,
 ) -> Result<TrainOutcome> {
     let t = &cfg.train;
-    let device = resolve_device(&t.device)?;
+    // Data parallelism: a world of one unless started by `--gpus/--nproc` or torchrun.
+    let (mut world, device) = World::from_env(&cfg.dist, &t.device)?;
     if t.threads > 0 {
         tch::set_num_threads(t.threads);
     }
-    images::ensure_writable_dir(&t.out_dir)?;
+    // Only rank 0 writes to the run folder.
+    if world.is_primary() {
+        images::ensure_writable_dir(&t.out_dir)?;
+    }
     let mcfg = model_config(cfg)?;
     let dcfg = diffusion_config(cfg)?;
     let diffusion = Diffusion::new(&dcfg.diffusion)
@@ -82,6 +89,10 @@ pub fn train(
 
     tch::manual_seed(mix(t.seed, u64::MAX) as i64);
     let net = Net::new(&mcfg, device)?;
+    // Every rank starts from rank 0's weights (as DDP).
+    // Sorted by name: every rank must list them in the same order.
+    let all_vars: Vec<Tensor> = net.vs.variables().into_iter().collect::<BTreeMap<_, _>>().into_values().collect();
+    world.broadcast_from_primary(&all_vars)?;
     let params = named_params(&net.vs);
     let mut opt = AdamW::new(&cfg.optim, &params)?;
     let mut ema = Ema::new(
@@ -95,9 +106,12 @@ pub fn train(
         .data
         .build()
         .with_context(|| format!("config {}: [data]", cfg.file))?;
+    // `micro`: samples of a micro-batch over all ranks; each loads its share.
     let micro = t.batch_size / t.grad_accum;
     let mut lcfg = cfg.loader.clone();
-    lcfg.batch_size = micro as usize;
+    lcfg.batch_size = world.local_batch(micro, &cfg.file)? as usize;
+    lcfg.rank = world.rank();
+    lcfg.world_size = world.size();
     lcfg.seed = t.seed;
     let mut loader = dim_data::Loader::new(dataset, lcfg)
         .with_context(|| format!("config {}: [loader]", cfg.file))?;
@@ -136,13 +150,20 @@ pub fn train(
         opt.load_state(&ck.group("optim"), step)
             .with_context(|| format!("checkpoint {}", p.display()))?;
         let pos: dim_data::LoaderState = serde_json::from_str(ck.meta("data_position", p)?)?;
+        let pos = world
+            .loader_position(&pos, &loader.position())
+            .with_context(|| format!("checkpoint {}: data position", p.display()))?;
         loader
             .resume(&pos)
             .with_context(|| format!("checkpoint {}: data position", p.display()))?;
         tracing::info!(checkpoint = %p.display(), step, "resumed");
     }
 
-    let mut metrics = JsonlWriter::open(&t.out_dir.join("metrics.jsonl"))?;
+    world.attach_reducer(&params, &cfg.dist)?;
+    let mut metrics = match world.is_primary() {
+        true => Some(JsonlWriter::open(&t.out_dir.join("metrics.jsonl"))?),
+        false => None,
+    };
     tracing::info!(
         params = mcfg.param_count(),
         device = ?device,
@@ -151,7 +172,10 @@ pub fn train(
         "training {}",
         cfg.file
     );
-    let bar = ProgressBar::new(t.steps);
+    let bar = match world.is_primary() {
+        true => ProgressBar::new(t.steps),
+        false => ProgressBar::hidden(),
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} train [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}",
@@ -208,11 +232,14 @@ pub fn train(
 
     let mut interrupted = false;
     while step < t.steps {
-        if stop.load(Ordering::SeqCst) {
+        let timed_out = t.time_limit_s > 0.0 && start.elapsed().as_secs_f64() >= t.time_limit_s;
+        // Ranks agree, so that they stop at the same step.
+        let [stopping, timed_out] = world.any([stop.load(Ordering::SeqCst), timed_out])?;
+        if stopping {
             interrupted = true;
             break;
         }
-        if t.time_limit_s > 0.0 && start.elapsed().as_secs_f64() >= t.time_limit_s {
+        if timed_out {
             tracing::info!(step, "time limit reached");
             break;
         }
@@ -225,27 +252,33 @@ pub fn train(
                 .context("loading a batch")?;
             // Non-blocking from the loader's pinned memory: the host goes on to queue the step.
             let x = batch.x.to_device_(device, batch.x.kind(), true, false);
+            // This rank's rows of global micro-batch `g`: per-sample noise and
+            // label dropout are the same whatever the number of ranks.
+            let g = step * t.grad_accum as u64 + m as u64;
             let y = if conditional {
                 let y = batch.y.context("the model is class-conditional (model.num_classes > 0) but the dataset has no labels: set model.num_classes = 0")?;
                 // Checked here on the host; the model checks only CPU labels.
                 if let Some(emb) = &net.model.y_embedder {
                     emb.check_labels(&y).context("a batch from the dataset")?;
                 }
+                let y = drop_labels(&y, &world, mix(t.seed, 2), g, micro, &mcfg);
                 Some(y.to_device_(device, y.kind(), true, false))
             } else {
                 None
             };
-            let mut rng = NoiseRng::with_first_row(
-                mix(t.seed, 1),
-                (step * t.grad_accum as u64 + m as u64) * micro as u64,
-            );
+            let mut rng: NoiseRng = world.noise_rng(mix(t.seed, 1), g, micro);
+            // Labels were dropped above (train = false: no second dropout).
             let denoiser = FallibleFn(|x: &Tensor, tt: &Tensor, y: Option<&Tensor>| {
-                net.model.forward(x, tt, y, true)
+                net.model.forward(x, tt, y, false)
             });
             let losses_t = dim_scan::device::autocast(amp, || {
                 diffusion.training_losses(&denoiser, &x, y.as_ref(), &mut rng)
             })??;
             let loss = losses_t.loss.mean(Kind::Float) / t.grad_accum as f64;
+            if m + 1 == t.grad_accum {
+                // Gradients are all-reduced during this backward only.
+                world.before_last_backward(&loss)?;
+            }
             loss.backward();
             step_loss += loss.detach().to_kind(Kind::Double);
         }
@@ -254,6 +287,7 @@ pub fn train(
             Some((first, sum)) => (first, sum + &step_loss),
         });
         let logs = (step + 1).is_multiple_of(t.log_every) || step + 1 == t.steps;
+        dist::dump_grads_if_asked(&world, step, &params)?;
         let (grad_norm, lr) = opt.step(logs)?;
         opt.zero_grad()?;
         step += 1;
@@ -262,11 +296,11 @@ pub fn train(
         bar.set_position(step);
 
         if step.is_multiple_of(t.log_every) || step == t.steps {
-            check_finite(&mut unchecked, step, last_ckpt.as_deref())?;
+            check_finite(&world, &mut unchecked, step, last_ckpt.as_deref())?;
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
             let rec = StepRecord {
                 step,
-                loss: step_loss.double_value(&[]),
+                loss: world.mean(&step_loss)?.double_value(&[]),
                 grad_norm: grad_norm.map_or(0.0, |n| n.double_value(&[])),
                 lr,
                 images_per_s: window.1 as f64 / secs,
@@ -287,10 +321,14 @@ pub fn train(
                 memory_mib = rec.memory_mib,
                 "step"
             );
-            metrics.write(&rec)?;
+            if let Some(m) = metrics.as_mut() {
+                m.write(&rec)?;
+            }
         }
         if t.sample_every > 0 && step.is_multiple_of(t.sample_every) {
-            check_finite(&mut unchecked, step, last_ckpt.as_deref())?;
+            check_finite(&world, &mut unchecked, step, last_ckpt.as_deref())?;
+        }
+        if t.sample_every > 0 && step.is_multiple_of(t.sample_every) && world.is_primary() {
             let p = t.out_dir.join(format!("samples-{step:09}.png"));
             sample_grid(
                 &net,
@@ -304,16 +342,21 @@ pub fn train(
             tracing::info!(path = %p.display(), "sample grid");
         }
         if step.is_multiple_of(t.ckpt_every) && step < t.steps {
-            check_finite(&mut unchecked, step, last_ckpt.as_deref())?;
-            last_ckpt = Some(save(step, &net, &ema, &opt, &loader)?);
+            check_finite(&world, &mut unchecked, step, last_ckpt.as_deref())?;
+            if world.is_primary() {
+                last_ckpt = Some(save(step, &net, &ema, &opt, &loader)?);
+            }
         }
     }
     bar.finish_and_clear();
-    check_finite(&mut unchecked, step, last_ckpt.as_deref())?;
+    check_finite(&world, &mut unchecked, step, last_ckpt.as_deref())?;
     let ck = match (&last_ckpt, checkpoint::path_for_step(&t.out_dir, step)) {
         (Some(p), q) if *p == q && p.exists() => q,
+        (_, q) if !world.is_primary() => q,
         _ => save(step, &net, &ema, &opt, &loader)?,
     };
+    // No rank leaves while another may still need it (rank 0 hosts the store).
+    world.barrier()?;
     if interrupted {
         tracing::warn!(step, checkpoint = %ck.display(), "interrupted: checkpoint saved, resume with --resume auto");
     }
@@ -321,13 +364,37 @@ pub fn train(
         step,
         checkpoint: ck,
         interrupted,
+        primary: world.is_primary(),
     })
+}
+
+/// Label dropout for classifier-free guidance (as the model's own, with
+/// `class_dropout_prob`), drawn per sample from its global row of micro-batch
+/// `g`, so that every world size drops the same labels. `y (b)` on the host.
+fn drop_labels(
+    y: &Tensor,
+    world: &World,
+    seed: u64,
+    g: u64,
+    micro: i64,
+    mcfg: &dim_model::ModelConfig,
+) -> Tensor {
+    if mcfg.class_dropout_prob <= 0.0 {
+        return y.shallow_clone();
+    }
+    let b = y.size()[0];
+    let u = world
+        .noise_rng(seed, g, micro)
+        .rand(&[b], Kind::Double, Device::Cpu);
+    let keep = u.ge(mcfg.class_dropout_prob);
+    y.where_self(&keep, &Tensor::full([b], mcfg.num_classes, (Kind::Int64, Device::Cpu)))
 }
 
 /// Reads the sum of the step losses since the last check (waiting for the
 /// device) and stops training if one of them was not finite, before anything
 /// is written from the spoiled weights. `step`: the last step taken.
 fn check_finite(
+    world: &World,
     unchecked: &mut Option<(u64, Tensor)>,
     step: u64,
     last_ckpt: Option<&Path>,
@@ -335,7 +402,8 @@ fn check_finite(
     let Some((first, sum)) = unchecked.take() else {
         return Ok(());
     };
-    let total = sum.double_value(&[]);
+    // Summed over the ranks, so that all of them stop together.
+    let total = world.mean(&sum)?.double_value(&[]);
     if !total.is_finite() {
         let at = if first == step {
             format!("at step {step}")
