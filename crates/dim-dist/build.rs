@@ -40,7 +40,9 @@ fn main() {
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     } else {
-        println!("cargo:warning=dim-dist: CUDA or NCCL headers not found; building Gloo (CPU) only");
+        println!(
+            "cargo:warning=dim-dist: CUDA or NCCL headers not found; building Gloo (CPU) only"
+        );
     }
     build.compile("dim_dist_shim");
     // c10d lives in libtorch_cpu; the shim is linked before it.

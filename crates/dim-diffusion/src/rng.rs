@@ -274,10 +274,16 @@ mod tests {
         let all = NoiseRng::with_first_row(3, 10).randn(&[12, 7], Kind::Double, Device::Cpu);
         for ranks in [2i64, 3, 4] {
             for r in 0..ranks {
-                let part = NoiseRng::with_rows(3, 10 + r as u64, ranks as u64)
-                    .randn(&[12 / ranks, 7], Kind::Double, Device::Cpu);
+                let part = NoiseRng::with_rows(3, 10 + r as u64, ranks as u64).randn(
+                    &[12 / ranks, 7],
+                    Kind::Double,
+                    Device::Cpu,
+                );
                 let rows = Tensor::arange_start_step(r, 12, ranks, (Kind::Int64, Device::Cpu));
-                assert!(all.index_select(0, &rows).equal(&part), "rank {r} of {ranks}");
+                assert!(
+                    all.index_select(0, &rows).equal(&part),
+                    "rank {r} of {ranks}"
+                );
             }
         }
     }

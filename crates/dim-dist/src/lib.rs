@@ -57,8 +57,12 @@ extern "C" {
         len: usize,
     ) -> c_int;
     fn dim_dist_group_free(g: *mut c_void);
-    fn dim_dist_store_clone(g: *mut c_void, out: *mut *mut c_void, err: *mut c_char, len: usize)
-        -> c_int;
+    fn dim_dist_store_clone(
+        g: *mut c_void,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn dim_dist_store_free(s: *mut c_void);
     fn dim_dist_store_add(
         s: *mut c_void,
@@ -112,7 +116,11 @@ pub fn has_nccl() -> bool {
 }
 
 /// Runs a shim call with an error buffer; a failure becomes [`DistError::C10d`].
-fn call(what: &'static str, rank: usize, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+fn call(
+    what: &'static str,
+    rank: usize,
+    f: impl FnOnce(*mut c_char, usize) -> c_int,
+) -> Result<()> {
     let mut err = vec![0 as c_char; ERR_LEN];
     if f(err.as_mut_ptr(), ERR_LEN) == 0 {
         return Ok(());
@@ -289,7 +297,9 @@ impl ProcessGroup {
 
     /// Waits until every rank gets here.
     pub fn barrier(&self) -> Result<()> {
-        call("barrier", self.rank, |e, l| unsafe { dim_dist_barrier(self.raw, e, l) })
+        call("barrier", self.rank, |e, l| unsafe {
+            dim_dist_barrier(self.raw, e, l)
+        })
     }
 
     /// Starts a [`Heartbeat`] on its own store connection.
@@ -403,12 +413,21 @@ impl StoreConn {
         let mut value = 0i64;
         let mut err = vec![0 as c_char; ERR_LEN];
         let rc = unsafe {
-            dim_dist_store_add(self.0, key.as_ptr(), delta, &mut value, err.as_mut_ptr(), ERR_LEN)
+            dim_dist_store_add(
+                self.0,
+                key.as_ptr(),
+                delta,
+                &mut value,
+                err.as_mut_ptr(),
+                ERR_LEN,
+            )
         };
         if rc == 0 {
             Ok(value)
         } else {
-            Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
+            Err(unsafe { CStr::from_ptr(err.as_ptr()) }
+                .to_string_lossy()
+                .into_owned())
         }
     }
 }
@@ -465,14 +484,24 @@ impl Heartbeat {
         let peers: Vec<usize> = (0..self.world_size).filter(|&r| r != self.rank).collect();
         let lost = |msg: String| DistError::PeerLost {
             rank: 0,
-            msg: format!("the rendezvous store that rank 0 hosts is unreachable ({msg}): rank 0 has stopped"),
+            msg: format!(
+                "the rendezvous store that rank 0 hosts is unreachable ({msg}): rank 0 has stopped"
+            ),
         };
-        let before: Vec<i64> = peers.iter().map(|&r| read(r)).collect::<std::result::Result<_, _>>().map_err(lost)?;
+        let before: Vec<i64> = peers
+            .iter()
+            .map(|&r| read(r))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(lost)?;
         let deadline = Instant::now() + Self::PERIOD * 4;
         while Instant::now() < deadline {
             std::thread::sleep(Self::PERIOD / 2);
         }
-        let after: Vec<i64> = peers.iter().map(|&r| read(r)).collect::<std::result::Result<_, _>>().map_err(lost)?;
+        let after: Vec<i64> = peers
+            .iter()
+            .map(|&r| read(r))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(lost)?;
         Ok(peers
             .into_iter()
             .zip(before.into_iter().zip(after))
@@ -519,8 +548,10 @@ mod tests {
     use super::*;
 
     fn env(vars: &[(&str, &str)]) -> Result<Option<DistEnv>> {
-        let vars: Vec<(String, String)> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         DistEnv::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
     }
 
@@ -547,10 +578,19 @@ mod tests {
             }
         );
         let e = env(&[("WORLD_SIZE", "2"), ("RANK", "1")]).unwrap().unwrap();
-        assert_eq!((e.local_rank, e.master_port, e.master_addr.as_str()), (1, 29500, "127.0.0.1"));
-        assert!(env(&[("WORLD_SIZE", "2")]).unwrap_err().to_string().contains("RANK"));
+        assert_eq!(
+            (e.local_rank, e.master_port, e.master_addr.as_str()),
+            (1, 29500, "127.0.0.1")
+        );
+        assert!(env(&[("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string()
+            .contains("RANK"));
         assert!(env(&[("WORLD_SIZE", "2"), ("RANK", "2")]).is_err());
-        assert!(env(&[("WORLD_SIZE", "x"), ("RANK", "0")]).unwrap_err().to_string().contains("WORLD_SIZE"));
+        assert!(env(&[("WORLD_SIZE", "x"), ("RANK", "0")])
+            .unwrap_err()
+            .to_string()
+            .contains("WORLD_SIZE"));
     }
 
     /// A one-rank group exercises the whole shim (store, Gloo, reducer) in
@@ -580,7 +620,10 @@ mod tests {
         let b = Tensor::randn([5], tch::kind::FLOAT_CPU).set_requires_grad(true);
         let reducer = Reducer::new(
             &pg,
-            &[("w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())],
+            &[
+                ("w".into(), w.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+            ],
             25.0,
             1.0,
         )

@@ -78,10 +78,19 @@ impl World {
             tch::set_num_threads((cores / local_world).max(1) as i32);
         }
         let timeout = Duration::from_secs_f64(cfg.timeout_s);
-        let pg = ProcessGroup::new(&env, device.is_cuda(), timeout)
-            .with_context(|| format!("joining {} ranks at {}:{}", env.world_size, env.master_addr, env.master_port))?;
+        let pg = ProcessGroup::new(&env, device.is_cuda(), timeout).with_context(|| {
+            format!(
+                "joining {} ranks at {}:{}",
+                env.world_size, env.master_addr, env.master_port
+            )
+        })?;
         let heartbeat = pg.heartbeat()?;
-        tracing::info!(rank = env.rank, world_size = env.world_size, ?device, "data-parallel rank");
+        tracing::info!(
+            rank = env.rank,
+            world_size = env.world_size,
+            ?device,
+            "data-parallel rank"
+        );
         Ok((
             Self {
                 group: Some(Group {
@@ -150,7 +159,9 @@ impl World {
 
     /// Installs DDP's gradient reducer over `params`.
     pub fn attach_reducer(&mut self, params: &[(String, Tensor)], cfg: &DistConfig) -> Result<()> {
-        let Some(g) = &mut self.group else { return Ok(()) };
+        let Some(g) = &mut self.group else {
+            return Ok(());
+        };
         let r = Reducer::new(&g.pg, params, cfg.bucket_mib, cfg.first_bucket_mib)
             .context("the gradient reducer (are the models the same on every rank?)")?;
         g.reducer = Some(r);
@@ -181,7 +192,9 @@ impl World {
     /// Whether any rank wants to stop (Ctrl-C, time limit): ranks stop at
     /// the same step boundary, so none waits in a collective for the others.
     pub fn any<const N: usize>(&self, flags: [bool; N]) -> Result<[bool; N]> {
-        let Some(g) = &self.group else { return Ok(flags) };
+        let Some(g) = &self.group else {
+            return Ok(flags);
+        };
         let t = Tensor::from_slice(&flags.map(i64::from));
         g.pg.all_reduce(&[&t], false).map_err(|e| self.fail(e))?;
         let mut out = [false; N];
@@ -245,7 +258,12 @@ pub fn dump_grads_if_asked(world: &World, step: u64, params: &[(String, Tensor)]
     };
     let grads: Vec<(String, Tensor)> = params
         .iter()
-        .map(|(n, p)| (n.clone(), p.grad().to_device(Device::Cpu).to_kind(Kind::Float)))
+        .map(|(n, p)| {
+            (
+                n.clone(),
+                p.grad().to_device(Device::Cpu).to_kind(Kind::Float),
+            )
+        })
         .collect();
     Tensor::write_safetensors(&grads, &path)
         .with_context(|| format!("{DUMP_GRADS_ENV}: cannot write {}", path.to_string_lossy()))?;
@@ -272,11 +290,20 @@ mod tests {
     fn loader_position_keeps_the_sample_position_across_world_sizes() {
         let w = World::single();
         // 2 ranks × 8 → 4 ranks × 4: same micro-batch size, same step.
-        let p = w.loader_position(&state(5, 8, 2, 0), &state(0, 4, 4, 3)).unwrap();
-        assert_eq!((p.epoch, p.step, p.rank, p.world_size, p.batch_size), (3, 5, 3, 4, 4));
+        let p = w
+            .loader_position(&state(5, 8, 2, 0), &state(0, 4, 4, 3))
+            .unwrap();
+        assert_eq!(
+            (p.epoch, p.step, p.rank, p.world_size, p.batch_size),
+            (3, 5, 3, 4, 4)
+        );
         // 2 ranks × 8 → 1 rank × 32 (accumulation halved): 80 samples = 2.5 batches.
-        assert!(w.loader_position(&state(5, 8, 2, 0), &state(0, 32, 1, 0)).is_err());
-        let p = w.loader_position(&state(6, 8, 2, 0), &state(0, 32, 1, 0)).unwrap();
+        assert!(w
+            .loader_position(&state(5, 8, 2, 0), &state(0, 32, 1, 0))
+            .is_err());
+        let p = w
+            .loader_position(&state(6, 8, 2, 0), &state(0, 32, 1, 0))
+            .unwrap();
         assert_eq!(p.step, 3);
     }
 }

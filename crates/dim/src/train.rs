@@ -26,9 +26,7 @@ use crate::dist::{self, World};
 use crate::images;
 use crate::metrics::{rss_mib, JsonlWriter, StepRecord};
 use crate::optim::{AdamW, Ema};
-use crate::runtime::{
-    diffusion_config, model_config, named_params, set_precision, Net,
-};
+use crate::runtime::{diffusion_config, model_config, named_params, set_precision, Net};
 
 /// Mixes a seed and a counter into a new seed (SplitMix64 finaliser).
 pub fn mix(seed: u64, n: u64) -> u64 {
@@ -91,7 +89,13 @@ pub fn train(
     let net = Net::new(&mcfg, device)?;
     // Every rank starts from rank 0's weights (as DDP).
     // Sorted by name: every rank must list them in the same order.
-    let all_vars: Vec<Tensor> = net.vs.variables().into_iter().collect::<BTreeMap<_, _>>().into_values().collect();
+    let all_vars: Vec<Tensor> = net
+        .vs
+        .variables()
+        .into_iter()
+        .collect::<BTreeMap<_, _>>()
+        .into_values()
+        .collect();
     world.broadcast_from_primary(&all_vars)?;
     let params = named_params(&net.vs);
     let mut opt = AdamW::new(&cfg.optim, &params)?;
@@ -387,7 +391,10 @@ fn drop_labels(
         .noise_rng(seed, g, micro)
         .rand(&[b], Kind::Double, Device::Cpu);
     let keep = u.ge(mcfg.class_dropout_prob);
-    y.where_self(&keep, &Tensor::full([b], mcfg.num_classes, (Kind::Int64, Device::Cpu)))
+    y.where_self(
+        &keep,
+        &Tensor::full([b], mcfg.num_classes, (Kind::Int64, Device::Cpu)),
+    )
 }
 
 /// Reads the sum of the step losses since the last check (waiting for the
