@@ -222,7 +222,7 @@ impl World {
         let saved_global = saved.batch_size * saved.world_size;
         let my_global = mine.batch_size * mine.world_size;
         let samples = saved.step * saved_global;
-        if samples % my_global != 0 {
+        if !samples.is_multiple_of(my_global) {
             bail!(
                 "the checkpoint stopped {samples} samples into an epoch, which is not a whole number of this run's micro-batches of {my_global} samples ({} per rank × {} ranks): resume with a batch size (or grad_accum) that divides it",
                 mine.batch_size,
