@@ -14,6 +14,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #ifdef DIM_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -50,8 +51,9 @@ extern "C" {
 
 // Connects to the rendezvous at host:port (rank 0 hosts the TCPStore there)
 // and builds the process group: Gloo for CPU tensors, NCCL for CUDA tensors
-// when `cuda` is set. `timeout_ms` bounds the rendezvous and every
-// collective.
+// when `cuda` >= 0 (the CUDA device index this rank uses, made current so
+// that NCCL and libtorch's streams live there). `timeout_ms` bounds the
+// rendezvous and every collective.
 int dim_dist_group_new(const char* host, int port, int rank, int world,
                        int cuda, int64_t timeout_ms, void** out, char* err,
                        size_t len) {
@@ -79,8 +81,9 @@ int dim_dist_group_new(const char* host, int port, int rank, int world,
     pg->setBackend(c10::DeviceType::CPU, ProcessGroup::BackendType::GLOO,
                    gloo);
     pg->setDefaultBackend(ProcessGroup::BackendType::GLOO);
-    if (cuda) {
+    if (cuda >= 0) {
 #ifdef DIM_WITH_NCCL
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda));
       auto nopts = c10d::ProcessGroupNCCL::Options::create();
       nopts->timeout = timeout;
       nopts->group_name = "0";
@@ -98,7 +101,7 @@ int dim_dist_group_new(const char* host, int port, int rank, int world,
 #endif
     }
     pg->setGroupName("0");
-    *out = new Group{tcp, pg, timeout, cuda != 0};
+    *out = new Group{tcp, pg, timeout, cuda >= 0};
   });
 }
 

@@ -211,8 +211,8 @@ impl DistEnv {
     }
 }
 
-/// A c10d process group over all ranks: Gloo for CPU tensors and, with
-/// `cuda`, NCCL for CUDA tensors (NCCL is then the default backend).
+/// A c10d process group over all ranks: Gloo for CPU tensors and, with a
+/// CUDA device, NCCL for CUDA tensors (NCCL is then the default backend).
 #[derive(Debug)]
 pub struct ProcessGroup {
     raw: *mut c_void,
@@ -227,9 +227,11 @@ unsafe impl Send for ProcessGroup {}
 
 impl ProcessGroup {
     /// Rendezvous at `env.master_addr:master_port` and build the group.
-    /// `timeout` bounds the rendezvous and every collective: a peer that
-    /// dies or hangs makes the others fail within it.
-    pub fn new(env: &DistEnv, cuda: bool, timeout: Duration) -> Result<Self> {
+    /// `cuda`: this rank's CUDA device index (made the current device), or
+    /// `None` for a CPU-only (Gloo) group. `timeout` bounds the rendezvous
+    /// and every collective: a peer that dies or hangs makes the others fail
+    /// within it.
+    pub fn new(env: &DistEnv, cuda: Option<usize>, timeout: Duration) -> Result<Self> {
         let host = CString::new(env.master_addr.clone()).map_err(|_| DistError::Env {
             var: "MASTER_ADDR",
             msg: "contains a NUL byte".into(),
@@ -241,7 +243,7 @@ impl ProcessGroup {
                 env.master_port as c_int,
                 env.rank as c_int,
                 env.world_size as c_int,
-                cuda as c_int,
+                cuda.map_or(-1, |i| i as c_int),
                 timeout.as_millis() as i64,
                 &mut raw,
                 e,
@@ -251,7 +253,7 @@ impl ProcessGroup {
         tracing::info!(
             rank = env.rank,
             world_size = env.world_size,
-            backend = if cuda { "nccl" } else { "gloo" },
+            backend = if cuda.is_some() { "nccl" } else { "gloo" },
             "process group ready"
         );
         Ok(Self {
@@ -609,7 +611,7 @@ mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: port,
         };
-        let pg = ProcessGroup::new(&env, false, Duration::from_secs(20)).unwrap();
+        let pg = ProcessGroup::new(&env, None, Duration::from_secs(20)).unwrap();
         let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
         pg.all_reduce(&[&t], false).unwrap();
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.0, 2.0, 3.0]);

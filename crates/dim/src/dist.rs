@@ -78,7 +78,11 @@ impl World {
             tch::set_num_threads((cores / local_world).max(1) as i32);
         }
         let timeout = Duration::from_secs_f64(cfg.timeout_s);
-        let pg = ProcessGroup::new(&env, device.is_cuda(), timeout).with_context(|| {
+        let cuda = match device {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        let pg = ProcessGroup::new(&env, cuda, timeout).with_context(|| {
             format!(
                 "joining {} ranks at {}:{}",
                 env.world_size, env.master_addr, env.master_port

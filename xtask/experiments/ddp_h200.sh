@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Data-parallel training on 2 GPUs (issue 14's acceptance, for
+# docs/benchmarks/distributed.md), in one call of a few minutes:
+#
+#  1. throughput: DiM-XL/2 and DiT-XL/2, batch BATCH (32) per GPU, bf16, on
+#     1 GPU and on 2 GPUs (`dim train --gpus 2`, NCCL); images/s averaged
+#     over the logged windows after the first (warm-up);
+#  2. loss curves: 50 steps of DiM-XL/2 at the same global batch (2 × BATCH)
+#     on 1 GPU (grad_accum 2) and on 2 GPUs (BATCH each), same seed.
+#
+# Data: Fashion-MNIST from the experiment bundle, padded to SIZE (32: 16×16 =
+# 256 tokens with patch 2, as ImageNet-256 latents) or resized (SIZE=64:
+# 1,024 tokens; batch 32 of DiM-XL/2 there needs ~4× the 34 GiB of 256
+# tokens, so lower BATCH with it). Run from the repository root:
+#
+#   DIM_FASHION_MNIST_DIR=<bundle>/data/fashion-mnist \
+#     xtask/experiments/ddp_h200.sh <bundle>/bin/dim <output folder>
+#
+# Environment (optional): BATCH (32), SIZE (32), STEPS (30, throughput runs),
+# CURVE_STEPS (50), MODELS ("dim dit"); CPU_CHECK=1 runs the same flow on
+# CPU with `--nproc` and one-block models (a check of the script itself). Writes <out>/summary.json, the runs'
+# metrics.jsonl and logs, and <out>/results.tgz with all the small files.
+set -euo pipefail
+dim=$(realpath "$1")
+out=$2
+mkdir -p "$out"
+out=$(realpath "$out")
+batch=${BATCH:-32}
+size=${SIZE:-32}
+steps=${STEPS:-30}
+curve_steps=${CURVE_STEPS:-50}
+read -r -a models <<<"${MODELS:-dim dit}"
+export NCCL_NVLS_ENABLE=0            # NVLink multicast stays off on these machines
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+log() { echo "[$(date -u +%H:%M:%S)] $*"; }
+
+if [ -n "${CPU_CHECK:-}" ]; then
+  device=cpu launch_flag=--nproc
+  small=$'depth = 1\nwidth = 32\nheads = 2\ndt_rank = 4'
+else
+  device=cuda launch_flag=--gpus small=""
+fi
+if [ "$size" = 32 ]; then
+  transform='{ op = "pad", size = 32 }'
+else
+  transform="{ op = \"center_crop_resize\", size = $size }"
+fi
+
+# config <file> <preset>: Fashion-MNIST at SIZE, 10 classes, bf16, no grids.
+config() {
+  cat >"$1" <<EOF
+[model]
+preset = "$2"
+$small
+in_channels = 1
+input_size = [$size, $size]
+num_classes = 10
+class_dropout_prob = 0.1
+learn_sigma = true
+
+[diffusion]
+kind = "gaussian"
+timesteps = 1000
+schedule = "linear"
+learn_sigma = true
+
+[data]
+kind = "fashion_mnist"
+split = "train"
+transforms = [$transform]
+
+[loader]
+workers = 6
+prefetch = 4
+
+[optim]
+lr = 1e-4
+grad_clip = 0.0
+ema_decay = 0.9999
+
+[train]
+seed = 0
+device = "$device"
+precision = "bf16"
+log_every = 10
+sample_every = 0
+ckpt_every = 1000000
+keep_last = 1
+
+[dist]
+timeout_s = 120
+EOF
+}
+
+# run <name> <gpus> <config> [overrides...]
+run() {
+  local name=$1 gpus=$2 cfg=$3
+  shift 3
+  local launch=()
+  [ "$gpus" -gt 1 ] && launch=("$launch_flag" "$gpus")
+  local t0=$SECONDS
+  rm -rf "${out:?}/$name"   # a fresh run, not a resumed or appended one
+  "$dim" train --config "$cfg" "${launch[@]}" "train.out_dir=\"$out/$name\"" "$@" \
+    >"$out/$name.stdout" 2>"$out/$name.log" || { log "$name FAILED:"; tail -20 "$out/$name.log"; return 1; }
+  log "$name: done in $((SECONDS - t0)) s, last: $(tail -1 "$out/$name/metrics.jsonl")"
+}
+
+log "dim $("$dim" --version); $(nvidia-smi -L 2>/dev/null | tr '\n' ' ')"
+for m in "${models[@]}"; do
+  case $m in
+    dim) preset="DiM-XL/2" ;;
+    dit) preset="DiT-XL/2" ;;
+    *) echo "MODELS: unknown model '$m' (dim, dit)" >&2; exit 2 ;;
+  esac
+  config "$out/$m.toml" "$preset"
+  run "$m-1gpu" 1 "$out/$m.toml" "train.steps=$steps" "train.batch_size=$batch"
+  run "$m-2gpu" 2 "$out/$m.toml" "train.steps=$steps" "train.batch_size=$((2 * batch))"
+done
+config "$out/curve.toml" "DiM-XL/2"
+run curve-1gpu 1 "$out/curve.toml" "train.steps=$curve_steps" "train.batch_size=$((2 * batch))" \
+  "train.grad_accum=2" "train.log_every=1"
+run curve-2gpu 2 "$out/curve.toml" "train.steps=$curve_steps" "train.batch_size=$((2 * batch))" \
+  "train.log_every=1"
+
+python3 - "$out" "$batch" "$size" "${models[@]}" <<'EOF'
+import json, sys
+out, batch, size, models = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+def metrics(name):
+    return [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
+def ips(name):
+    m = metrics(name)[1:] or metrics(name)  # the first window holds the warm-up
+    return sum(r["images_per_s"] for r in m) / len(m)
+summary = {"batch_per_gpu": batch, "tokens": (size // 2) ** 2, "throughput": {}}
+for m in models:
+    one, two = ips(f"{m}-1gpu"), ips(f"{m}-2gpu")
+    mem = max(r["memory_mib"] for r in metrics(f"{m}-2gpu"))
+    summary["throughput"][m] = {"images_per_s_1gpu": one, "images_per_s_2gpu": two,
+                                "speedup": two / one, "peak_mib_per_gpu_2gpu": mem}
+    print(f"{m}: 1 GPU {one:.1f} img/s, 2 GPUs {two:.1f} img/s: {two / one:.3f}x (target >= 1.9x)")
+c1, c2 = metrics("curve-1gpu"), metrics("curve-2gpu")
+diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(c1, c2)]
+summary["curve"] = {"steps": len(c1), "global_batch": 2 * batch,
+                    "loss_1gpu": [r["loss"] for r in c1], "loss_2gpu": [r["loss"] for r in c2],
+                    "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs)}
+print(f"loss curves over {len(c1)} steps: max |diff| {max(diffs):.4g}, mean {sum(diffs) / len(diffs):.4g}")
+for i in range(0, len(c1), 10):
+    print(f"  step {c1[i]['step']}: 1 GPU {c1[i]['loss']:.5f}  2 GPUs {c2[i]['loss']:.5f}")
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
+EOF
+pack=$(mktemp -d)/ddp
+mkdir -p "$pack"
+for d in "$out"/*/; do
+  n=$(basename "$d")
+  [ -f "$d/metrics.jsonl" ] && cp "$d/metrics.jsonl" "$pack/$n.metrics.jsonl"
+done
+cp "$out"/*.log "$out"/*.toml "$out/summary.json" "$pack/"
+tar czf "$out/results.tgz" -C "$(dirname "$pack")" ddp
+log "packed $out/results.tgz"
