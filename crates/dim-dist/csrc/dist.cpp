@@ -19,6 +19,7 @@
 #endif
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -59,20 +60,27 @@ int dim_dist_group_new(const char* host, int port, int rank, int world,
                        size_t len) {
   return dim_shim::guarded(err, len, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
+    // Under torchrun (torch.distributed.elastic) the agent already hosts the
+    // store on MASTER_PORT: every rank, rank 0 too, is then a client, and
+    // keys are kept apart per restart.
+    const char* agent = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+    bool agent_store = agent != nullptr && std::string(agent) == "True";
+    const char* restart = std::getenv("TORCHELASTIC_RESTART_COUNT");
     c10d::TCPStoreOptions sopts;
     sopts.port = static_cast<uint16_t>(port);
-    sopts.isServer = rank == 0;
+    sopts.isServer = rank == 0 && !agent_store;
     sopts.numWorkers = static_cast<size_t>(world);
-    sopts.waitWorkers = true;
+    sopts.waitWorkers = !agent_store;
     sopts.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), sopts);
     // One prefix per group, as torch.distributed does ("default_pg").
-    c10::intrusive_ptr<c10d::Store> store =
-        c10::make_intrusive<c10d::PrefixStore>("dim/0", tcp);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::PrefixStore>(
+        std::string("dim/") + (restart ? restart : "0"), tcp);
     auto pg = c10::make_intrusive<ProcessGroup>(store, rank, world);
 
-    auto gopts = c10d::ProcessGroupGloo::Options::create(timeout);
-    gopts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    // Honours GLOO_SOCKET_IFNAME (the network interface, multi-node), else
+    // the interface of this host's name, as torch.distributed does.
+    auto gopts = c10d::ProcessGroupGloo::Options::create_default(timeout);
     gopts->group_name = "0";
     auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>("gloo", store), rank, world,
