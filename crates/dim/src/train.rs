@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use dim_diffusion::{Diffusion, FallibleFn, NoiseRng, SamplerConfig};
+use dim_io::Group;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -109,11 +110,8 @@ pub fn train(
         None => None,
     };
     if let Some(p) = &resume_path {
-        let ck = Checkpoint::load(p)?;
-        let saved_cfg = ck.meta("config", p)?;
-        let saved: toml::Table = saved_cfg
-            .parse()
-            .with_context(|| format!("checkpoint {}: bad embedded config", p.display()))?;
+        let ck = checkpoint::open(p)?;
+        let saved: toml::Table = ck.config_table()?;
         if saved.get("model") != Some(&toml::Value::Table(cfg.model.clone())) {
             bail!(
                 "checkpoint {} was trained with a different [model] than config {}: resume with the config it was trained with (its [model] is stored in the checkpoint)",
@@ -121,21 +119,16 @@ pub fn train(
                 cfg.file
             );
         }
-        net.load(&ck.group("model"), &format!("checkpoint {}", p.display()))?;
-        let ema_w = ck.group("ema");
-        tch::no_grad(|| -> Result<()> {
-            for (n, s) in &mut ema.shadow {
-                let w = ema_w.get(n).with_context(|| {
-                    format!("checkpoint {}: EMA weight `{n}` missing", p.display())
-                })?;
-                s.copy_(w);
-            }
-            Ok(())
-        })?;
-        step = ck.meta("step", p)?.parse()?;
-        opt.load_state(&ck.group("optim"), step)
-            .with_context(|| format!("checkpoint {}", p.display()))?;
-        let pos: dim_data::LoaderState = serde_json::from_str(ck.meta("data_position", p)?)?;
+        ck.load_model_weights(&net.vs)?;
+        let shadow = ema
+            .shadow
+            .iter()
+            .map(|(n, s)| (n.clone(), s.shallow_clone()));
+        ck.load_group(&shadow.collect(), Group::new(checkpoint::EMA_GROUP))?;
+        step = ck.meta("step")?.parse()?;
+        ck.load_group(&opt.state_tensors(), Group::new(checkpoint::OPTIM_GROUP))?;
+        opt.set_steps_taken(step);
+        let pos: dim_data::LoaderState = serde_json::from_str(ck.meta("data_position")?)?;
         loader
             .resume(&pos)
             .with_context(|| format!("checkpoint {}: data position", p.display()))?;
