@@ -218,6 +218,16 @@ impl TensorFile {
     }
 }
 
+/// Test hook: `DIM_IO_TEST_WRITE_DELAY_MS` pauses after each tensor written,
+/// so that fault tests can kill a process in the middle of a write.
+fn test_write_delay() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("DIM_IO_TEST_WRITE_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms))
+}
+
 /// Writes `tensors` (any device and storable dtype) and `metadata` to the
 /// safetensors file `path`. Each tensor is copied to the host and written
 /// alone, so the extra memory is one tensor. The data goes to a temporary
@@ -293,6 +303,9 @@ pub fn save(
             host.f_copy_data_u8(&mut bytes, numel)
                 .map_err(torch_err(path))?;
             w.write_all(&bytes).map_err(io_err(&tmp_path))?;
+            if let Some(pause) = test_write_delay() {
+                std::thread::sleep(pause);
+            }
         }
         w.flush().map_err(io_err(&tmp_path))?;
     }

@@ -39,8 +39,12 @@ impl Checkpoint {
             .tensors
             .iter()
             .map(|(k, t)| (k.clone(), t.shallow_clone()));
-        dim_model::write_checkpoint(path, tensors, &config, &extra)?;
-        Ok(())
+        dim_model::write_checkpoint(path, tensors, &config, &extra).with_context(|| {
+            format!(
+                "cannot write checkpoint {} (the earlier checkpoints beside it are untouched; free space or pick another train.out_dir, then --resume auto)",
+                path.display()
+            )
+        })
     }
 }
 

@@ -12,6 +12,7 @@ mod checkpoint;
 mod config;
 mod demo;
 mod eval;
+mod guard;
 mod images;
 mod metrics;
 mod ops;
@@ -173,7 +174,8 @@ fn run(cli: Cli) -> Result<()> {
                 "auto" => train::Resume::Auto,
                 p => train::Resume::Path(PathBuf::from(p)),
             });
-            let out = train::train(&cfg, resume, stop_flag()?)?;
+            let stop = stop_flag()?;
+            let out = guard::libtorch_boundary("training", || train::train(&cfg, resume, stop))?;
             if out.interrupted {
                 eprintln!(
                     "interrupted at step {}; continue with --resume auto",

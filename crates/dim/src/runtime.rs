@@ -45,17 +45,41 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
 
 /// The diffusion and sampler configs of a `TrainConfig`.
 pub fn diffusion_config(cfg: &TrainConfig) -> Result<dim_diffusion::Config> {
-    diffusion_config_of(&cfg.diffusion, &cfg.file)
+    diffusion_config_of(&cfg.diffusion, &model_config(cfg)?, &cfg.file)
 }
 
 /// The diffusion and sampler configs from the `[diffusion]` and `[sampler]`
 /// tables of `table` (other tables are left out); `file` names it in errors.
-pub fn diffusion_config_of(table: &toml::Table, file: &str) -> Result<dim_diffusion::Config> {
-    let parts: toml::Table = table
+///
+/// `learn_sigma` has one source of truth, the model (it decides the output
+/// channels): `diffusion.learn_sigma` follows `model.learn_sigma`, and may
+/// only be written if it says the same.
+pub fn diffusion_config_of(
+    table: &toml::Table,
+    model: &ModelConfig,
+    file: &str,
+) -> Result<dim_diffusion::Config> {
+    let mut parts: toml::Table = table
         .iter()
         .filter(|(k, _)| ["diffusion", "sampler"].contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let diffusion = parts
+        .entry("diffusion")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    if let toml::Value::Table(d) = diffusion {
+        let follow = toml::Value::Boolean(model.learn_sigma);
+        match d.get("learn_sigma") {
+            None => {
+                d.insert("learn_sigma".into(), follow);
+            }
+            Some(v) if *v == follow => {}
+            Some(v) => bail!(
+                "config {file}: diffusion.learn_sigma = {v} but model.learn_sigma = {}: leave diffusion.learn_sigma out, it follows the model",
+                model.learn_sigma
+            ),
+        }
+    }
     dim_diffusion::Config::from_toml_str(&toml::to_string(&parts)?)
         .with_context(|| format!("config {file}: [diffusion]/[sampler]"))
 }

@@ -31,7 +31,7 @@ pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
     let table = ck.config_table()?;
     let what = format!("{} (embedded config)", path.display());
     let mcfg = ck.model_config()?;
-    let dcfg = diffusion_config_of(&table, &what)?;
+    let dcfg = diffusion_config_of(&table, &mcfg, &what)?;
     let train: LoopConfig = section(&table, "train", &what)?;
     let net = Net::new(&mcfg, device)?;
     // Sampling runs without autocast; TF32 matmuls as the model trained.

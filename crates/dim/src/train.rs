@@ -17,6 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use dim_diffusion::{Diffusion, FallibleFn, NoiseRng, SamplerConfig};
 use dim_io::Group;
+use dim_rng::derive;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -29,14 +30,6 @@ use crate::optim::{AdamW, Ema};
 use crate::runtime::{
     diffusion_config, model_config, named_params, resolve_device, set_precision, Net,
 };
-
-/// Mixes a seed and a counter into a new seed (SplitMix64 finaliser).
-pub fn mix(seed: u64, n: u64) -> u64 {
-    let mut z = seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Where to resume from.
 #[derive(Debug, Clone)]
@@ -81,7 +74,7 @@ pub fn train(
         );
     }
 
-    tch::manual_seed(mix(t.seed, u64::MAX) as i64);
+    tch::manual_seed(derive(t.seed, &[u64::MAX]) as i64);
     let net = Net::new(&mcfg, device)?;
     let params = named_params(&net.vs);
     let mut opt = AdamW::new(&cfg.optim, &params)?;
@@ -209,7 +202,7 @@ pub fn train(
             tracing::info!(step, "time limit reached");
             break;
         }
-        tch::manual_seed(mix(t.seed, step) as i64);
+        tch::manual_seed(derive(t.seed, &[step]) as i64);
         let mut step_loss = Tensor::zeros([], (Kind::Double, device));
         for m in 0..t.grad_accum {
             let batch = loader
@@ -229,7 +222,7 @@ pub fn train(
                 None
             };
             let mut rng = NoiseRng::with_first_row(
-                mix(t.seed, 1),
+                derive(t.seed, &[1]),
                 (step * t.grad_accum as u64 + m as u64) * micro as u64,
             );
             let denoiser = FallibleFn(|x: &Tensor, tt: &Tensor, y: Option<&Tensor>| {
