@@ -14,7 +14,7 @@
 //! See `docs/data.md` for the user guide.
 
 pub mod error;
-pub mod rng;
+pub use dim_rng as rng;
 
 mod arrays;
 mod config;

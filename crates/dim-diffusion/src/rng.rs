@@ -14,73 +14,12 @@
 //! The cost is a host-to-device copy of the noise each step, which is small next
 //! to a network forward.
 
+use dim_rng::Xoshiro256pp;
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 /// Above this many values, rows are filled in parallel (rayon).
 const PARALLEL_MIN: usize = 1 << 18;
-
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(GOLDEN);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// One xoshiro256++ stream.
-#[derive(Debug, Clone)]
-struct Xoshiro256pp {
-    s: [u64; 4],
-}
-
-impl Xoshiro256pp {
-    fn new(seed: u64, row: u64) -> Self {
-        // Hash (seed, row) into a SplitMix64 state, then expand to 256 bits.
-        let mut h = seed;
-        let a = splitmix64(&mut h);
-        let mut st = a ^ row.wrapping_mul(0xD1B5_4A32_D192_ED03).rotate_left(17);
-        let mut h2 = st;
-        st = splitmix64(&mut h2);
-        let mut sm = st;
-        let s = [
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-            splitmix64(&mut sm),
-        ];
-        Self { s }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Two independent standard normals (Box–Muller).
-    fn next_normal_pair(&mut self) -> (f64, f64) {
-        let u1 = 1.0 - self.next_f64(); // (0, 1]
-        let u2 = self.next_f64();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
-        (r * c, r * s)
-    }
-}
 
 /// Seeded per-row random streams; see the module docs.
 #[derive(Debug, Clone)]

@@ -87,8 +87,8 @@ impl FmnistClassifier {
     /// Loads weights written by [`FmnistClassifier::save`], checking every
     /// name and shape.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let mut net = Self::new(device);
-        load_checked(&mut net.vs, path, &|_| false)?;
+        let net = Self::new(device);
+        load_checked(&net.vs, path, &|_| false)?;
         Ok(net)
     }
 

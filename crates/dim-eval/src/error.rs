@@ -23,14 +23,10 @@ pub enum EvalError {
         /// Actual count.
         got: usize,
     },
-    /// A weights file whose tensors do not match the network.
-    #[error("weights file {path}: {detail}")]
-    Weights {
-        /// The file.
-        path: PathBuf,
-        /// Which names/shapes are wrong, and what to do.
-        detail: String,
-    },
+    /// A weights or statistics file that cannot be read or whose tensors do
+    /// not match what is loaded (the message names the file).
+    #[error(transparent)]
+    File(#[from] dim_io::IoError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

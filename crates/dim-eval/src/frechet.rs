@@ -43,35 +43,40 @@ impl GaussianStats {
     /// statistics of a reference set).
     pub fn save(&self, path: &Path) -> Result<()> {
         let n = Tensor::from_slice(&[self.n as i64]);
-        Tensor::write_safetensors(&[("mu", &self.mu), ("sigma", &self.sigma), ("n", &n)], path)?;
+        let tensors = [("mu", &self.mu), ("sigma", &self.sigma), ("n", &n)]
+            .map(|(k, t)| (k.to_string(), t.shallow_clone()));
+        dim_io::save(path, tensors, &Default::default())?;
         Ok(())
     }
 
     /// Reads statistics written by [`GaussianStats::save`].
     pub fn load(path: &Path) -> Result<Self> {
-        let bad = |detail: String| EvalError::Weights {
-            path: path.to_path_buf(),
-            detail,
+        let bad = |detail: String| {
+            EvalError::File(dim_io::IoError::Mismatch {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "{detail}: not a statistics file written by dim eval; delete it to recompute"
+                ),
+            })
         };
-        let tensors = Tensor::read_safetensors(path)?;
-        let get = |name: &str| {
-            tensors
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, t)| t.shallow_clone())
-                .ok_or_else(|| bad(format!("no tensor `{name}`: not a statistics file written by dim eval; delete it to recompute")))
+        let file = dim_io::TensorFile::open(path)?;
+        let get = |name: &str| match file.get(name) {
+            Some(_) => Ok(file.read(name)?),
+            None => Err(bad(format!("no tensor `{name}`"))),
         };
-        let mu = get("mu")?.to_kind(Kind::Double);
-        let sigma = get("sigma")?.to_kind(Kind::Double);
-        let n = get("n")?.int64_value(&[0]) as usize;
+        let mu = get("mu")?.f_to_kind(Kind::Double)?;
+        let sigma = get("sigma")?.f_to_kind(Kind::Double)?;
+        let n = get("n")?;
         let f = mu.size();
-        if f.len() != 1 || sigma.size() != [f[0], f[0]] {
+        if f.len() != 1 || sigma.size() != [f[0], f[0]] || n.size() != [1] {
             return Err(bad(format!(
-                "mu {:?} and sigma {:?} are not (F) and (F, F); delete the file to recompute",
+                "mu {:?}, sigma {:?} and n {:?} are not (F), (F, F) and (1)",
                 f,
-                sigma.size()
+                sigma.size(),
+                n.size()
             )));
         }
+        let n = n.f_int64_value(&[0])? as usize;
         Ok(Self { mu, sigma, n })
     }
 }

@@ -275,8 +275,8 @@ impl InceptionV3 {
     /// Loads FID weights from a safetensors file with the PyTorch state-dict
     /// names (see `docs/eval.md`); every name and shape is checked.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let mut net = Self::new(device);
-        load_checked(&mut net.vs, path, &|k| {
+        let net = Self::new(device);
+        load_checked(&net.vs, path, &|k| {
             k.starts_with("fc.") || k.ends_with(".num_batches_tracked")
         })?;
         Ok(net)

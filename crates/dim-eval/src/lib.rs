@@ -18,12 +18,12 @@ pub mod features;
 pub mod frechet;
 pub mod inception;
 pub mod precision_recall;
-mod weights;
 
 pub use classifier::{ClassifierTrainConfig, FmnistClassifier};
+/// The one name- and shape-checked weight loader (from `dim-io`).
+pub use dim_io::load_checked;
 pub use error::{EvalError, Result};
 pub use features::{extract_features, FeatureExtractor};
 pub use frechet::{frechet_distance, FeatureStats, GaussianStats};
 pub use inception::InceptionV3;
 pub use precision_recall::{precision_recall, PrecisionRecall};
-pub use weights::load_checked;

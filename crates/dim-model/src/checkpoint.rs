@@ -1,13 +1,18 @@
-//! Checkpoints: safetensors files holding every variable of a `VarStore`, with
-//! the [`ModelConfig`] (TOML) and caller metadata in the header. Written
-//! atomically; loading checks every name and shape and lists each mismatch.
+//! The one checkpoint format of the workspace, read by `dim_model` and by
+//! every `dim` command.
+//!
+//! A safetensors file (written and read one tensor at a time by `dim-io`)
+//! whose tensors are grouped by prefix: [`MODEL_GROUP`] `model/<name>` holds
+//! the network's variables; training checkpoints add [`EMA_GROUP`]
+//! `ema/<name>` and `optim/...`. Its metadata holds [`FORMAT_KEY`] and
+//! [`CONFIG_KEY`]: a TOML document with at least a `[model]` table (`dim
+//! train` stores its whole run config there), plus caller keys such as
+//! `step`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use dim_io::{Group, TensorFile};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -15,26 +20,19 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::network::Model;
 
-/// Header key of the model config (TOML text).
-pub const CONFIG_KEY: &str = "dim_model.config";
-/// Header key of the checkpoint format version.
-pub const FORMAT_KEY: &str = "dim_model.format";
-const FORMAT_VERSION: &str = "1";
-/// Prefix reserved for this crate's header keys; caller metadata may not use it.
-const RESERVED_PREFIX: &str = "dim_model.";
-
-/// A loaded checkpoint: the config, a `VarStore` holding the weights, the model built on it, and the caller metadata.
-#[derive(Debug)]
-pub struct Checkpoint {
-    /// Config read from the header.
-    pub config: ModelConfig,
-    /// The weights (in the file's dtype when all floating tensors share one).
-    pub vs: VarStore,
-    /// The network built on `vs`.
-    pub model: Model,
-    /// Metadata given to [`save_checkpoint`] as `extra`.
-    pub metadata: BTreeMap<String, String>,
-}
+/// Metadata key of the format tag.
+pub const FORMAT_KEY: &str = "format";
+/// The format tag this crate writes.
+pub const FORMAT: &str = "dim-checkpoint/1";
+/// The tag of `dim train` checkpoints written before the formats were one:
+/// the same layout, still read.
+const FORMAT_TRAIN_V1: &str = "dim-train-checkpoint/1";
+/// Metadata key of the config (TOML with a `[model]` table).
+pub const CONFIG_KEY: &str = "config";
+/// Prefix of the network's variables.
+pub const MODEL_GROUP: &str = "model/";
+/// Prefix of the EMA weights (trainable variables only).
+pub const EMA_GROUP: &str = "ema/";
 
 fn ck_err(path: &Path, msg: impl Into<String>) -> ModelError {
     ModelError::Checkpoint {
@@ -43,239 +41,191 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> ModelError {
     }
 }
 
-fn to_dtype(kind: Kind) -> Option<Dtype> {
-    Some(match kind {
-        Kind::Float => Dtype::F32,
-        Kind::Double => Dtype::F64,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Int64 => Dtype::I64,
-        Kind::Int => Dtype::I32,
-        Kind::Int16 => Dtype::I16,
-        Kind::Int8 => Dtype::I8,
-        Kind::Uint8 => Dtype::U8,
-        Kind::Bool => Dtype::BOOL,
-        _ => return None,
-    })
+/// Writes a checkpoint: `tensors` (already named with their group prefix),
+/// `config` as the [`CONFIG_KEY`] TOML (it must hold a `[model]` table) and
+/// `extra` metadata, whose keys may not be `format` or `config`. Streamed
+/// and atomic (see `dim_io::save`).
+pub fn write_checkpoint(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    config: &str,
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
+    if let Some(key) = extra
+        .keys()
+        .find(|k| [FORMAT_KEY, CONFIG_KEY].contains(&k.as_str()))
+    {
+        return Err(ck_err(path, format!("metadata key {key:?} is reserved")));
+    }
+    let mut meta = extra.clone();
+    meta.insert(FORMAT_KEY.into(), FORMAT.into());
+    meta.insert(CONFIG_KEY.into(), config.into());
+    dim_io::save(path, tensors, &meta)?;
+    tracing::info!(path = %path.display(), "saved checkpoint");
+    Ok(())
 }
 
-fn is_float(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-    )
+/// An opened checkpoint: the header is read and checked, tensors are read
+/// on demand, group by group, into their destinations.
+#[derive(Debug)]
+pub struct CheckpointFile {
+    file: TensorFile,
 }
 
-fn to_kind(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        _ => return None,
-    })
+/// Opens a checkpoint and checks its format tag.
+pub fn open_checkpoint(path: &Path) -> Result<CheckpointFile> {
+    let file = TensorFile::open(path)?;
+    match file.metadata().get(FORMAT_KEY).map(String::as_str) {
+        Some(FORMAT | FORMAT_TRAIN_V1) => Ok(CheckpointFile { file }),
+        other => Err(ck_err(
+            path,
+            format!(
+                "not a diffusion-mamba checkpoint: its metadata has `{FORMAT_KEY}` = {other:?}, not {FORMAT:?}"
+            ),
+        )),
+    }
 }
 
-/// Writes every variable of `vs` (names as in the store) with `cfg` and
-/// `extra` in the header. The file appears complete or not at all: it is
-/// written to a temporary file in the same directory, synced, then renamed.
-/// `extra` keys may not start with `dim_model.`.
+impl CheckpointFile {
+    /// The underlying tensor file.
+    pub fn file(&self) -> &TensorFile {
+        &self.file
+    }
+
+    /// The checkpoint's path.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// A metadata value, or an error naming the checkpoint and the key.
+    pub fn meta(&self, key: &str) -> Result<&str> {
+        self.file
+            .metadata()
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| ck_err(self.path(), format!("no `{key}` in its metadata")))
+    }
+
+    /// The caller metadata: every key but `format` and `config`.
+    pub fn extra(&self) -> BTreeMap<String, String> {
+        let mut m = self.file.metadata().clone();
+        m.remove(FORMAT_KEY);
+        m.remove(CONFIG_KEY);
+        m
+    }
+
+    /// The embedded config document.
+    pub fn config_table(&self) -> Result<toml::Table> {
+        self.meta(CONFIG_KEY)?.parse().map_err(|e| {
+            ck_err(
+                self.path(),
+                format!("its embedded config is not valid TOML: {e}"),
+            )
+        })
+    }
+
+    /// The model config: the `[model]` table of the embedded config.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let model = self
+            .config_table()?
+            .remove("model")
+            .ok_or_else(|| ck_err(self.path(), "its embedded config has no [model] table"))?;
+        let text = toml::to_string(&model).map_err(|e| ck_err(self.path(), e.to_string()))?;
+        ModelConfig::from_toml_str(&text)
+            .map_err(|e| ck_err(self.path(), format!("[model] of its embedded config: {e}")))
+    }
+
+    /// Copies a group of tensors into `targets` with name and shape checks
+    /// (see `dim_io::load_into`).
+    pub fn load_group(&self, targets: &BTreeMap<String, Tensor>, group: Group<'_>) -> Result<()> {
+        Ok(dim_io::load_into(&self.file, targets, group)?)
+    }
+
+    /// Copies the `model/` group into every variable of `vs`.
+    pub fn load_model_weights(&self, vs: &VarStore) -> Result<()> {
+        let targets = vs.variables().into_iter().collect();
+        self.load_group(&targets, Group::new(MODEL_GROUP))
+    }
+
+    /// The floating dtype of the `model/` group, when all its floating
+    /// tensors share one.
+    fn model_float_kind(&self) -> Option<Kind> {
+        let mut kinds = self
+            .file
+            .names()
+            .filter(|n| n.starts_with(MODEL_GROUP))
+            .filter_map(|n| self.file.get(n))
+            .map(|m| m.kind)
+            .filter(|k| matches!(k, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16));
+        let first = kinds.next()?;
+        kinds.all(|k| k == first).then_some(first)
+    }
+}
+
+/// A loaded checkpoint: the config, a `VarStore` holding the weights, the model built on it, and the caller metadata.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The model config from the header.
+    pub config: ModelConfig,
+    /// The weights (in the file's dtype when all floating tensors share one).
+    pub vs: VarStore,
+    /// The network built on `vs`.
+    pub model: Model,
+    /// Caller metadata (e.g. `step`; everything but `format` and `config`).
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Writes the variables of `vs` as the `model/` group, `cfg` as the
+/// `[model]` table of the config and `extra` as metadata.
 pub fn save_checkpoint(
     path: &Path,
     vs: &VarStore,
     cfg: &ModelConfig,
     extra: &BTreeMap<String, String>,
 ) -> Result<()> {
-    if let Some(key) = extra.keys().find(|k| k.starts_with(RESERVED_PREFIX)) {
-        return Err(ck_err(
-            path,
-            format!("metadata key {key:?} uses the reserved prefix {RESERVED_PREFIX:?}"),
-        ));
-    }
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut buffers = Vec::with_capacity(named.len());
-    for (name, t) in &named {
-        let dtype = to_dtype(t.kind()).ok_or_else(|| {
-            ck_err(
-                path,
-                format!("tensor `{name}` has dtype {:?}, not storable", t.kind()),
-            )
-        })?;
-        let cpu = t.detach().to_device(Device::Cpu).contiguous();
-        let numel = cpu.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        cpu.f_copy_data_u8(&mut bytes, numel)?;
-        let shape: Vec<usize> = cpu.size().iter().map(|&s| s as usize).collect();
-        buffers.push((name.clone(), dtype, shape, bytes));
-    }
-    let views = buffers
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| ck_err(path, format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut meta: HashMap<String, String> =
-        extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    meta.insert(CONFIG_KEY.into(), cfg.to_toml_string());
-    meta.insert(FORMAT_KEY.into(), FORMAT_VERSION.into());
-    let data =
-        safetensors::serialize(views, Some(meta)).map_err(|e| ck_err(path, e.to_string()))?;
-    drop(buffers);
-
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".dim-ckpt-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(io)?;
-    tmp.write_all(&data).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    tracing::info!(path = %path.display(), tensors = named.len(), bytes = data.len(), "saved checkpoint");
-    Ok(())
-}
-
-/// Reads a checkpoint file: config, caller metadata and the parsed tensors.
-fn read(path: &Path) -> Result<(Vec<u8>, ModelConfig, BTreeMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| ck_err(path, format!("not a safetensors file: {e}")))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    let text = meta.get(CONFIG_KEY).ok_or_else(|| {
-        ck_err(
-            path,
-            format!("header has no `{CONFIG_KEY}`: not written by dim-model"),
-        )
-    })?;
-    let config = ModelConfig::from_toml_str(text)
-        .map_err(|e| ck_err(path, format!("config in the header: {e}")))?;
-    let extra = meta
+    let model: toml::Table = cfg
+        .to_toml_string()
+        .parse()
+        .map_err(|e| ck_err(path, format!("model config as TOML: {e}")))?;
+    let mut doc = toml::Table::new();
+    doc.insert("model".into(), toml::Value::Table(model));
+    let config = toml::to_string(&doc).map_err(|e| ck_err(path, e.to_string()))?;
+    let tensors = vs
+        .variables()
         .into_iter()
-        .filter(|(k, _)| !k.starts_with(RESERVED_PREFIX))
-        .collect();
-    Ok((bytes, config, extra))
+        .map(|(n, t)| (format!("{MODEL_GROUP}{n}"), t));
+    write_checkpoint(path, tensors, &config, extra)
 }
 
-/// Copies the tensors of `st` into `vs`, after checking that both hold exactly
-/// the same names with the same shapes; the error lists every difference.
-fn copy_into(path: &Path, st: &SafeTensors<'_>, vs: &VarStore) -> Result<()> {
-    let vars = vs.variables();
-    let mut problems = Vec::new();
-    let mut file_names: Vec<&str> = st.names();
-    file_names.sort_unstable();
-    let mut var_names: Vec<&String> = vars.keys().collect();
-    var_names.sort_unstable();
-    for name in &var_names {
-        match st.tensor(name) {
-            Err(_) => problems.push(format!(
-                "missing from the file: `{name}` {:?}",
-                vars[*name].size()
-            )),
-            Ok(view) => {
-                let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-                let want = vars[*name].size();
-                if shape != want {
-                    problems.push(format!("shape of `{name}`: file {shape:?}, model {want:?}"));
-                }
-                if to_kind(view.dtype()).is_none() {
-                    problems.push(format!(
-                        "dtype of `{name}`: {:?} is not supported",
-                        view.dtype()
-                    ));
-                }
-            }
-        }
-    }
-    for name in &file_names {
-        if !vars.contains_key(*name) {
-            problems.push(format!("not in the model: `{name}`"));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(ck_err(
-            path,
-            format!(
-                "{} mismatch(es) with the model:\n  {}",
-                problems.len(),
-                problems.join("\n  ")
-            ),
-        ));
-    }
-    tch::no_grad(|| -> Result<()> {
-        for name in var_names {
-            let view = st.tensor(name).map_err(|e| ck_err(path, e.to_string()))?;
-            let kind =
-                to_kind(view.dtype()).ok_or_else(|| ck_err(path, format!("dtype of `{name}`")))?;
-            let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-            let src = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-            let mut dst = vars[name].shallow_clone();
-            dst.f_copy_(&src)?;
-        }
-        Ok(())
-    })
-}
-
-/// Loads a checkpoint onto `device`: reads the config from the header, builds
-/// the network on a fresh `VarStore` (in the file's floating dtype when all
-/// floating tensors share one) and copies the weights in. Errors name every
-/// missing, unexpected or mis-shaped tensor.
+/// Loads a checkpoint (written by [`save_checkpoint`] or `dim train`) onto
+/// `device`: builds the network of its `[model]` config on a fresh
+/// `VarStore` (in the file's floating dtype when the `model/` tensors share
+/// one) and copies the `model/` weights in. Errors name every missing,
+/// unexpected or mis-shaped tensor.
 pub fn load_checkpoint(path: &Path, device: Device) -> Result<Checkpoint> {
-    let (bytes, config, metadata) = read(path)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ck_err(path, e.to_string()))?;
+    let ck = open_checkpoint(path)?;
+    let config = ck.model_config()?;
     let mut vs = VarStore::new(device);
     let model = Model::new(vs.root(), &config)?;
-    let float_kinds: std::collections::BTreeSet<String> = st
-        .tensors()
-        .iter()
-        .filter_map(|(_, v)| to_kind(v.dtype()))
-        .filter(|k| is_float(*k))
-        .map(|k| format!("{k:?}"))
-        .collect();
-    if float_kinds.len() == 1 {
-        let kind = st
-            .tensors()
-            .iter()
-            .filter_map(|(_, v)| to_kind(v.dtype()))
-            .find(|k| is_float(*k));
-        if let Some(kind) = kind {
-            vs.set_kind(kind);
-        }
+    if let Some(kind) = ck.model_float_kind() {
+        vs.set_kind(kind);
     }
-    copy_into(path, &st, &vs)?;
+    ck.load_model_weights(&vs)?;
     tracing::info!(path = %path.display(), params = model.param_count(), "loaded checkpoint");
     Ok(Checkpoint {
         config,
         vs,
         model,
-        metadata,
+        metadata: ck.extra(),
     })
 }
 
-/// Loads the weights of a checkpoint into an existing `VarStore` (for
-/// resuming training or an EMA copy): names and shapes must match exactly.
-/// Returns the config and caller metadata from the header.
+/// Loads the `model/` weights of a checkpoint into an existing `VarStore`:
+/// names and shapes must match exactly. Returns the model config and the
+/// caller metadata.
 pub fn load_weights(path: &Path, vs: &VarStore) -> Result<(ModelConfig, BTreeMap<String, String>)> {
-    let (bytes, config, metadata) = read(path)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ck_err(path, e.to_string()))?;
-    copy_into(path, &st, vs)?;
-    Ok((config, metadata))
+    let ck = open_checkpoint(path)?;
+    let config = ck.model_config()?;
+    ck.load_model_weights(vs)?;
+    Ok((config, ck.extra()))
 }

@@ -30,6 +30,10 @@ pub enum ModelError {
         /// What is wrong; for mismatches, every offending tensor.
         msg: String,
     },
+    /// A tensor file could not be read or written, or does not match the
+    /// network (the message names the file and every mismatch).
+    #[error(transparent)]
+    File(#[from] dim_io::IoError),
     /// Reading or writing a file failed.
     #[error("{}: {source}", .path.display())]
     Io {

@@ -9,22 +9,23 @@
 //!   `model.forward(&x, &t, y, train)?` with `x (B, C, H, W)` or
 //!   `(B, C, T, H, W)`, `t (B)`, `y (B)` → `(B, C_out, …)`; the network is in
 //!   one file, [`network`].
-//! - [`save_checkpoint`] / [`load_checkpoint`]: safetensors with the config in
-//!   the header.
+//! - [`save_checkpoint`] / [`load_checkpoint`]: the one checkpoint format
+//!   (also written by `dim train`), see [`checkpoint`].
 //!
 //! Mixed precision (bf16 autocast, TF32) is switched through
 //! `dim_scan::device`.
 //!
 //! See `docs/model.md`.
 
-mod checkpoint;
+pub mod checkpoint;
 mod config;
 mod error;
 pub mod network;
 pub mod optim;
 
 pub use checkpoint::{
-    load_checkpoint, load_weights, save_checkpoint, Checkpoint, CONFIG_KEY, FORMAT_KEY,
+    load_checkpoint, load_weights, open_checkpoint, save_checkpoint, write_checkpoint, Checkpoint,
+    CheckpointFile,
 };
 pub use config::{
     Arch, FlopCount, LayerOrder, ModelConfig, TokenGrid, TokenOrder, TIMESTEP_FREQ_DIM,

@@ -13,6 +13,7 @@ mod config;
 mod demo;
 mod dist;
 mod eval;
+mod guard;
 mod images;
 mod launch;
 mod metrics;
@@ -197,7 +198,8 @@ fn run(cli: Cli) -> Result<()> {
                 "auto" => train::Resume::Auto,
                 p => train::Resume::Path(PathBuf::from(p)),
             });
-            let out = train::train(&cfg, resume, stop_flag()?)?;
+            let stop = stop_flag()?;
+            let out = guard::libtorch_boundary("training", || train::train(&cfg, resume, stop))?;
             if !out.primary {
                 return Ok(());
             }

@@ -1,12 +1,10 @@
 //! What every `dim` command shares: the device, the configs of a run, the
 //! network with its weights, and libtorch's precision settings.
 
-use std::collections::BTreeMap;
-
 use anyhow::{bail, Context, Result};
 use dim_model::{Model, ModelConfig};
 use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::Device;
 
 use crate::config::TrainConfig;
 use crate::optim::Params;
@@ -47,9 +45,43 @@ pub fn model_config(cfg: &TrainConfig) -> Result<ModelConfig> {
 
 /// The diffusion and sampler configs of a `TrainConfig`.
 pub fn diffusion_config(cfg: &TrainConfig) -> Result<dim_diffusion::Config> {
-    let text = toml::to_string(&cfg.diffusion)?;
-    dim_diffusion::Config::from_toml_str(&text)
-        .with_context(|| format!("config {}: [diffusion]/[sampler]", cfg.file))
+    diffusion_config_of(&cfg.diffusion, &model_config(cfg)?, &cfg.file)
+}
+
+/// The diffusion and sampler configs from the `[diffusion]` and `[sampler]`
+/// tables of `table` (other tables are left out); `file` names it in errors.
+///
+/// `learn_sigma` has one source of truth, the model (it decides the output
+/// channels): `diffusion.learn_sigma` follows `model.learn_sigma`, and may
+/// only be written if it says the same.
+pub fn diffusion_config_of(
+    table: &toml::Table,
+    model: &ModelConfig,
+    file: &str,
+) -> Result<dim_diffusion::Config> {
+    let mut parts: toml::Table = table
+        .iter()
+        .filter(|(k, _)| ["diffusion", "sampler"].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let diffusion = parts
+        .entry("diffusion")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    if let toml::Value::Table(d) = diffusion {
+        let follow = toml::Value::Boolean(model.learn_sigma);
+        match d.get("learn_sigma") {
+            None => {
+                d.insert("learn_sigma".into(), follow);
+            }
+            Some(v) if *v == follow => {}
+            Some(v) => bail!(
+                "config {file}: diffusion.learn_sigma = {v} but model.learn_sigma = {}: leave diffusion.learn_sigma out, it follows the model",
+                model.learn_sigma
+            ),
+        }
+    }
+    dim_diffusion::Config::from_toml_str(&toml::to_string(&parts)?)
+        .with_context(|| format!("config {file}: [diffusion]/[sampler]"))
 }
 
 /// Trainable parameters by name (sorted, so the order is stable across runs).
@@ -81,49 +113,6 @@ impl Net {
             cfg: cfg.clone(),
         })
     }
-
-    /// Copies `weights` (exact names and shapes) into the network.
-    pub fn load(&self, weights: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
-        copy_named(&self.vs, weights, what)
-    }
-}
-
-/// Copies named tensors into `vs`, checking names and shapes both ways.
-pub fn copy_named(vs: &VarStore, weights: &BTreeMap<String, Tensor>, what: &str) -> Result<()> {
-    let vars = vs.variables();
-    let mut problems = Vec::new();
-    for (k, v) in &vars {
-        match weights.get(k) {
-            None => problems.push(format!("missing `{k}`")),
-            Some(w) if w.size() != v.size() => problems.push(format!(
-                "`{k}` is {:?}, the network has {:?}",
-                w.size(),
-                v.size()
-            )),
-            _ => {}
-        }
-    }
-    problems.extend(
-        weights
-            .keys()
-            .filter(|k| !vars.contains_key(*k))
-            .map(|k| format!("unexpected `{k}`")),
-    );
-    if !problems.is_empty() {
-        let n = problems.len();
-        problems.sort();
-        problems.truncate(6);
-        bail!(
-            "{what} does not fit this network ({n} problem(s): {}): it comes from another architecture or size; use the config it was trained with",
-            problems.join(", ")
-        );
-    }
-    tch::no_grad(|| {
-        for (k, mut v) in vars {
-            v.copy_(&weights[&k].to_kind(v.kind()).to_device(v.device()));
-        }
-    });
-    Ok(())
 }
 
 /// Sets libtorch up for `train.precision` on `device`; returns whether the

@@ -9,10 +9,12 @@ use dim_model::ModelConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::Checkpoint;
-use crate::config::TrainConfig;
+use dim_io::Group;
+
+use crate::checkpoint;
+use crate::config::{section, LoopConfig};
 use crate::images;
-use crate::runtime::{diffusion_config, model_config, resolve_device, set_precision, Net};
+use crate::runtime::{diffusion_config_of, resolve_device, set_precision, Net};
 
 /// A network restored from a training checkpoint, with its diffusion setup.
 pub struct Restored {
@@ -25,30 +27,35 @@ pub struct Restored {
 /// Loads `path` onto `device`, with the EMA weights (`ema = true`, the
 /// default for sampling) or the raw training weights.
 pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
-    let ck = Checkpoint::load(path)?;
-    let table: toml::Table = ck.meta("config", path)?.parse().with_context(|| {
-        format!(
-            "checkpoint {}: its embedded config is not valid TOML",
-            path.display()
-        )
-    })?;
-    let cfg = TrainConfig::from_table(table, &format!("{} (embedded config)", path.display()))?;
-    let mcfg = model_config(&cfg)?;
-    let dcfg = diffusion_config(&cfg)?;
+    let ck = checkpoint::open(path)?;
+    let table = ck.config_table()?;
+    let what = format!("{} (embedded config)", path.display());
+    let mcfg = ck.model_config()?;
+    let dcfg = diffusion_config_of(&table, &mcfg, &what)?;
+    let train: LoopConfig = section(&table, "train", &what)?;
     let net = Net::new(&mcfg, device)?;
     // Sampling runs without autocast; TF32 matmuls as the model trained.
-    set_precision(&cfg.train.precision, device)?;
-    let group = if ema { "ema" } else { "model" };
-    let mut weights = ck.group(group);
-    if ema {
-        // The EMA holds trainable weights only; buffers come from the model.
-        for (k, v) in ck.group("model") {
-            weights.entry(k).or_insert(v);
-        }
-    }
-    net.load(&weights, &format!("checkpoint {}", path.display()))?;
+    set_precision(&train.precision, device)?;
+    let targets = net.vs.variables().into_iter().collect();
+    // The EMA holds trainable weights only; buffers come from the model.
+    let group = if ema
+        && ck
+            .file()
+            .names()
+            .any(|n| n.starts_with(checkpoint::EMA_GROUP))
+    {
+        Group::new(checkpoint::EMA_GROUP).or(checkpoint::MODEL_GROUP)
+    } else {
+        Group::new(checkpoint::MODEL_GROUP)
+    };
+    ck.load_group(&targets, group)?;
     let diffusion = Diffusion::new(&dcfg.diffusion)?;
-    let step = ck.meta("step", path)?.parse()?;
+    let step = match ck.extra().get("step") {
+        Some(s) => s
+            .parse()
+            .with_context(|| format!("checkpoint {}: step {s:?}", path.display()))?,
+        None => 0,
+    };
     Ok(Restored {
         net,
         diffusion,

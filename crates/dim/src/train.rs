@@ -16,6 +16,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use dim_diffusion::{Diffusion, FallibleFn, NoiseRng, SamplerConfig};
+use dim_io::Group;
+use dim_rng::derive;
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -27,14 +29,6 @@ use crate::images;
 use crate::metrics::{rss_mib, JsonlWriter, StepRecord};
 use crate::optim::{AdamW, Ema};
 use crate::runtime::{diffusion_config, model_config, named_params, set_precision, Net};
-
-/// Mixes a seed and a counter into a new seed (SplitMix64 finaliser).
-pub fn mix(seed: u64, n: u64) -> u64 {
-    let mut z = seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Where to resume from.
 #[derive(Debug, Clone)]
@@ -85,7 +79,7 @@ pub fn train(
         );
     }
 
-    tch::manual_seed(mix(t.seed, u64::MAX) as i64);
+    tch::manual_seed(derive(t.seed, &[u64::MAX]) as i64);
     let net = Net::new(&mcfg, device)?;
     // Every rank starts from rank 0's weights (as DDP).
     // Sorted by name: every rank must list them in the same order.
@@ -127,11 +121,8 @@ pub fn train(
         None => None,
     };
     if let Some(p) = &resume_path {
-        let ck = Checkpoint::load(p)?;
-        let saved_cfg = ck.meta("config", p)?;
-        let saved: toml::Table = saved_cfg
-            .parse()
-            .with_context(|| format!("checkpoint {}: bad embedded config", p.display()))?;
+        let ck = checkpoint::open(p)?;
+        let saved: toml::Table = ck.config_table()?;
         if saved.get("model") != Some(&toml::Value::Table(cfg.model.clone())) {
             bail!(
                 "checkpoint {} was trained with a different [model] than config {}: resume with the config it was trained with (its [model] is stored in the checkpoint)",
@@ -139,21 +130,16 @@ pub fn train(
                 cfg.file
             );
         }
-        net.load(&ck.group("model"), &format!("checkpoint {}", p.display()))?;
-        let ema_w = ck.group("ema");
-        tch::no_grad(|| -> Result<()> {
-            for (n, s) in &mut ema.shadow {
-                let w = ema_w.get(n).with_context(|| {
-                    format!("checkpoint {}: EMA weight `{n}` missing", p.display())
-                })?;
-                s.copy_(w);
-            }
-            Ok(())
-        })?;
-        step = ck.meta("step", p)?.parse()?;
-        opt.load_state(&ck.group("optim"), step)
-            .with_context(|| format!("checkpoint {}", p.display()))?;
-        let pos: dim_data::LoaderState = serde_json::from_str(ck.meta("data_position", p)?)?;
+        ck.load_model_weights(&net.vs)?;
+        let shadow = ema
+            .shadow
+            .iter()
+            .map(|(n, s)| (n.clone(), s.shallow_clone()));
+        ck.load_group(&shadow.collect(), Group::new(checkpoint::EMA_GROUP))?;
+        step = ck.meta("step")?.parse()?;
+        ck.load_group(&opt.state_tensors(), Group::new(checkpoint::OPTIM_GROUP))?;
+        opt.set_steps_taken(step);
+        let pos: dim_data::LoaderState = serde_json::from_str(ck.meta("data_position")?)?;
         let pos = world
             .loader_position(&pos, &loader.position())
             .with_context(|| format!("checkpoint {}: data position", p.display()))?;
@@ -247,7 +233,7 @@ pub fn train(
             tracing::info!(step, "time limit reached");
             break;
         }
-        tch::manual_seed(mix(t.seed, step) as i64);
+        tch::manual_seed(derive(t.seed, &[step]) as i64);
         let mut step_loss = Tensor::zeros([], (Kind::Double, device));
         for m in 0..t.grad_accum {
             let batch = loader
@@ -265,12 +251,12 @@ pub fn train(
                 if let Some(emb) = &net.model.y_embedder {
                     emb.check_labels(&y).context("a batch from the dataset")?;
                 }
-                let y = drop_labels(&y, &world, mix(t.seed, 2), g, micro, &mcfg);
+                let y = drop_labels(&y, &world, derive(t.seed, &[2]), g, micro, &mcfg);
                 Some(y.to_device_(device, y.kind(), true, false))
             } else {
                 None
             };
-            let mut rng: NoiseRng = world.noise_rng(mix(t.seed, 1), g, micro);
+            let mut rng: NoiseRng = world.noise_rng(derive(t.seed, &[1]), g, micro);
             // Labels were dropped above (train = false: no second dropout).
             let denoiser = FallibleFn(|x: &Tensor, tt: &Tensor, y: Option<&Tensor>| {
                 net.model.forward(x, tt, y, false)

@@ -1,0 +1,21 @@
+//! Tensor files of diffusion-mamba: safetensors, streamed both ways.
+//!
+//! - [`save`]: writes named tensors one at a time (each copied to the host
+//!   alone), to a temporary file that is synced and renamed: a file is there
+//!   complete or not at all, and the peak memory is one tensor, not a second
+//!   copy of all of them.
+//! - [`TensorFile`]: opens a file, checks its header against its length, and
+//!   reads tensors one at a time on request.
+//! - [`load_checked`] / [`load_into`]: the one weight loader: every target
+//!   must be in the file with its shape, every tensor of the file (group) must
+//!   have a target, and the error lists what differs. Used for training
+//!   checkpoints, `dim_model` checkpoints, the VAE, Inception and the
+//!   classifier.
+
+mod checked;
+mod error;
+mod file;
+
+pub use checked::{load_checked, load_into, Group};
+pub use error::{IoError, Result};
+pub use file::{dtype_of, kind_of, save, TensorFile, TensorMeta};
