@@ -27,7 +27,8 @@ pub use checkpoint::{
     load_checkpoint, load_weights, save_checkpoint, Checkpoint, CONFIG_KEY, FORMAT_KEY,
 };
 pub use config::{
-    Arch, FlopCount, LayerOrder, ModelConfig, TokenGrid, TokenOrder, TIMESTEP_FREQ_DIM,
+    Arch, AttentionKind, AttentionSpan, FlopCount, LayerOrder, ModelConfig, TokenGrid, TokenOrder,
+    TIMESTEP_FREQ_DIM,
 };
 pub use error::{ModelError, Result};
 pub use network::Model;
