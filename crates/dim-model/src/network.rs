@@ -20,7 +20,7 @@ use dim_scan::{reference, selective_scan_bidirectional, ScanInputs, ScanOptions}
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{Arch, LayerOrder, ModelConfig, TokenGrid, TIMESTEP_FREQ_DIM};
+use crate::config::{Arch, AttentionSpan, LayerOrder, ModelConfig, TokenGrid, TIMESTEP_FREQ_DIM};
 use crate::error::{ModelError, Result};
 
 /// `x · (1 + scale) + shift`, with `shift`, `scale`: `(B, 1, W)` broadcast over tokens.
@@ -630,12 +630,13 @@ fn broadcast(w: &Tensor, batch: i64) -> Tensor {
 /// The token permutation of a scan order as `(lead, outer, inner)`: the flat
 /// frame-major token axis read as `(lead, outer, inner)` blocks is scanned
 /// as `(lead, inner, outer)`, a transpose of the `(T, H, W)` grid. `None`
-/// for frame-major order (no permutation).
+/// when the order is the frame-major layout itself (no permutation).
 fn order_blocks(g: &TokenGrid, order: LayerOrder) -> Option<(i64, i64, i64)> {
     match order {
         LayerOrder::FrameMajor => None,
         LayerOrder::Interleaved if g.frames == 1 => None,
         LayerOrder::Interleaved => Some((1, g.frames, g.spatial())),
+        LayerOrder::ColumnMajor if g.rows == 1 || g.cols == 1 => None,
         LayerOrder::ColumnMajor => Some((g.frames, g.rows, g.cols)),
     }
 }
@@ -644,7 +645,7 @@ fn order_blocks(g: &TokenGrid, order: LayerOrder) -> Option<(i64, i64, i64)> {
 /// permuted order. It cannot be folded into `in_proj`'s operand: a cuBLAS
 /// operand has one stride per matrix dimension, and a transposed token grid
 /// needs two along `L`.
-fn scan_order(x: &Tensor, g: &TokenGrid, order: LayerOrder) -> Tensor {
+pub fn scan_order(x: &Tensor, g: &TokenGrid, order: LayerOrder) -> Tensor {
     let Some((lead, outer, inner)) = order_blocks(g, order) else {
         return x.shallow_clone();
     };
@@ -655,13 +656,23 @@ fn scan_order(x: &Tensor, g: &TokenGrid, order: LayerOrder) -> Tensor {
 }
 
 /// `h (B, L, W)` in scan order `order`, viewed in frame-major order as
-/// `(B, lead, outer, inner, W)` (no copy; `(B, L, W)` for frame-major order).
-fn frame_major_view(h: &Tensor, g: &TokenGrid, order: LayerOrder) -> Tensor {
+/// `(B, lead, outer, inner, W)` (no copy; `(B, L, W)` for frame-major order):
+/// the inverse of [`scan_order`].
+pub fn frame_major_view(h: &Tensor, g: &TokenGrid, order: LayerOrder) -> Tensor {
     let Some((lead, outer, inner)) = order_blocks(g, order) else {
         return h.shallow_clone();
     };
     let s = h.size();
     h.view([s[0], lead, inner, outer, s[2]]).transpose(2, 3)
+}
+
+/// The scan position's token: `(L)` i64, entry `i` the frame-major index of
+/// the token that `order` scans `i`-th. Computed by [`scan_order`] itself
+/// (on the indices), for tests and pictures.
+pub fn scan_permutation(g: &TokenGrid, order: LayerOrder) -> Tensor {
+    let idx = Tensor::arange(g.len(), (Kind::Int64, Device::Cpu)).view([1, g.len(), 1]);
+    let one = TokenGrid { batch: 1, ..*g };
+    scan_order(&idx, &one, order).view([g.len()])
 }
 
 /// The residual update `x + gate · h` for tokens `x (B, L, W)` in
@@ -698,15 +709,30 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Tokens `(B, L, W)` → `(B, L, W)`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// Tokens `(B, L, W)` in frame-major order → `(B, L, W)`, each token
+    /// attending to the tokens of its `span` (all, its frame, or its spatial
+    /// position across frames) in grid `g`.
+    pub fn forward(&self, x: &Tensor, g: &TokenGrid, span: AttentionSpan) -> Tensor {
         let s = x.size();
         let (b, l, w) = (s[0], s[1], s[2]);
-        let qkv = self
-            .qkv
-            .forward(x)
-            .reshape([b, l, 3, self.heads, w / self.heads])
-            .permute([2, 0, 3, 1, 4]); // (3, B, heads, L, head_dim)
+        let (heads, hd) = (self.heads, w / self.heads);
+        // Tokens as (B, groups, seq): independent attention per group.
+        let qkv = self.qkv.forward(x);
+        let (groups, seq) = match span {
+            AttentionSpan::All => (1, l),
+            AttentionSpan::Frame => (g.frames, g.spatial()),
+            AttentionSpan::Time => (g.spatial(), g.frames),
+        };
+        let grid = qkv.reshape([b, g.frames, g.spatial(), 3, heads, hd]);
+        let qkv = match span {
+            AttentionSpan::All => qkv.reshape([b, 1, l, 3, heads, hd]),
+            AttentionSpan::Frame => grid,
+            // Frame-major (B, T', S, …) read by spatial position: a view.
+            AttentionSpan::Time => grid.transpose(1, 2),
+        };
+        let qkv = qkv
+            .permute([3, 0, 1, 4, 2, 5]) // (3, B, groups, heads, seq, hd)
+            .reshape([3, b * groups, heads, seq, hd]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let o = Tensor::scaled_dot_product_attention(
             &q,
@@ -717,8 +743,15 @@ impl Attention {
             false,
             None::<f64>,
             false,
-        );
-        self.proj.forward(&o.transpose(1, 2).reshape([b, l, w]))
+        ) // (B·groups, heads, seq, hd)
+        .view([b, groups, heads, seq, hd])
+        .permute([0, 1, 3, 2, 4]); // (B, groups, seq, heads, hd)
+        let o = if span == AttentionSpan::Time {
+            o.transpose(1, 2)
+        } else {
+            o
+        };
+        self.proj.forward(&o.reshape([b, l, w]))
     }
 }
 
@@ -760,6 +793,8 @@ pub struct Block {
     pub mlp: Mlp,
     /// Scan order of this layer (Mamba only).
     pub order: LayerOrder,
+    /// Tokens each token attends to in this layer (attention only).
+    pub span: AttentionSpan,
 }
 
 impl Block {
@@ -813,6 +848,7 @@ impl Block {
             mixer,
             mlp,
             order: cfg.token_order.for_layer(layer),
+            span: cfg.attention.for_layer(layer),
         })
     }
 
@@ -828,7 +864,7 @@ impl Block {
             Mixer::Mamba(mamba) => {
                 add_gated(x, &m[2], &mamba.mix(&h, g, self.order)?, g, self.order)
             }
-            Mixer::Attention(attn) => x + &m[2] * attn.forward(&h),
+            Mixer::Attention(attn) => x + &m[2] * attn.forward(&h, g, self.span),
         };
         let h = self.mlp.forward(&modulate(&layer_norm(&x), &m[3], &m[4]));
         Ok(x + &m[5] * h)

@@ -3,7 +3,7 @@
 //! sequential scan, in f64 at small awkward sizes.
 
 use dim_model::network::{add_gated, BiMamba, DirectionInputs, MambaDirection, Mixer};
-use dim_model::{LayerOrder, Model, ModelConfig, TokenGrid};
+use dim_model::{AttentionSpan, LayerOrder, Model, ModelConfig, TokenGrid};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -265,24 +265,58 @@ fn attention_matches_reference() {
         Mixer::Attention(a) => a,
         Mixer::Mamba(_) => panic!("expected attention"),
     };
-    let (b, l, w, heads) = (2, 7, 12, 3);
+    let (b, w, heads) = (2, 12, 3);
     let hd = w / heads;
+    // 3 frames of 2×3 tokens: every span (all, frame, time) against a masked
+    // softmax over the whole clip, the mask built from token indices.
+    let grid = TokenGrid {
+        batch: b,
+        frames: 3,
+        rows: 2,
+        cols: 3,
+    };
+    let (l, sp) = (grid.len(), grid.spatial());
     let x = Tensor::randn([b, l, w], (Kind::Double, Device::Cpu));
-    let got = attn.forward(&x);
-    let qkv = x.matmul(&attn.qkv.weight.detach().tr()) + attn.qkv.bias.as_ref().unwrap().detach();
-    let mut outs = Vec::new();
-    for h in 0..heads {
-        let q = qkv.narrow(2, h * hd, hd);
-        let k = qkv.narrow(2, w + h * hd, hd);
-        let v = qkv.narrow(2, 2 * w + h * hd, hd);
-        let att = (q.matmul(&k.transpose(1, 2)) / (hd as f64).sqrt()).softmax(-1, Kind::Double);
-        outs.push(att.matmul(&v));
+    for span in [
+        AttentionSpan::All,
+        AttentionSpan::Frame,
+        AttentionSpan::Time,
+    ] {
+        let got = attn.forward(&x, &grid, span);
+        let allowed: Vec<f64> = (0..l)
+            .flat_map(|i| {
+                (0..l).map(move |j| {
+                    let ok = match span {
+                        AttentionSpan::All => true,
+                        AttentionSpan::Frame => i / sp == j / sp,
+                        AttentionSpan::Time => i % sp == j % sp,
+                    };
+                    if ok {
+                        0.0
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_slice(&allowed).view([l, l]);
+        let qkv =
+            x.matmul(&attn.qkv.weight.detach().tr()) + attn.qkv.bias.as_ref().unwrap().detach();
+        let mut outs = Vec::new();
+        for h in 0..heads {
+            let q = qkv.narrow(2, h * hd, hd);
+            let k = qkv.narrow(2, w + h * hd, hd);
+            let v = qkv.narrow(2, 2 * w + h * hd, hd);
+            let att = (q.matmul(&k.transpose(1, 2)) / (hd as f64).sqrt() + &mask)
+                .softmax(-1, Kind::Double);
+            outs.push(att.matmul(&v));
+        }
+        let o = Tensor::cat(&outs, 2);
+        let want =
+            o.matmul(&attn.proj.weight.detach().tr()) + attn.proj.bias.as_ref().unwrap().detach();
+        let err = max_rel_err(&got, &want);
+        assert!(err < 1e-10, "attention {span:?}: relative error {err:e}");
     }
-    let o = Tensor::cat(&outs, 2);
-    let want =
-        o.matmul(&attn.proj.weight.detach().tr()) + attn.proj.bias.as_ref().unwrap().detach();
-    let err = max_rel_err(&got, &want);
-    assert!(err < 1e-10, "attention: relative error {err:e}");
 }
 
 /// The per-direction computation the batched one replaced, kept here as its

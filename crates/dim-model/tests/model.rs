@@ -87,8 +87,23 @@ fn output_shapes_images_at_several_resolutions() {
 fn output_shapes_video_every_token_order() {
     tch::manual_seed(1);
     for arch in ["dim", "dit"] {
-        for order in ["frame_major", "interleaved", "alternating"] {
-            let cfg = tiny_video(arch, order);
+        for order in [
+            "frame_major",
+            "row_column",
+            "row_column_time",
+            "interleaved",
+            "alternating",
+            "factorised",
+        ] {
+            // "factorised" stands for Latte's attention (DiM ignores it).
+            let cfg = if order == "factorised" {
+                tiny(
+                    arch,
+                    "frames = 4\ntemporal_patch = 2\nattention = \"factorised\"",
+                )
+            } else {
+                tiny_video(arch, order)
+            };
             let vs = VarStore::new(Device::Cpu);
             let model = Model::new(vs.root(), &cfg).unwrap();
             perturb(&vs, 0.05);

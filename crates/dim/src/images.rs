@@ -100,6 +100,26 @@ pub fn save_gif(video: &Tensor, fps: u32, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes clips `(N, C, T, H, W)` in `[-1, 1]` as one looping GIF whose
+/// frame `t` tiles every clip's frame `t`, `ncol` clips wide.
+pub fn save_gif_grid(clips: &Tensor, ncol: i64, fps: u32, path: &Path) -> Result<()> {
+    let f = fs::File::create(path)
+        .with_context(|| format!("cannot write {} (is the folder writable?)", path.display()))?;
+    let mut enc = GifEncoder::new_with_speed(f, 10);
+    enc.set_repeat(Repeat::Infinite)?;
+    let delay = Delay::from_numer_denom_ms(1000, fps.max(1));
+    for t in 0..clips.size()[2] {
+        enc.encode_frame(Frame::from_parts(
+            grid(&clips.select(2, t), ncol)?,
+            0,
+            0,
+            delay,
+        ))
+        .with_context(|| format!("encoding {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Writes a video `(C, T, H, W)` in `[-1, 1]` as an H.264 MP4. Returns
 /// `Ok(false)` when this `dim` was built without FFmpeg (the `video`
 /// feature), so callers can skip MP4s and keep the GIFs.

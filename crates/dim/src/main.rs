@@ -3,7 +3,8 @@
 //! - `dim train --config configs/<x>.toml [--resume <ckpt|auto>] [--gpus N | --nproc N] [key=value ...]`
 //! - `dim sample --checkpoint <ckpt> --out <dir> [--num N] [--steps S] [--sampler ...] [--cfg s] [--class k]`
 //! - `dim eval --samples <dir|fashion-mnist:train> [--reference fashion-mnist:test] [--features ...]`
-//! - `dim train-features`: the Fashion-MNIST feature classifier for `dim eval`
+//! - `dim train-features [--video]`: the Fashion-MNIST feature classifier for `dim eval` (`--video`: the clip classifier for `dim fvd`)
+//! - `dim fvd --samples <dir> --reference <config.toml>`: Fréchet video distance
 //! - `dim demo`: a small DiM on Fashion-MNIST in about ten minutes, a sample grid and its FID
 //!
 //! See `docs/cli.md`.
@@ -22,6 +23,7 @@ mod optim;
 mod runtime;
 mod sample;
 mod train;
+mod video_features;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,17 +126,29 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Train the Fashion-MNIST feature classifier used by `dim eval`.
+    /// Train the Fashion-MNIST feature classifier used by `dim eval` (`--video`: the Moving Fashion-MNIST clip classifier used by `dim fvd`).
     TrainFeatures {
-        #[arg(long, default_value = "runs/features/fmnist_classifier.safetensors")]
-        out: PathBuf,
+        /// Weights to write (default: runs/features/fmnist_classifier.safetensors, or mfmnist_video_classifier.safetensors with --video).
+        #[arg(long)]
+        out: Option<PathBuf>,
         #[arg(long, default_value_t = 2)]
         epochs: usize,
+        /// Train the video classifier (FVD features) on Moving Fashion-MNIST clips.
+        #[arg(long)]
+        video: bool,
+        /// With --video: a config whose [data] is the Moving Fashion-MNIST the models train on.
+        #[arg(long, requires = "video")]
+        data: Option<PathBuf>,
+        /// With --video: training clips.
+        #[arg(long, default_value_t = 4000, requires = "video")]
+        clips: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Fréchet video distance between generated and reference clips.
+    Fvd(video_features::FvdArgs),
     /// Train a small DiM on Fashion-MNIST, write a class-conditional grid and print its FID.
     Demo(demo::DemoArgs),
     /// Run single ops from files (the selective scan), to check them against other implementations.
@@ -269,6 +283,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::TrainFeatures {
             out,
             epochs,
+            video,
+            data,
+            clips,
             seed,
             device,
         } => {
@@ -277,10 +294,28 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 ..Default::default()
             };
+            if video {
+                let out = out.unwrap_or_else(|| video_features::DEFAULT_VIDEO_FEATURES.into());
+                let args = video_features::VideoFeatureArgs {
+                    out: out.clone(),
+                    data,
+                    clips,
+                    train: dim_eval::ClassifierTrainConfig {
+                        batch_size: 32,
+                        ..cfg
+                    },
+                    device,
+                };
+                let acc = video_features::train_video_features(&args)?;
+                println!("{} (held-out garment accuracy {:.4})", out.display(), acc);
+                return Ok(());
+            }
+            let out = out.unwrap_or_else(eval::default_features_path);
             let acc = eval::train_features(&out, &cfg, &device)?;
             println!("{} (test accuracy {:.4})", out.display(), acc);
             Ok(())
         }
+        Command::Fvd(args) => video_features::run_fvd(&args).map(|_| ()),
         Command::Demo(args) => demo::run(&args, stop_flag()?),
         Command::Ops(args) => ops::run(args),
     }

@@ -224,6 +224,9 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
     let shown = x.narrow(0, 0, x.size()[0].min(100));
     write_grid(&shown, &r.net.cfg, &grid_path)?;
     if r.net.cfg.is_video() {
+        // An animated grid of the first 16 clips, 4 wide.
+        let n = x.size()[0].min(16);
+        images::save_gif_grid(&x.narrow(0, 0, n), 4, a.fps, &a.out.join("grid.gif"))?;
         let mut mp4 = true;
         for i in 0..x.size()[0] {
             let v = x.get(i);

@@ -1,0 +1,252 @@
+//! A small 3-D convolutional classifier of Moving Fashion-MNIST clips whose
+//! penultimate layer is the feature network of the project's FVD
+//! (`dim train-features --video`), as the Fashion-MNIST classifier is FID's.
+//!
+//! Its targets make the features see both content and motion: the class of
+//! the clip's first garment (10 classes) for real clips, plus two classes
+//! made on the fly from real clips, *frozen* (one frame repeated) and
+//! *shuffled* (frames in random order), so that broken temporal coherence
+//! moves the features as far as wrong garments do.
+//!
+//! Architecture: clips are average-pooled to 16 frames of 32×32
+//! ([`VideoClassifier::prepare`]), then four 3×3×3 convolutions (16, 32,
+//! 64, 128 channels, ReLU; stride 1×2×2 then 2×2×2), global average pool, a
+//! 128-d hidden layer (the features, after ReLU) and a 12-way linear head.
+
+use std::path::Path;
+
+use tch::nn::{self, Module, OptimizerConfig, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::fvd::{check_clips, VideoFeatureExtractor};
+use crate::{load_checked, ClassifierTrainConfig, EvalError, Result};
+
+/// Width of the features.
+pub const VIDEO_FEATURE_DIM: i64 = 128;
+/// Garment classes of real clips.
+pub const GARMENT_CLASSES: i64 = 10;
+/// Label of a frozen clip (one frame repeated).
+pub const FROZEN_CLASS: i64 = 10;
+/// Label of a clip with shuffled frames.
+pub const SHUFFLED_CLASS: i64 = 11;
+/// Frames and side the clips are pooled to before the convolutions.
+pub const CLIP_SHAPE: [i64; 3] = [16, 32, 32];
+
+/// The classifier. Clips `(N, 1, T, H, W)` in `[-1, 1]`.
+#[derive(Debug)]
+pub struct VideoClassifier {
+    vs: VarStore,
+    convs: Vec<nn::Conv<[i64; 3]>>,
+    hidden: nn::Linear,
+    head: nn::Linear,
+}
+
+impl VideoClassifier {
+    /// A freshly initialised classifier (tch's global RNG).
+    pub fn new(device: Device) -> Self {
+        let vs = VarStore::new(device);
+        let r = vs.root();
+        let d = nn::ConvConfig::default();
+        let conv = |name: &str, i: i64, o: i64, stride: [i64; 3]| {
+            let cfg = nn::ConvConfigND::<[i64; 3]> {
+                stride,
+                padding: [1, 1, 1],
+                dilation: [1, 1, 1],
+                groups: 1,
+                bias: true,
+                // PyTorch's Conv3d defaults, as tch's 1-D/2-D configs.
+                ws_init: d.ws_init,
+                bs_init: d.bs_init,
+                padding_mode: nn::PaddingMode::Zeros,
+            };
+            nn::conv(&r / name, i, o, [3, 3, 3], cfg)
+        };
+        let convs = vec![
+            conv("conv1", 1, 16, [1, 2, 2]),
+            conv("conv2", 16, 32, [2, 2, 2]),
+            conv("conv3", 32, 64, [2, 2, 2]),
+            conv("conv4", 64, 128, [2, 2, 2]),
+        ];
+        let hidden = nn::linear(&r / "hidden", 128, VIDEO_FEATURE_DIM, Default::default());
+        let head = nn::linear(
+            &r / "head",
+            VIDEO_FEATURE_DIM,
+            SHUFFLED_CLASS + 1,
+            Default::default(),
+        );
+        Self {
+            vs,
+            convs,
+            hidden,
+            head,
+        }
+    }
+
+    /// Loads weights written by [`VideoClassifier::save`], checking every name and shape.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        let mut net = Self::new(device);
+        load_checked(&net.vs, path, &|_| false)?;
+        Ok(net)
+    }
+
+    /// Writes the weights as safetensors.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.vs.save(path)?;
+        Ok(())
+    }
+
+    /// Clips `(N, 1, T, H, W)` average-pooled to `(N, 1, 16, 32, 32)` f32
+    /// (idempotent), what the network sees: callers holding many clips in
+    /// memory may store them prepared.
+    pub fn prepare(clips: &Tensor) -> Result<Tensor> {
+        check_clips(clips, &[1])?;
+        let x = clips.to_kind(Kind::Float);
+        Ok(if x.size()[2..] == CLIP_SHAPE {
+            x
+        } else {
+            x.adaptive_avg_pool3d(CLIP_SHAPE)
+        })
+    }
+
+    fn hidden_features(&self, clips: &Tensor) -> Result<Tensor> {
+        let mut x = Self::prepare(&clips.to_device(self.vs.device()))?;
+        for c in &self.convs {
+            x = c.forward(&x).relu();
+        }
+        Ok(x.mean_dim(&[2i64, 3, 4][..], false, Kind::Float)
+            .apply(&self.hidden)
+            .relu())
+    }
+
+    /// Class logits `(N, 12)`: garments 0–9, frozen, shuffled.
+    pub fn logits(&self, clips: &Tensor) -> Result<Tensor> {
+        Ok(self.hidden_features(clips)?.apply(&self.head))
+    }
+
+    /// Real clips `(B, 1, T, H, W)` with labels `(B)` turned, each with
+    /// probability 1/6, into a frozen clip (a random frame repeated, label
+    /// [`FROZEN_CLASS`]) or a shuffled one ([`SHUFFLED_CLASS`]). Draws from
+    /// tch's global RNG.
+    pub fn corrupt(clips: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+        let s = clips.size();
+        let (b, t, dev) = (s[0], s[2], clips.device());
+        let r = Tensor::rand([b, 1], (Kind::Float, dev));
+        let frozen = r.ge(4.0 / 6.0).logical_and(&r.lt(5.0 / 6.0));
+        let shuffled = r.ge(5.0 / 6.0);
+        let keep = Tensor::arange(t, (Kind::Int64, dev))
+            .unsqueeze(0)
+            .expand([b, t], false);
+        let one = Tensor::randint(t, [b, 1], (Kind::Int64, dev)).expand([b, t], false);
+        let perm = Tensor::rand([b, t], (Kind::Float, dev)).argsort(1, false);
+        let idx = keep.where_self(&frozen.logical_not(), &one);
+        let idx = idx.where_self(&shuffled.logical_not(), &perm);
+        let x = clips.gather(
+            2,
+            &idx.view([b, 1, t, 1, 1]).expand(s.as_slice(), false),
+            false,
+        );
+        let y = labels.to_device(dev).to_kind(Kind::Int64);
+        let y = y.where_self(
+            &frozen.squeeze_dim(1).logical_not(),
+            &Tensor::full([b], FROZEN_CLASS, (Kind::Int64, dev)),
+        );
+        let y = y.where_self(
+            &shuffled.squeeze_dim(1).logical_not(),
+            &Tensor::full([b], SHUFFLED_CLASS, (Kind::Int64, dev)),
+        );
+        (x, y)
+    }
+
+    /// Trains on real `clips` `(N, 1, T, H, W)` in `[-1, 1]` (any device;
+    /// [`VideoClassifier::prepare`]d ones save memory) with garment `labels`
+    /// `(N)` in `0..10`, adding frozen and shuffled clips on the fly
+    /// ([`VideoClassifier::corrupt`]). Adam and cross-entropy; `on_step(epoch,
+    /// step, loss)` after every step. Returns the mean loss of the last epoch.
+    pub fn train(
+        &mut self,
+        clips: &Tensor,
+        labels: &Tensor,
+        cfg: &ClassifierTrainConfig,
+        on_step: &mut dyn FnMut(usize, usize, f64),
+    ) -> Result<f64> {
+        check_clips(clips, &[1])?;
+        let n = clips.size()[0];
+        if labels.size() != [n] {
+            return Err(EvalError::Shape {
+                what: "labels",
+                detail: format!("expected ({n}), got {:?}", labels.size()),
+            });
+        }
+        if n == 0 || cfg.batch_size == 0 || cfg.epochs == 0 {
+            return Err(EvalError::TooFewSamples {
+                what: "video classifier training (clips, batch_size and epochs must be positive)",
+                need: 1,
+                got: 0,
+            });
+        }
+        tch::manual_seed(cfg.seed as i64);
+        *self = Self::new(self.vs.device());
+        let mut opt = nn::Adam::default().build(&self.vs, cfg.lr)?;
+        let device = self.vs.device();
+        let bs = cfg.batch_size as i64;
+        let mut last = 0.0;
+        for epoch in 0..cfg.epochs {
+            let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
+            let (mut sum, mut count) = (0.0, 0);
+            for (step, s) in (0..n).step_by(bs as usize).enumerate() {
+                let idx = perm.narrow(0, s, bs.min(n - s));
+                let x = clips
+                    .index_select(0, &idx.to_device(clips.device()))
+                    .to_device(device);
+                let y = labels.index_select(0, &idx.to_device(labels.device()));
+                let (x, y) = Self::corrupt(&Self::prepare(&x)?, &y);
+                let loss = self.logits(&x)?.cross_entropy_for_logits(&y);
+                opt.backward_step(&loss);
+                let l = loss.double_value(&[]);
+                sum += l;
+                count += 1;
+                on_step(epoch, step, l);
+            }
+            last = sum / count as f64;
+            tracing::info!(epoch, loss = last, "video classifier epoch done");
+        }
+        Ok(last)
+    }
+
+    /// Top-1 garment accuracy on real `clips` `(N, 1, T, H, W)` with `labels` `(N)`.
+    pub fn accuracy(&self, clips: &Tensor, labels: &Tensor, batch: usize) -> Result<f64> {
+        check_clips(clips, &[1])?;
+        let _guard = tch::no_grad_guard();
+        let n = clips.size()[0];
+        let mut correct = 0i64;
+        for s in (0..n).step_by(batch.max(1)) {
+            let len = (batch as i64).min(n - s);
+            let pred = self.logits(&clips.narrow(0, s, len))?.argmax(1, false);
+            let y = labels
+                .narrow(0, s, len)
+                .to_device(pred.device())
+                .to_kind(Kind::Int64);
+            correct += pred.eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+        }
+        Ok(correct as f64 / n.max(1) as f64)
+    }
+}
+
+impl VideoFeatureExtractor for VideoClassifier {
+    fn name(&self) -> &str {
+        "mfmnist-video-classifier"
+    }
+
+    fn dim(&self) -> i64 {
+        VIDEO_FEATURE_DIM
+    }
+
+    fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    fn features(&self, clips: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.hidden_features(clips)
+    }
+}
