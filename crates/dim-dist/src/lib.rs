@@ -57,6 +57,7 @@ extern "C" {
         len: usize,
     ) -> c_int;
     fn dim_dist_group_free(g: *mut c_void);
+    fn dim_dist_group_shutdown(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn dim_dist_store_clone(
         g: *mut c_void,
         out: *mut *mut c_void,
@@ -301,6 +302,16 @@ impl ProcessGroup {
     pub fn barrier(&self) -> Result<()> {
         call("barrier", self.rank, |e, l| unsafe {
             dim_dist_barrier(self.raw, e, l)
+        })
+    }
+
+    /// Waits for every rank, then ends the group cleanly (NCCL
+    /// communicators finalised). Dropping a group without it aborts the
+    /// communicators instead (the path taken after a failure).
+    pub fn shutdown(self) -> Result<()> {
+        self.barrier()?;
+        call("shutting the process group down", self.rank, |e, l| unsafe {
+            dim_dist_group_shutdown(self.raw, e, l)
         })
     }
 
@@ -657,5 +668,7 @@ mod tests {
         }
         let hb = pg.heartbeat().unwrap();
         assert_eq!(hb.stalled_ranks().unwrap(), Vec::<usize>::new());
+        drop((reducer, hb));
+        pg.shutdown().unwrap();
     }
 }

@@ -183,6 +183,19 @@ impl World {
         }
     }
 
+    /// `loss.backward()`; with a reducer armed, the gradient all-reduce runs
+    /// (and can fail, e.g. a peer died) inside it.
+    pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        loss.f_backward().map_err(|e| match &self.group {
+            Some(g) => self.fail(DistError::C10d {
+                what: "backward with gradient all-reduce",
+                rank: g.env.rank,
+                msg: e.to_string(),
+            }),
+            None => anyhow::Error::from(e).context("backward"),
+        })
+    }
+
     /// The mean over the ranks of a scalar (e.g. a step's loss).
     pub fn mean(&self, x: &Tensor) -> Result<Tensor> {
         let Some(g) = &self.group else {
@@ -209,10 +222,20 @@ impl World {
     }
 
     /// Waits for every rank (at the end, so no rank tears the group down
-    /// while another still uses it).
-    pub fn barrier(&self) -> Result<()> {
-        let Some(g) = &self.group else { return Ok(()) };
-        g.pg.barrier().map_err(|e| self.fail(e))
+    /// while another still uses it) and ends the group cleanly.
+    pub fn finish(mut self) -> Result<()> {
+        let Some(g) = self.group.take() else {
+            return Ok(());
+        };
+        let Group {
+            pg,
+            heartbeat,
+            reducer,
+            ..
+        } = g;
+        drop(reducer);
+        // The final barrier may fail (a peer died at the very end): name it.
+        pg.shutdown().map_err(|e| heartbeat.explain(e).into())
     }
 
     /// Maps a loader position saved by rank 0 of a run with any world size
