@@ -35,8 +35,8 @@ pub enum DistError {
         rank: usize,
         msg: String,
     },
-    /// A rank stopped making progress (found by the heartbeat).
-    #[error("rank {rank}: {msg}")]
+    /// A rank stopped making progress (found by the heartbeat); `msg` names it.
+    #[error("{msg}")]
     PeerLost { rank: usize, msg: String },
 }
 
@@ -310,9 +310,11 @@ impl ProcessGroup {
     /// communicators instead (the path taken after a failure).
     pub fn shutdown(self) -> Result<()> {
         self.barrier()?;
-        call("shutting the process group down", self.rank, |e, l| unsafe {
-            dim_dist_group_shutdown(self.raw, e, l)
-        })
+        call(
+            "shutting the process group down",
+            self.rank,
+            |e, l| unsafe { dim_dist_group_shutdown(self.raw, e, l) },
+        )
     }
 
     /// Starts a [`Heartbeat`] on its own store connection.
