@@ -319,3 +319,38 @@ fn killed_rank_stops_the_others() {
     }
     assert!(checkpoints_intact(&run) >= 1);
 }
+
+/// Ctrl-C to the launcher: it forwards one SIGINT, the ranks agree to stop
+/// at the same step, rank 0 checkpoints there and everything exits 0.
+#[test]
+fn ctrl_c_stops_all_ranks_at_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "int", 1_000_000, 8, 1, 5);
+    let launcher = Command::new(DIM)
+        .args(["train", "--config", cfg.to_str().unwrap(), "--nproc", "2"])
+        .env("DIM_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = dir.path().join("int");
+    wait_for(
+        &run.join("ckpt-000000005.safetensors"),
+        Duration::from_secs(120),
+    );
+    Command::new("kill")
+        .args(["-INT", &launcher.id().to_string()])
+        .status()
+        .unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let last = losses(&run).last().unwrap().0;
+    assert!(
+        printed.ends_with(&format!("ckpt-{last:09}.safetensors")),
+        "{printed} vs step {last}"
+    );
+    assert!(Path::new(&printed).exists());
+    assert!(checkpoints_intact(&run) >= 2);
+}
