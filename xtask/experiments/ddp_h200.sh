@@ -113,6 +113,9 @@ run() {
 }
 
 log "dim $("$dim" --version); $(nvidia-smi -L 2>/dev/null | tr '\n' ' ')"
+# A few seconds' 2-rank smoke run first, so a broken NCCL setup fails fast.
+config "$out/smoke.toml" "DiM-S/2"
+run smoke-2gpu 2 "$out/smoke.toml" "train.steps=5" "train.batch_size=16" "train.log_every=1"
 for m in "${models[@]}"; do
   case $m in
     dim) preset="DiM-XL/2" ;;
