@@ -1,6 +1,7 @@
 //! Data-parallel training on CPU (Gloo, 2 processes) against one process on
 //! the same global batch: gradients, loss sequences, resume (same and other
-//! world size), and a killed rank making the other exit.
+//! world size), sharded sampling, Ctrl-C, and a killed rank making the
+//! other exit.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -179,6 +180,46 @@ fn two_ranks_match_one_process_and_resume() {
         let l = losses(&dir.path().join(name));
         assert_same_losses(&l, &l2[10..], 1e-5, &format!("resumed on {nproc} rank(s)"));
     }
+
+    // Sampling spread over 3 ranks (shares of 4, 4 and 3) draws exactly
+    // the samples of one process.
+    let ckpt = out.trim();
+    let mut outs = Vec::new();
+    for nproc in ["1", "3"] {
+        let o = dir.path().join(format!("samples{nproc}"));
+        let printed = ok(
+            &[
+                "sample",
+                "--checkpoint",
+                ckpt,
+                "--num",
+                "11",
+                "--batch",
+                "4",
+                "--steps",
+                "3",
+                "--device",
+                "cpu",
+                "--out",
+                o.to_str().unwrap(),
+                "--nproc",
+                nproc,
+            ],
+            &[],
+        );
+        assert_eq!(printed.lines().count(), 1, "{printed}");
+        let pngs = std::fs::read_dir(&o)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".png"))
+            .count();
+        assert_eq!(pngs, 12, "11 samples and the grid");
+        let t = Tensor::read_safetensors(o.join("samples.safetensors")).unwrap();
+        outs.push(t.into_iter().find(|(n, _)| n == "samples").unwrap().1);
+    }
+    assert_eq!(outs[0].size(), outs[1].size());
+    let diff = (&outs[0] - &outs[1]).abs().max().double_value(&[]);
+    assert!(diff <= 1e-5, "sharded samples differ by {diff}");
 }
 
 /// Every checkpoint in `run` loads (none torn by the crash).
