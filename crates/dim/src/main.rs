@@ -1,7 +1,7 @@
 //! The `dim` command: train, sample and evaluate Diffusion Mamba models.
 //!
 //! - `dim train --config configs/<x>.toml [--resume <ckpt|auto>] [--gpus N | --nproc N] [key=value ...]`
-//! - `dim sample --checkpoint <ckpt> --out <dir> [--num N] [--steps S] [--sampler ...] [--cfg s] [--class k]`
+//! - `dim sample --checkpoint <ckpt> --out <dir> [--num N] [--steps S] [--sampler ...] [--cfg s] [--class k] [--gpus N | --nproc N]`
 //! - `dim eval --samples <dir|fashion-mnist:train> [--reference fashion-mnist:test] [--features ...]`
 //! - `dim train-features`: the Fashion-MNIST feature classifier for `dim eval`
 //! - `dim demo`: a small DiM on Fashion-MNIST in about ten minutes, a sample grid and its FID
