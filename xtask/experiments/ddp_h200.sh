@@ -17,7 +17,9 @@
 #     xtask/experiments/ddp_h200.sh <bundle>/bin/dim <output folder>
 #
 # Environment (optional): BATCH (32), SIZE (32), STEPS (30, throughput runs),
-# CURVE_STEPS (50), MODELS ("dim dit"); CPU_CHECK=1 runs the same flow on
+# CURVE_STEPS (50), MODELS ("dim dit"), RUN_DIR (where the runs write their
+# checkpoints, deleted after each run: /dev/shm/dim-ddp, as a DiM-XL/2
+# checkpoint with EMA and Adam moments is 12 GB); CPU_CHECK=1 runs the same flow on
 # CPU with `--nproc` and one-block models (a check of the script itself). Writes <out>/summary.json, the runs'
 # metrics.jsonl and logs, and <out>/results.tgz with all the small files.
 set -euo pipefail
@@ -33,6 +35,8 @@ read -r -a models <<<"${MODELS:-dim dit}"
 export NCCL_NVLS_ENABLE=0            # NVLink multicast stays off on these machines
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 log() { echo "[$(date -u +%H:%M:%S)] $*"; }
+runs=${RUN_DIR:-/dev/shm/dim-ddp}
+mkdir -p "$runs"
 
 if [ -n "${CPU_CHECK:-}" ]; then
   device=cpu launch_flag=--nproc
@@ -99,13 +103,19 @@ run() {
   local launch=()
   [ "$gpus" -gt 1 ] && launch=("$launch_flag" "$gpus")
   local t0=$SECONDS
-  rm -rf "${out:?}/$name"   # a fresh run, not a resumed or appended one
-  "$dim" train --config "$cfg" "${launch[@]}" "train.out_dir=\"$out/$name\"" "$@" \
+  rm -rf "${runs:?}/$name" "${out:?}/$name"   # a fresh run, not a resumed or appended one
+  "$dim" train --config "$cfg" "${launch[@]}" "train.out_dir=\"$runs/$name\"" "$@" \
     >"$out/$name.stdout" 2>"$out/$name.log" || { log "$name FAILED:"; tail -20 "$out/$name.log"; return 1; }
+  mkdir -p "$out/$name"
+  cp "$runs/$name/metrics.jsonl" "$out/$name/"
+  rm -rf "${runs:?}/$name"
   log "$name: done in $((SECONDS - t0)) s, last: $(tail -1 "$out/$name/metrics.jsonl")"
 }
 
 log "dim $("$dim" --version); $(nvidia-smi -L 2>/dev/null | tr '\n' ' ')"
+# A few seconds' 2-rank smoke run first, so a broken NCCL setup fails fast.
+config "$out/smoke.toml" "DiM-S/2"
+run smoke-2gpu 2 "$out/smoke.toml" "train.steps=5" "train.batch_size=16" "train.log_every=1"
 for m in "${models[@]}"; do
   case $m in
     dim) preset="DiM-XL/2" ;;

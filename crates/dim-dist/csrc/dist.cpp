@@ -37,6 +37,7 @@ struct Group {
   c10::intrusive_ptr<ProcessGroup> pg;
   std::chrono::milliseconds timeout;
   bool cuda;
+  bool shut_down = false;
 };
 
 std::vector<at::Tensor> gather(at::Tensor** ts, size_t n) {
@@ -109,11 +110,32 @@ int dim_dist_group_new(const char* host, int port, int rank, int world,
 #endif
     }
     pg->setGroupName("0");
-    *out = new Group{tcp, pg, timeout, cuda >= 0};
+    *out = new Group{tcp, pg, timeout, cuda >= 0, false};
   });
 }
 
-void dim_dist_group_free(void* g) { delete static_cast<Group*>(g); }
+// Ends the group cleanly (after a final barrier): NCCL communicators are
+// finalised instead of torn down by the destructor with a warning.
+int dim_dist_group_shutdown(void* g, char* err, size_t len) {
+  return dim_shim::guarded(err, len, [&] {
+    auto* group = static_cast<Group*>(g);
+    group->pg->shutdown();
+    group->shut_down = true;
+  });
+}
+
+// Frees the group; one not shut down (a failure path, a peer may be dead) is
+// aborted first, so that no communicator waits for the dead peer.
+void dim_dist_group_free(void* g) {
+  auto* group = static_cast<Group*>(g);
+  if (!group->shut_down) {
+    try {
+      group->pg->abort();
+    } catch (...) {
+    }
+  }
+  delete group;
+}
 
 // A second client connection to the same TCPStore, for a heartbeat thread
 // (one store client must not be shared between threads mid-request).

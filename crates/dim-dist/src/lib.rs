@@ -35,8 +35,8 @@ pub enum DistError {
         rank: usize,
         msg: String,
     },
-    /// A rank stopped making progress (found by the heartbeat).
-    #[error("rank {rank}: {msg}")]
+    /// A rank stopped making progress (found by the heartbeat); `msg` names it.
+    #[error("{msg}")]
     PeerLost { rank: usize, msg: String },
 }
 
@@ -57,6 +57,7 @@ extern "C" {
         len: usize,
     ) -> c_int;
     fn dim_dist_group_free(g: *mut c_void);
+    fn dim_dist_group_shutdown(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn dim_dist_store_clone(
         g: *mut c_void,
         out: *mut *mut c_void,
@@ -302,6 +303,18 @@ impl ProcessGroup {
         call("barrier", self.rank, |e, l| unsafe {
             dim_dist_barrier(self.raw, e, l)
         })
+    }
+
+    /// Waits for every rank, then ends the group cleanly (NCCL
+    /// communicators finalised). Dropping a group without it aborts the
+    /// communicators instead (the path taken after a failure).
+    pub fn shutdown(self) -> Result<()> {
+        self.barrier()?;
+        call(
+            "shutting the process group down",
+            self.rank,
+            |e, l| unsafe { dim_dist_group_shutdown(self.raw, e, l) },
+        )
     }
 
     /// Starts a [`Heartbeat`] on its own store connection.
@@ -657,5 +670,7 @@ mod tests {
         }
         let hb = pg.heartbeat().unwrap();
         assert_eq!(hb.stalled_ranks().unwrap(), Vec::<usize>::new());
+        drop((reducer, hb));
+        pg.shutdown().unwrap();
     }
 }

@@ -214,7 +214,7 @@ impl I3d {
     /// Loads converted Kinetics-400 weights (safetensors, PyTorch-port names;
     /// BatchNorm's `num_batches_tracked` is ignored), checking every name and shape.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let mut net = Self::new(device);
+        let net = Self::new(device);
         load_checked(&net.vs, path, &|k| k.ends_with("num_batches_tracked"))?;
         Ok(net)
     }

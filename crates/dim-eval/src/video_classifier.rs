@@ -84,7 +84,7 @@ impl VideoClassifier {
 
     /// Loads weights written by [`VideoClassifier::save`], checking every name and shape.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let mut net = Self::new(device);
+        let net = Self::new(device);
         load_checked(&net.vs, path, &|_| false)?;
         Ok(net)
     }

@@ -32,6 +32,109 @@ struct Group {
     reducer: Option<Reducer>,
 }
 
+/// The device of a rank: `cpu`, or with `auto`/`cuda` GPU `LOCAL_RANK` when
+/// CUDA is available.
+fn rank_device(env: &DistEnv, device_spec: &str) -> Result<Device> {
+    Ok(match device_spec {
+        "cpu" => Device::Cpu,
+        "auto" if !tch::Cuda::is_available() => Device::Cpu,
+        "auto" | "cuda" => resolve_device(&format!("cuda:{}", env.local_rank))
+            .with_context(|| format!("rank {} (LOCAL_RANK {})", env.rank, env.local_rank))?,
+        s => bail!(
+            "device \"{s}\" with {} ranks: use \"auto\", \"cuda\" (each rank takes GPU LOCAL_RANK) or \"cpu\"",
+            env.world_size
+        ),
+    })
+}
+
+/// One rank's share of `dim sample` (a world of one: all of it): samples
+/// `start..start + count` of `num`, contiguous, at most `⌈num / W⌉` each.
+pub struct SampleShard {
+    pub rank: usize,
+    pub world_size: usize,
+    pub start: i64,
+    pub count: i64,
+    pub device: Device,
+    /// Gloo on the CPU: the ranks only wait for each other.
+    group: Option<ProcessGroup>,
+}
+
+impl SampleShard {
+    /// Ranks can finish minutes apart; a dead one is noticed at once (its
+    /// socket closes).
+    const WAIT: Duration = Duration::from_secs(3600);
+
+    /// This rank's share, from torchrun's variables (see [`World::from_env`]).
+    pub fn from_env(num: i64, device_spec: &str) -> Result<Self> {
+        let Some(env) = DistEnv::from_env()? else {
+            return Ok(Self {
+                rank: 0,
+                world_size: 1,
+                start: 0,
+                count: num,
+                device: resolve_device(device_spec)?,
+                group: None,
+            });
+        };
+        let device = rank_device(&env, device_spec)?;
+        let w = env.world_size as i64;
+        let per = (num + w - 1) / w;
+        let start = (env.rank as i64 * per).min(num);
+        let count = per.min(num - start);
+        let group = ProcessGroup::new(&env, None, Self::WAIT).with_context(|| {
+            format!(
+                "joining {} ranks at {}:{}",
+                env.world_size, env.master_addr, env.master_port
+            )
+        })?;
+        Ok(Self {
+            rank: env.rank,
+            world_size: env.world_size,
+            start,
+            count,
+            device,
+            group: Some(group),
+        })
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self) -> Result<()> {
+        match &self.group {
+            Some(g) => Ok(g.barrier()?),
+            None => Ok(()),
+        }
+    }
+
+    /// Rank 0 gets every rank's samples `(num, C, …)` in order (the others
+    /// `None`), passed through shard files in `out` (a folder every rank
+    /// sees), which it then removes.
+    pub fn gather(&self, x: &Tensor, out: &std::path::Path) -> Result<Option<Tensor>> {
+        let Some(g) = &self.group else {
+            return Ok(Some(x.shallow_clone()));
+        };
+        let shard = |r: usize| out.join(format!("samples.rank{r}.safetensors"));
+        Tensor::write_safetensors(&[("samples", x)], shard(self.rank))
+            .with_context(|| format!("writing {}", shard(self.rank).display()))?;
+        g.barrier()?;
+        if self.rank != 0 {
+            return Ok(None);
+        }
+        let mut parts = Vec::with_capacity(self.world_size);
+        for r in 0..self.world_size {
+            let p = shard(r);
+            let t = Tensor::read_safetensors(&p)
+                .with_context(|| format!("reading rank {r}'s samples {}", p.display()))?
+                .into_iter()
+                .find(|(n, _)| n == "samples")
+                .with_context(|| format!("{}: no `samples` tensor", p.display()))?
+                .1;
+            parts.push(t);
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+        Ok(Some(Tensor::cat(&parts, 0)))
+    }
+}
+
 /// This process's place among the data-parallel ranks.
 pub struct World {
     group: Option<Group>,
@@ -51,19 +154,7 @@ impl World {
         let Some(env) = DistEnv::from_env()? else {
             return Ok((Self::single(), resolve_device(device_spec)?));
         };
-        let device = match device_spec {
-            "cpu" => Device::Cpu,
-            "auto" if !tch::Cuda::is_available() => Device::Cpu,
-            "auto" | "cuda" => {
-                let d = resolve_device(&format!("cuda:{}", env.local_rank))
-                    .with_context(|| format!("rank {} (LOCAL_RANK {})", env.rank, env.local_rank))?;
-                d
-            }
-            s => bail!(
-                "train.device = \"{s}\" with {} ranks: use \"auto\", \"cuda\" (each rank takes GPU LOCAL_RANK) or \"cpu\"",
-                env.world_size
-            ),
-        };
+        let device = rank_device(&env, device_spec)?;
         if device.is_cuda() && !dim_dist::has_nccl() {
             bail!("this dim was built without NCCL (no CUDA headers at build time): it cannot train on several GPUs; rebuild it with the CUDA toolkit (cargo xtask setup)");
         }
@@ -183,6 +274,19 @@ impl World {
         }
     }
 
+    /// `loss.backward()`; with a reducer armed, the gradient all-reduce runs
+    /// (and can fail, e.g. a peer died) inside it.
+    pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        loss.f_backward().map_err(|e| match &self.group {
+            Some(g) => self.fail(DistError::C10d {
+                what: "backward with gradient all-reduce",
+                rank: g.env.rank,
+                msg: e.to_string(),
+            }),
+            None => anyhow::Error::from(e).context("backward"),
+        })
+    }
+
     /// The mean over the ranks of a scalar (e.g. a step's loss).
     pub fn mean(&self, x: &Tensor) -> Result<Tensor> {
         let Some(g) = &self.group else {
@@ -209,10 +313,20 @@ impl World {
     }
 
     /// Waits for every rank (at the end, so no rank tears the group down
-    /// while another still uses it).
-    pub fn barrier(&self) -> Result<()> {
-        let Some(g) = &self.group else { return Ok(()) };
-        g.pg.barrier().map_err(|e| self.fail(e))
+    /// while another still uses it) and ends the group cleanly.
+    pub fn finish(mut self) -> Result<()> {
+        let Some(g) = self.group.take() else {
+            return Ok(());
+        };
+        let Group {
+            pg,
+            heartbeat,
+            reducer,
+            ..
+        } = g;
+        drop(reducer);
+        // The final barrier may fail (a peer died at the very end): name it.
+        pg.shutdown().map_err(|e| heartbeat.explain(e).into())
     }
 
     /// Maps a loader position saved by rank 0 of a run with any world size

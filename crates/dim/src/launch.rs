@@ -1,4 +1,4 @@
-//! `dim train --gpus N` / `--nproc N`: one process per rank on this machine,
+//! `dim train|sample --gpus N` / `--nproc N`: one process per rank on this machine,
 //! the way `torchrun --nproc_per_node N` starts them, with torchrun's
 //! environment contract (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`). The launcher forwards
@@ -23,6 +23,15 @@ pub enum Placement {
     Gpus(usize),
     /// `N` processes on `train.device` (`--nproc N`; CPU ranks use Gloo).
     Procs(usize),
+}
+
+/// `--gpus` / `--nproc` as given (clap keeps them exclusive).
+pub fn placement(gpus: Option<usize>, nproc: Option<usize>) -> Option<Placement> {
+    match (gpus, nproc) {
+        (Some(n), _) => Some(Placement::Gpus(n)),
+        (None, Some(n)) => Some(Placement::Procs(n)),
+        (None, None) => None,
+    }
 }
 
 /// Variables every rank process gets on top of the launcher's environment:
@@ -51,9 +60,9 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Runs `args` (a `dim train` command line without `--gpus/--nproc`) as
-/// one process per rank and waits for all; `stop` is the launcher's Ctrl-C
-/// flag.
+/// Runs `args` (a `dim train` or `dim sample` command line without
+/// `--gpus/--nproc`, with the device each rank should use) as one process
+/// per rank and waits for all; `stop` is the launcher's Ctrl-C flag.
 pub fn run(placement: Placement, args: &[OsString], stop: Arc<AtomicBool>) -> Result<()> {
     if std::env::var_os("WORLD_SIZE").is_some() {
         bail!("WORLD_SIZE is already set (torchrun / Slurm style launch): start `dim train` without --gpus/--nproc, once per rank");
@@ -92,9 +101,6 @@ pub fn run(placement: Placement, args: &[OsString], stop: Arc<AtomicBool>) -> Re
             // Own process group: a terminal's Ctrl-C reaches the launcher
             // alone, which forwards it once.
             .process_group(0);
-        if gpus {
-            cmd.arg("train.device=cuda");
-        }
         // SAFETY: prctl is async-signal-safe; the rank dies with the launcher.
         unsafe {
             cmd.pre_exec(|| {

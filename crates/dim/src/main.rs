@@ -1,7 +1,7 @@
 //! The `dim` command: train, sample and evaluate Diffusion Mamba models.
 //!
 //! - `dim train --config configs/<x>.toml [--resume <ckpt|auto>] [--gpus N | --nproc N] [key=value ...]`
-//! - `dim sample --checkpoint <ckpt> --out <dir> [--num N] [--steps S] [--sampler ...] [--cfg s] [--class k]`
+//! - `dim sample --checkpoint <ckpt> --out <dir> [--num N] [--steps S] [--sampler ...] [--cfg s] [--class k] [--gpus N | --nproc N]`
 //! - `dim eval --samples <dir|fashion-mnist:train> [--reference fashion-mnist:test] [--features ...]`
 //! - `dim train-features [--video]`: the Fashion-MNIST feature classifier for `dim eval` (`--video`: the clip classifier for `dim fvd`)
 //! - `dim fvd --samples <dir> --reference <config.toml>`: Fréchet video distance
@@ -97,6 +97,12 @@ enum Command {
         /// Frames per second of video GIFs.
         #[arg(long, default_value_t = 8)]
         fps: u32,
+        /// Sample on N GPUs of this machine, one process each with its share.
+        #[arg(long, conflicts_with = "nproc")]
+        gpus: Option<usize>,
+        /// Sample in N processes on --device, each with its share.
+        #[arg(long)]
+        nproc: Option<usize>,
     },
     /// FID and precision/recall between generated samples and a reference set.
     Eval {
@@ -194,18 +200,17 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
         } => {
             let cfg = config::TrainConfig::load(&config, &overrides)?;
-            let placement = match (gpus, nproc) {
-                (Some(n), _) => Some(launch::Placement::Gpus(n)),
-                (None, Some(n)) => Some(launch::Placement::Procs(n)),
-                (None, None) => None,
-            };
-            if let Some(placement) = placement {
+            if let Some(placement) = launch::placement(gpus, nproc) {
                 let mut args: Vec<std::ffi::OsString> =
                     vec!["train".into(), "--config".into(), config.into_os_string()];
                 if let Some(r) = resume {
                     args.extend(["--resume".into(), r.into()]);
                 }
                 args.extend(overrides.into_iter().map(Into::into));
+                if let launch::Placement::Gpus(_) = placement {
+                    // Each rank takes GPU LOCAL_RANK.
+                    args.push("train.device=cuda".into());
+                }
                 return launch::run(placement, &args, stop_flag()?);
             }
             let resume = resume.map(|r| match r.as_str() {
@@ -239,7 +244,41 @@ fn run(cli: Cli) -> Result<()> {
             device,
             no_ema,
             fps,
+            gpus,
+            nproc,
         } => {
+            if let Some(placement) = launch::placement(gpus, nproc) {
+                let mut args: Vec<std::ffi::OsString> = vec!["sample".into()];
+                let mut opt = |k: &str, v: String| args.extend([k.into(), v.into()]);
+                opt("--checkpoint", checkpoint.display().to_string());
+                opt("--out", out.display().to_string());
+                opt("--num", num.to_string());
+                opt("--batch", batch.to_string());
+                opt("--seed", seed.to_string());
+                opt("--fps", fps.to_string());
+                let device = match placement {
+                    launch::Placement::Gpus(_) => "cuda".to_string(),
+                    launch::Placement::Procs(_) => device,
+                };
+                opt("--device", device);
+                if let Some(v) = steps {
+                    opt("--steps", v.to_string());
+                }
+                if let Some(v) = sampler {
+                    opt("--sampler", v);
+                }
+                if let Some(v) = cfg {
+                    opt("--cfg", v.to_string());
+                }
+                if let Some(v) = class {
+                    opt("--class", v.to_string());
+                }
+                if no_ema {
+                    args.push("--no-ema".into());
+                }
+                return launch::run(placement, &args, stop_flag()?);
+            }
+            let primary = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
             let grid = sample::run(&sample::SampleArgs {
                 checkpoint,
                 num,
@@ -254,7 +293,9 @@ fn run(cli: Cli) -> Result<()> {
                 no_ema,
                 fps,
             })?;
-            println!("{}", grid.display());
+            if primary {
+                println!("{}", grid.display());
+            }
             Ok(())
         }
         Command::Eval {

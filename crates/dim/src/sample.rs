@@ -14,7 +14,7 @@ use dim_io::Group;
 use crate::checkpoint;
 use crate::config::{section, LoopConfig};
 use crate::images;
-use crate::runtime::{diffusion_config_of, resolve_device, set_precision, Net};
+use crate::runtime::{diffusion_config_of, set_precision, Net};
 
 /// A network restored from a training checkpoint, with its diffusion setup.
 pub struct Restored {
@@ -101,14 +101,30 @@ pub fn generate(
     seed: u64,
     bar: Option<&ProgressBar>,
 ) -> Result<Tensor> {
+    generate_range(net, diffusion, sampler, 0, n, batch, class, seed, bar)
+}
+
+/// As [`generate`], samples `start..start + n` of the sequence (a rank's
+/// shard): each is exactly the sample of that index a single run draws.
+pub fn generate_range(
+    net: &Net,
+    diffusion: &Diffusion,
+    sampler: &SamplerConfig,
+    start: i64,
+    n: i64,
+    batch: i64,
+    class: Option<i64>,
+    seed: u64,
+    bar: Option<&ProgressBar>,
+) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     let device = net.vs.device();
     let mut out = Vec::new();
     let shape = sample_shape(&net.cfg);
     let mut sampler = sampler.clone();
     default_null_class(&mut sampler, &net.cfg);
-    for first in (0..n).step_by(batch.max(1) as usize) {
-        let b = batch.min(n - first);
+    for first in (start..start + n).step_by(batch.max(1) as usize) {
+        let b = batch.min(start + n - first);
         let y = (net.cfg.num_classes > 0).then(|| match class {
             Some(k) => Tensor::full([b], k, (Kind::Int64, device)),
             None => (Tensor::arange_start(first, first + b, (Kind::Int64, device)))
@@ -130,6 +146,11 @@ pub fn generate(
         if let Some(bar) = bar {
             bar.inc(b as u64);
         }
+    }
+    if out.is_empty() {
+        let mut empty = vec![0];
+        empty.extend(&shape);
+        return Ok(Tensor::zeros(empty, (Kind::Float, Device::Cpu)));
     }
     Ok(Tensor::cat(&out, 0))
 }
@@ -170,10 +191,18 @@ pub struct SampleArgs {
     pub fps: u32,
 }
 
-/// Runs `dim sample`; returns the grid's path.
+/// Runs `dim sample`; returns the grid's path. Started as one of several
+/// ranks (`dim sample --gpus N`, or torchrun's variables), each rank draws
+/// its contiguous share of the `num` samples and writes their files; rank 0
+/// then gathers the shards into `samples.safetensors` and the grid.
 pub fn run(a: &SampleArgs) -> Result<PathBuf> {
-    images::ensure_writable_dir(&a.out)?;
-    let device = resolve_device(&a.device)?;
+    let shard = crate::dist::SampleShard::from_env(a.num, &a.device)?;
+    if shard.rank == 0 {
+        images::ensure_writable_dir(&a.out)?;
+    }
+    // The others write into the folder once rank 0 has made it.
+    shard.barrier()?;
+    let device = shard.device;
     let r = restore(&a.checkpoint, device, !a.no_ema)?;
     let mut sampler = r.sampler.clone();
     if let Some(s) = &a.sampler {
@@ -203,17 +232,21 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
         .validate(r.diffusion.config())
         .context("sampler options")?;
     tracing::info!(checkpoint = %a.checkpoint.display(), step = r.step, sampler = ?sampler.sampler, steps = sampler.steps, cfg = sampler.cfg_scale, "sampling {} to {}", a.num, a.out.display());
-    let bar = ProgressBar::new(a.num as u64);
+    let bar = match shard.rank {
+        0 => ProgressBar::new(shard.count as u64),
+        _ => ProgressBar::hidden(),
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} sample [{bar:30}] {pos}/{len}, ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let x = generate(
+    let x = generate_range(
         &r.net,
         &r.diffusion,
         &sampler,
-        a.num,
+        shard.start,
+        shard.count,
         a.batch,
         a.class,
         a.seed,
@@ -221,15 +254,14 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
     )?;
     bar.finish_and_clear();
     let grid_path = a.out.join("grid.png");
-    let shown = x.narrow(0, 0, x.size()[0].min(100));
-    write_grid(&shown, &r.net.cfg, &grid_path)?;
     if r.net.cfg.is_video() {
         // An animated grid of the first 16 clips, 4 wide.
         let n = x.size()[0].min(16);
         images::save_gif_grid(&x.narrow(0, 0, n), 4, a.fps, &a.out.join("grid.gif"))?;
         let mut mp4 = true;
-        for i in 0..x.size()[0] {
-            let v = x.get(i);
+        for j in 0..x.size()[0] {
+            let i = shard.start + j;
+            let v = x.get(j);
             images::save_gif(&v, a.fps, &a.out.join(format!("{i:06}.gif")))?;
             if mp4 && !images::save_mp4(&v, a.fps, &a.out.join(format!("{i:06}.mp4")))? {
                 tracing::warn!(
@@ -240,9 +272,14 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
             images::save_strip(&v, &a.out.join(format!("{i:06}_strip.png")))?;
         }
     } else {
-        images::save_pngs(&x, &a.out, "", 0)?;
+        images::save_pngs(&x, &a.out, "", shard.start as usize)?;
     }
     // Keep the raw tensor too: `dim eval` reads it without PNG rounding.
-    Tensor::write_safetensors(&[("samples", &x)], a.out.join("samples.safetensors"))?;
+    let x = shard.gather(&x, &a.out)?;
+    if let Some(x) = x {
+        Tensor::write_safetensors(&[("samples", &x)], a.out.join("samples.safetensors"))?;
+        let shown = x.narrow(0, 0, x.size()[0].min(100));
+        write_grid(&shown, &r.net.cfg, &grid_path)?;
+    }
     Ok(grid_path)
 }

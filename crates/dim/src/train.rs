@@ -269,7 +269,7 @@ pub fn train(
                 // Gradients are all-reduced during this backward only.
                 world.before_last_backward(&loss)?;
             }
-            loss.backward();
+            world.backward(&loss)?;
             step_loss += loss.detach().to_kind(Kind::Double);
         }
         unchecked = Some(match unchecked.take() {
@@ -345,8 +345,9 @@ pub fn train(
         (_, q) if !world.is_primary() => q,
         _ => save(step, &net, &ema, &opt, &loader)?,
     };
+    let primary = world.is_primary();
     // No rank leaves while another may still need it (rank 0 hosts the store).
-    world.barrier()?;
+    world.finish()?;
     if interrupted {
         tracing::warn!(step, checkpoint = %ck.display(), "interrupted: checkpoint saved, resume with --resume auto");
     }
@@ -354,7 +355,7 @@ pub fn train(
         step,
         checkpoint: ck,
         interrupted,
-        primary: world.is_primary(),
+        primary,
     })
 }
 

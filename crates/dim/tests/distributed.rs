@@ -1,6 +1,7 @@
 //! Data-parallel training on CPU (Gloo, 2 processes) against one process on
 //! the same global batch: gradients, loss sequences, resume (same and other
-//! world size), and a killed rank making the other exit.
+//! world size), sharded sampling, Ctrl-C, and a killed rank making the
+//! other exit.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -179,6 +180,46 @@ fn two_ranks_match_one_process_and_resume() {
         let l = losses(&dir.path().join(name));
         assert_same_losses(&l, &l2[10..], 1e-5, &format!("resumed on {nproc} rank(s)"));
     }
+
+    // Sampling spread over 3 ranks (shares of 4, 4 and 3) draws exactly
+    // the samples of one process.
+    let ckpt = out.trim();
+    let mut outs = Vec::new();
+    for nproc in ["1", "3"] {
+        let o = dir.path().join(format!("samples{nproc}"));
+        let printed = ok(
+            &[
+                "sample",
+                "--checkpoint",
+                ckpt,
+                "--num",
+                "11",
+                "--batch",
+                "4",
+                "--steps",
+                "3",
+                "--device",
+                "cpu",
+                "--out",
+                o.to_str().unwrap(),
+                "--nproc",
+                nproc,
+            ],
+            &[],
+        );
+        assert_eq!(printed.lines().count(), 1, "{printed}");
+        let pngs = std::fs::read_dir(&o)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".png"))
+            .count();
+        assert_eq!(pngs, 12, "11 samples and the grid");
+        let t = Tensor::read_safetensors(o.join("samples.safetensors")).unwrap();
+        outs.push(t.into_iter().find(|(n, _)| n == "samples").unwrap().1);
+    }
+    assert_eq!(outs[0].size(), outs[1].size());
+    let diff = (&outs[0] - &outs[1]).abs().max().double_value(&[]);
+    assert!(diff <= 1e-5, "sharded samples differ by {diff}");
 }
 
 /// Every checkpoint in `run` loads (none torn by the crash).
@@ -318,4 +359,39 @@ fn killed_rank_stops_the_others() {
         );
     }
     assert!(checkpoints_intact(&run) >= 1);
+}
+
+/// Ctrl-C to the launcher: it forwards one SIGINT, the ranks agree to stop
+/// at the same step, rank 0 checkpoints there and everything exits 0.
+#[test]
+fn ctrl_c_stops_all_ranks_at_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "int", 1_000_000, 8, 1, 5);
+    let launcher = Command::new(DIM)
+        .args(["train", "--config", cfg.to_str().unwrap(), "--nproc", "2"])
+        .env("DIM_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = dir.path().join("int");
+    wait_for(
+        &run.join("ckpt-000000005.safetensors"),
+        Duration::from_secs(120),
+    );
+    Command::new("kill")
+        .args(["-INT", &launcher.id().to_string()])
+        .status()
+        .unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let last = losses(&run).last().unwrap().0;
+    assert!(
+        printed.ends_with(&format!("ckpt-{last:09}.safetensors")),
+        "{printed} vs step {last}"
+    );
+    assert!(Path::new(&printed).exists());
+    assert!(checkpoints_intact(&run) >= 2);
 }
