@@ -161,7 +161,7 @@ impl Mixed {
 /// One stage of the network, in order.
 #[derive(Debug)]
 enum Stage {
-    Unit(Unit3d),
+    Unit(Box<Unit3d>),
     Pool([i64; 3], [i64; 3]),
     Mixed(Box<Mixed>),
 }
@@ -180,7 +180,8 @@ impl I3d {
     pub fn new(device: Device) -> Self {
         let vs = VarStore::new(device);
         let r = vs.root();
-        let unit = |name: &str, i, o, k, s| Stage::Unit(Unit3d::new(&r / name, i, o, k, s));
+        let unit =
+            |name: &str, i, o, k, s| Stage::Unit(Box::new(Unit3d::new(&r / name, i, o, k, s)));
         let mixed = |name: &str, i, out| Stage::Mixed(Box::new(Mixed::new(&r / name, i, out)));
         let stages = vec![
             unit("Conv3d_1a_7x7", 3, 64, [7, 7, 7], [2, 2, 2]),

@@ -220,3 +220,43 @@ fn video_models_default_to_row_column_time() {
         dit
     );
 }
+
+/// Every `[model]` table of the repository's configs parses and validates;
+/// the video ones scan `row_column_time` (DiM) and DiT's are full attention.
+#[test]
+fn repository_model_tables_parse_and_video_ones_use_the_cyclic_order() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut videos = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let doc: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let Some(model) = doc.get("model") else {
+            continue;
+        };
+        let cfg = ModelConfig::from_toml_str(&toml::to_string(model).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if cfg.is_video() {
+            videos += 1;
+            assert_eq!(
+                cfg.token_order,
+                TokenOrder::RowColumnTime,
+                "{}",
+                path.display()
+            );
+            assert_eq!(
+                cfg.attention,
+                dim_model::AttentionKind::Full,
+                "{}",
+                path.display()
+            );
+        }
+    }
+    assert!(
+        videos >= 4,
+        "expected the video configs under {}",
+        dir.display()
+    );
+}
