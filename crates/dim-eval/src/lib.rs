@@ -24,6 +24,6 @@ pub use classifier::{ClassifierTrainConfig, FmnistClassifier};
 pub use error::{EvalError, Result};
 pub use features::{extract_features, FeatureExtractor};
 pub use frechet::{frechet_distance, FeatureStats, GaussianStats};
-pub use inception::InceptionV3;
+pub use inception::{InceptionFeatures, InceptionV3, LOGITS_DIM, SPATIAL_DIM};
 pub use precision_recall::{precision_recall, PrecisionRecall};
-pub use weights::load_checked;
+pub use weights::{load_checked, load_checked_tensors, read_tensors};

@@ -15,19 +15,36 @@ use crate::{EvalError, Result};
 /// a classifier head that feature extraction does not use). Dtypes are
 /// converted to the variable's. The error lists the first offending names.
 pub fn load_checked(vs: &mut VarStore, path: &Path, ignore: &dyn Fn(&str) -> bool) -> Result<()> {
+    let file = read_tensors(path)?;
+    load_checked_tensors(vs, &file, path, ignore)
+}
+
+/// Reads every tensor of a safetensors file by name, with an error naming
+/// the file when it is missing or unreadable.
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         return Err(EvalError::Weights {
             path: path.to_path_buf(),
             detail: "no such file (see docs/eval.md for how to make it)".into(),
         });
     }
-    let file: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+    Ok(Tensor::read_safetensors(path)
         .map_err(|e| EvalError::Weights {
             path: path.to_path_buf(),
             detail: format!("not a readable safetensors file ({e})"),
         })?
         .into_iter()
-        .collect();
+        .collect())
+}
+
+/// As [`load_checked`], from tensors already read from `path` (and perhaps
+/// renamed, e.g. from an older key scheme); `path` names the file in errors.
+pub fn load_checked_tensors(
+    vs: &mut VarStore,
+    file: &HashMap<String, Tensor>,
+    path: &Path,
+    ignore: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let vars = vs.variables();
     let mut problems = Vec::new();
     let mut names: Vec<&String> = vars.keys().collect();
