@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use tch::nn::{self, Module, VarStore};
+use tch::nn::{self, VarStore};
 use tch::{Device, Tensor};
 
 use crate::features::{check_images, FeatureExtractor};

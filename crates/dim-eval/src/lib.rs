@@ -17,6 +17,7 @@ mod error;
 pub mod features;
 pub mod frechet;
 pub mod inception;
+pub mod npz;
 pub mod precision_recall;
 mod weights;
 
@@ -25,5 +26,6 @@ pub use error::{EvalError, Result};
 pub use features::{extract_features, FeatureExtractor};
 pub use frechet::{frechet_distance, FeatureStats, GaussianStats};
 pub use inception::{InceptionFeatures, InceptionV3, LOGITS_DIM, SPATIAL_DIM};
+pub use npz::{NpzReader, NpzWriter};
 pub use precision_recall::{precision_recall, PrecisionRecall};
 pub use weights::{load_checked, load_checked_tensors, read_tensors};

@@ -251,6 +251,10 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     pub train: LoopConfig,
     pub eval: EvalConfig,
+    /// `[vae]`: the autoencoder of a latent model (see `crate::vae`).
+    pub vae: Option<crate::vae::VaeSection>,
+    /// The `[vae]` table as written (kept for checkpoints).
+    pub vae_table: Option<toml::Table>,
     /// The file it came from (for messages).
     pub file: String,
 }
@@ -273,6 +277,7 @@ impl TrainConfig {
             "optim",
             "train",
             "eval",
+            "vae",
         ];
         if let Some(k) = table.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ConfigError::Invalid {
@@ -328,6 +333,18 @@ impl TrainConfig {
             optim: section(&table, "optim", file)?,
             train: section(&table, "train", file)?,
             eval: section(&table, "eval", file)?,
+            vae: match table.get("vae") {
+                None => None,
+                Some(_) => Some(
+                    crate::vae::VaeSection::from_table(&sub("vae")?, file).map_err(|e| {
+                        ConfigError::Invalid {
+                            file: file.into(),
+                            detail: format!("[vae]: {e:#}"),
+                        }
+                    })?,
+                ),
+            },
+            vae_table: table.get("vae").and_then(|v| v.as_table().cloned()),
             file: file.into(),
         };
         cfg.validate()?;
@@ -387,6 +404,9 @@ impl TrainConfig {
         t.insert("optim".into(), val(&self.optim));
         t.insert("train".into(), val(&self.train));
         t.insert("eval".into(), val(&self.eval));
+        if let Some(v) = &self.vae_table {
+            t.insert("vae".into(), toml::Value::Table(v.clone()));
+        }
         t
     }
 }

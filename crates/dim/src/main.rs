@@ -4,6 +4,8 @@
 //! - `dim sample --checkpoint <ckpt> --out <dir> [--num N] [--steps S] [--sampler ...] [--cfg s] [--class k]`
 //! - `dim eval --samples <dir|fashion-mnist:train> [--reference fashion-mnist:test] [--features ...]`
 //! - `dim train-features`: the Fashion-MNIST feature classifier for `dim eval`
+//! - `dim latents --data <ImageFolder> --vae <weights> --out <cache>`: the latent cache of a dataset
+//! - `dim ops scan|vae|inception`: single ops from files
 //! - `dim demo`: a small DiM on Fashion-MNIST in about ten minutes, a sample grid and its FID
 //!
 //! See `docs/cli.md`.
@@ -13,12 +15,14 @@ mod config;
 mod demo;
 mod eval;
 mod images;
+mod latents;
 mod metrics;
 mod ops;
 mod optim;
 mod runtime;
 mod sample;
 mod train;
+mod vae;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,8 +132,10 @@ enum Command {
     },
     /// Train a small DiM on Fashion-MNIST, write a class-conditional grid and print its FID.
     Demo(demo::DemoArgs),
-    /// Run single ops from files (the selective scan), to check them against other implementations.
+    /// Run single ops from files (the selective scan, the VAE, Inception), to check them against other implementations.
     Ops(ops::OpsArgs),
+    /// Encode an ImageFolder dataset through the VAE into a latent cache (resumable).
+    Latents(latents::LatentsArgs),
 }
 
 fn main() {
@@ -254,5 +260,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo(args) => demo::run(&args, stop_flag()?),
         Command::Ops(args) => ops::run(args),
+        Command::Latents(args) => {
+            let n = latents::run(&args)?;
+            println!("{} ({n} latents)", args.out.display());
+            Ok(())
+        }
     }
 }
