@@ -58,6 +58,9 @@ pub struct LatentsArgs {
     /// Encode at most this many images (0 = all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// Stop with an error after this many batches (tests use it to interrupt a run).
+    #[arg(long, hide = true)]
+    pub fail_after_batches: Option<usize>,
 }
 
 /// Runs `dim latents`; returns the number of latents in the finished cache.
@@ -127,7 +130,8 @@ pub fn run(a: &LatentsArgs) -> Result<usize> {
         ("images", n_images.to_string()),
     ];
     for (k, v) in &meta {
-        if done > 0 {
+        // `images` may grow between runs (--limit); everything else must match.
+        if done > 0 && *k != "images" {
             // A resumed cache must continue exactly as it began.
             let old = w.meta().get(*k).cloned().unwrap_or_default();
             if old != *v {
@@ -154,7 +158,12 @@ pub fn run(a: &LatentsArgs) -> Result<usize> {
         .map_or(1, |n| n.get())
         .min(16);
     let mut first = first_image;
+    let mut batches = 0usize;
     while first < n_images {
+        if a.fail_after_batches == Some(batches) {
+            bail!("stopped after {batches} batches (--fail-after-batches)");
+        }
+        batches += 1;
         let b = a.batch.min(n_images - first);
         let samples = load_parallel(&ds, first, b, threads)?;
         let x = Tensor::stack(&samples.iter().map(|s| &s.0).collect::<Vec<_>>(), 0);

@@ -91,7 +91,8 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         fps: u32,
     },
-    /// FID and precision/recall between generated samples and a reference set.
+    /// FID and precision/recall between generated samples and a reference set
+    /// (with --features inception: the ADM evaluator's FID, sFID, IS, precision/recall).
     Eval {
         /// Generated images: a `dim sample` folder, a .safetensors, fashion-mnist:train|test, or a config .toml.
         #[arg(long)]
@@ -233,9 +234,19 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let device = runtime::resolve_device(&device)?;
             let weights = weights.unwrap_or_else(eval::default_features_path);
-            let ext = eval::feature_network(&features, &weights, device)?;
-            let report = eval::evaluate(&samples, &reference, ext.as_ref(), num, k, batch.max(1))?;
-            let text = serde_json::to_string_pretty(&report)?;
+            let text = if features == "inception" {
+                // The ADM evaluator's metrics: FID, sFID, IS, precision/recall.
+                let net = dim_eval::InceptionV3::load(&weights, device).context(
+                    "Inception-v3 FID weights: convert pt_inception-2015-12-05 to safetensors, see docs/eval.md",
+                )?;
+                let report = eval::evaluate_adm(&samples, &reference, &net, num, k, batch.max(1))?;
+                serde_json::to_string_pretty(&report)?
+            } else {
+                let ext = eval::feature_network(&features, &weights, device)?;
+                let report =
+                    eval::evaluate(&samples, &reference, ext.as_ref(), num, k, batch.max(1))?;
+                serde_json::to_string_pretty(&report)?
+            };
             if let Some(p) = json {
                 std::fs::write(&p, &text)
                     .with_context(|| format!("cannot write {}", p.display()))?;
