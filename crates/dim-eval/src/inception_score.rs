@@ -22,7 +22,9 @@ pub fn inception_score(logits: &Tensor, split_size: i64) -> Result<f64> {
         let part = p.narrow(0, first, split_size.min(s[0] - first));
         let py = part.mean_dim(0, true, Kind::Double);
         let kl = &part * (part.clamp_min(1e-300).log() - py.clamp_min(1e-300).log());
-        let m = kl.sum_dim_intlist(1, false, Kind::Double).mean(Kind::Double);
+        let m = kl
+            .sum_dim_intlist(1, false, Kind::Double)
+            .mean(Kind::Double);
         scores.push(m.double_value(&[]).exp());
     }
     Ok(scores.iter().sum::<f64>() / scores.len() as f64)
