@@ -316,7 +316,9 @@ impl InceptionV3 {
         load_checked_tensors(&mut net.vs, &file, path, &|k| {
             k.starts_with("fc.") || k.ends_with(".num_batches_tracked")
         })?;
-        if file.contains_key("fc.weight") {
+        // The head is optional (FID needs none); a file with only part of it
+        // is treated as having none.
+        if file.contains_key("fc.weight") && file.contains_key("fc.bias") {
             net = net.with_head();
             let (hvs, _) = net.head.as_mut().expect("just added");
             load_checked_tensors(hvs, &file, path, &|k| !k.starts_with("fc."))?;
