@@ -66,7 +66,7 @@ pub struct LatentsArgs {
 /// Runs `dim latents`; returns the number of latents in the finished cache.
 pub fn run(a: &LatentsArgs) -> Result<usize> {
     let copies = if a.flip { 2 } else { 1 };
-    if a.shard_size == 0 || a.shard_size % copies != 0 {
+    if a.shard_size == 0 || !a.shard_size.is_multiple_of(copies) {
         bail!(
             "--shard-size {}: must be a positive multiple of {copies}",
             a.shard_size
