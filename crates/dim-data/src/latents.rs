@@ -280,7 +280,7 @@ impl LatentWriter {
             if (name.starts_with("shard-") && !keep.contains(name.as_str()))
                 || name.ends_with(".partial")
             {
-                std::fs::remove_file(e.path()).map_err(|err| DataError::io(&e.path(), err))?;
+                std::fs::remove_file(e.path()).map_err(|err| DataError::io(e.path(), err))?;
             }
         }
         let kind = dtype_kind(&p.dtype).map(|(k, _)| k);
