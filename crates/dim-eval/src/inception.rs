@@ -16,7 +16,7 @@ use tch::nn::{self, VarStore};
 use tch::{Device, Tensor};
 
 use crate::features::{check_images, FeatureExtractor};
-use crate::{load_checked, Result};
+use crate::{EvalError, Result};
 
 /// Conv (no bias) + batch norm (eps 1e-3) + ReLU.
 #[derive(Debug)]
@@ -228,6 +228,25 @@ impl Mixed {
     }
 }
 
+/// Width of the ADM evaluator's spatial (sFID) features: the first 7
+/// channels of `Mixed_6d`'s 1×1 branch (`mixed_6/conv` in the TensorFlow
+/// graph) at 17×17, flattened channels-last.
+pub const SPATIAL_DIM: i64 = 17 * 17 * 7;
+
+/// Number of classes of the FID Inception's `fc` head (1008, as the TF graph).
+pub const LOGITS_DIM: i64 = 1008;
+
+/// Every feature the ADM evaluator uses, for `N` images.
+#[derive(Debug)]
+pub struct InceptionFeatures {
+    /// `(N, 2048)` pool3 features (FID, precision/recall).
+    pub pool: Tensor,
+    /// `(N, 2023)` spatial features (sFID).
+    pub spatial: Tensor,
+    /// `(N, 1008)` logits (Inception Score), when the weights have the `fc` head.
+    pub logits: Option<Tensor>,
+}
+
 /// Inception-v3 FID feature network: images `(N, 1|3, H, W)` in `[-1, 1]`
 /// → pool3 features `(N, 2048)`.
 #[derive(Debug)]
@@ -236,6 +255,9 @@ pub struct InceptionV3 {
     stem: Vec<BasicConv>,
     mixed: Vec<Mixed>,
     resize: bool,
+    /// The `fc` head `(2048 → 1008)` in its own store: FID needs no head, so
+    /// weights converted without it still load.
+    head: Option<(VarStore, nn::Linear)>,
 }
 
 impl InceptionV3 {
@@ -269,16 +291,38 @@ impl InceptionV3 {
             stem,
             mixed,
             resize: true,
+            head: None,
         }
+    }
+
+    /// Adds an `fc` head `(2048 → 1008)` with untrained weights (for tests).
+    pub fn with_head(mut self) -> Self {
+        let hvs = VarStore::new(self.vs.device());
+        let fc = nn::linear(hvs.root() / "fc", 2048, LOGITS_DIM, Default::default());
+        self.head = Some((hvs, fc));
+        self
+    }
+
+    /// The `fc` head's variables (`fc.weight`, `fc.bias`), if it has one.
+    pub fn head_var_store(&self) -> Option<&VarStore> {
+        self.head.as_ref().map(|(v, _)| v)
     }
 
     /// Loads FID weights from a safetensors file with the PyTorch state-dict
     /// names (see `docs/eval.md`); every name and shape is checked.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let net = Self::new(device);
-        load_checked(&net.vs, path, &|k| {
+        let file = dim_io::read_all(path)?;
+        let mut net = Self::new(device);
+        load_tensors(&net.vs, &file, path, &|k| {
             k.starts_with("fc.") || k.ends_with(".num_batches_tracked")
         })?;
+        // The head is optional (FID needs none); a file with only part of it
+        // is treated as having none.
+        if file.contains_key("fc.weight") && file.contains_key("fc.bias") {
+            net = net.with_head();
+            let (hvs, _) = net.head.as_mut().expect("just added");
+            load_tensors(hvs, &file, path, &|k| !k.starts_with("fc."))?;
+        }
         Ok(net)
     }
 
@@ -309,6 +353,14 @@ impl FeatureExtractor for InceptionV3 {
     }
 
     fn features(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.trunk(images, false)?.0)
+    }
+}
+
+impl InceptionV3 {
+    /// Pool features `(N, 2048)` and, if `spatial`, the sFID features
+    /// `(N, 2023)` of images `(N, 1|3, H, W)` in `[-1, 1]`.
+    fn trunk(&self, images: &Tensor, spatial: bool) -> Result<(Tensor, Option<Tensor>)> {
         check_images(images, &[1, 3])?;
         let _guard = tch::no_grad_guard();
         let mut x = images.to_device(self.vs.device()).to_kind(tch::Kind::Float);
@@ -326,9 +378,49 @@ impl FeatureExtractor for InceptionV3 {
                 x = max_pool_s2(&x);
             }
         }
-        for m in &self.mixed {
+        let mut sp = None;
+        for (i, m) in self.mixed.iter().enumerate() {
+            // Mixed_6d's 1x1 branch, before the block runs (it reads the same input).
+            if spatial && i == 6 {
+                if let Mixed::C { b1, .. } = m {
+                    let s = b1.fwd(&x).narrow(1, 0, 7).permute([0, 2, 3, 1]);
+                    sp = Some(s.flatten(1, -1));
+                }
+            }
             x = m.fwd(&x);
         }
-        Ok(x.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+        Ok((x.adaptive_avg_pool2d([1, 1]).flatten(1, -1), sp))
     }
+
+    /// Pool, spatial and (with the `fc` head) logit features of images
+    /// `(N, 1|3, H, W)` in `[-1, 1]`, as the ADM evaluator uses them.
+    pub fn all_features(&self, images: &Tensor) -> Result<InceptionFeatures> {
+        let (pool, spatial) = self.trunk(images, true)?;
+        let spatial = spatial.ok_or_else(|| EvalError::Shape {
+            what: "images",
+            detail: "no spatial features".into(),
+        })?;
+        let logits = self.head.as_ref().map(|(_, fc)| {
+            let _guard = tch::no_grad_guard();
+            pool.apply(fc)
+        });
+        Ok(InceptionFeatures {
+            pool,
+            spatial,
+            logits,
+        })
+    }
+}
+
+/// Loads every variable of `vs` from `file`, tensors for which `ignore` is
+/// true needing none (through dim-io's one checked loader).
+fn load_tensors(
+    vs: &VarStore,
+    file: &std::collections::HashMap<String, Tensor>,
+    path: &Path,
+    ignore: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    let targets = vs.variables().into_iter().collect();
+    dim_io::load_map(file, path, &targets, dim_io::Group::new("").ignoring(ignore))?;
+    Ok(())
 }

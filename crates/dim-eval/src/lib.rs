@@ -25,6 +25,8 @@ pub mod frechet;
 pub mod fvd;
 pub mod i3d;
 pub mod inception;
+pub mod inception_score;
+pub mod npz;
 pub mod precision_recall;
 pub mod video_classifier;
 
@@ -36,6 +38,8 @@ pub use features::{extract_features, FeatureExtractor};
 pub use frechet::{frechet_distance, FeatureStats, GaussianStats};
 pub use fvd::{extract_video_features, fvd, VideoFeatureExtractor};
 pub use i3d::I3d;
-pub use inception::InceptionV3;
+pub use inception::{InceptionFeatures, InceptionV3, LOGITS_DIM, SPATIAL_DIM};
+pub use inception_score::inception_score;
+pub use npz::{NpzReader, NpzWriter};
 pub use precision_recall::{precision_recall, PrecisionRecall};
 pub use video_classifier::VideoClassifier;

@@ -1,7 +1,7 @@
 //! The one weight loader: names and shapes checked both ways, then tensors
 //! copied one at a time into their targets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use tch::nn::VarStore;
@@ -69,18 +69,65 @@ pub fn load_into(
     targets: &BTreeMap<String, Tensor>,
     group: Group<'_>,
 ) -> Result<()> {
+    let source = Source {
+        path: file.path(),
+        names: &mut file.names(),
+        shape: &|n| file.get(n).map(|m| m.shape.clone()),
+        read: &|n| file.read(n),
+    };
+    load_checked_from(source, targets, group)
+}
+
+/// [`load_into`] from tensors already in memory (e.g. a file whose keys were
+/// renamed from an older naming scheme); `path` names their file in errors.
+pub fn load_map(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    targets: &BTreeMap<String, Tensor>,
+    group: Group<'_>,
+) -> Result<()> {
+    let source = Source {
+        path,
+        names: &mut tensors.keys().map(String::as_str),
+        shape: &|n| tensors.get(n).map(Tensor::size),
+        read: &|n| Ok(tensors[n].shallow_clone()),
+    };
+    load_checked_from(source, targets, group)
+}
+
+/// Reads every tensor of a safetensors file into memory, one at a time.
+pub fn read_all(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let file = TensorFile::open(path)?;
+    file.names()
+        .map(|n| Ok((n.to_string(), file.read(n)?)))
+        .collect()
+}
+
+/// Where [`load_checked_from`] finds tensors: their names, shapes and values.
+struct Source<'s, 'n> {
+    path: &'s Path,
+    names: &'s mut dyn Iterator<Item = &'n str>,
+    shape: &'s dyn Fn(&str) -> Option<Vec<i64>>,
+    read: &'s dyn Fn(&str) -> Result<Tensor>,
+}
+
+/// The checks and copies of [`load_into`] and [`load_map`].
+fn load_checked_from(
+    source: Source<'_, '_>,
+    targets: &BTreeMap<String, Tensor>,
+    group: Group<'_>,
+) -> Result<()> {
     let mut problems = Vec::new();
     let mut plan = Vec::with_capacity(targets.len());
     for (name, dst) in targets {
-        let source = std::iter::once(group.prefix)
+        let found = std::iter::once(group.prefix)
             .chain(group.fallback)
             .map(|p| format!("{p}{name}"))
-            .find(|n| file.get(n).is_some());
-        match source {
+            .find_map(|n| (source.shape)(&n).map(|s| (n, s)));
+        match found {
             None => problems.push(format!("missing `{name}` {:?}", dst.size())),
-            Some(src) => {
-                let have = &file.get(&src).map(|m| m.shape.clone()).unwrap_or_default();
-                if *have != dst.size() {
+            Some((src, have)) => {
+                if have != dst.size() {
                     problems.push(format!(
                         "`{name}` has shape {have:?} in the file, the network needs {:?}",
                         dst.size()
@@ -91,13 +138,14 @@ pub fn load_into(
             }
         }
     }
-    for name in file.names() {
-        if let Some(short) = name.strip_prefix(group.prefix) {
-            if !targets.contains_key(short) && !(group.ignore)(short) {
-                problems.push(format!("unexpected `{short}`"));
-            }
-        }
-    }
+    let mut unexpected: Vec<String> = source
+        .names
+        .filter_map(|name| name.strip_prefix(group.prefix))
+        .filter(|short| !targets.contains_key(*short) && !(group.ignore)(short))
+        .map(|short| format!("unexpected `{short}`"))
+        .collect();
+    unexpected.sort();
+    problems.extend(unexpected);
     if !problems.is_empty() {
         let n = problems.len();
         problems.truncate(SHOWN);
@@ -107,7 +155,7 @@ pub fn load_into(
             format!(" (group `{}`)", group.prefix)
         };
         return Err(IoError::Mismatch {
-            path: file.path().to_path_buf(),
+            path: source.path.to_path_buf(),
             detail: format!(
                 "{n} tensor(s){group_name} do not match the network (it comes from another architecture or size: use the config it was made with):\n  {}{}",
                 problems.join("\n  "),
@@ -117,12 +165,12 @@ pub fn load_into(
     }
     let _guard = tch::no_grad_guard();
     for (src, dst) in plan {
-        let value = file.read(&src)?;
+        let value = (source.read)(&src)?;
         dst.shallow_clone()
             .f_copy_(&value)
-            .map_err(|source| IoError::Torch {
-                path: file.path().to_path_buf(),
-                source,
+            .map_err(|e| IoError::Torch {
+                path: source.path.to_path_buf(),
+                source: e,
             })?;
     }
     Ok(())

@@ -16,6 +16,6 @@ mod checked;
 mod error;
 mod file;
 
-pub use checked::{load_checked, load_into, Group};
+pub use checked::{load_checked, load_into, load_map, read_all, Group};
 pub use error::{IoError, Result};
 pub use file::{dtype_of, kind_of, save, TensorFile, TensorMeta};

@@ -277,6 +277,10 @@ pub struct TrainConfig {
     pub train: LoopConfig,
     pub eval: EvalConfig,
     pub dist: DistConfig,
+    /// `[vae]`: the autoencoder of a latent model (see `crate::vae`).
+    pub vae: Option<crate::vae::VaeSection>,
+    /// The `[vae]` table as written (kept for checkpoints).
+    pub vae_table: Option<toml::Table>,
     /// The file it came from (for messages).
     pub file: String,
 }
@@ -300,6 +304,7 @@ impl TrainConfig {
             "train",
             "eval",
             "dist",
+            "vae",
         ];
         if let Some(k) = table.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ConfigError::Invalid {
@@ -356,6 +361,18 @@ impl TrainConfig {
             train: section(&table, "train", file)?,
             eval: section(&table, "eval", file)?,
             dist: section(&table, "dist", file)?,
+            vae: match table.get("vae") {
+                None => None,
+                Some(_) => Some(
+                    crate::vae::VaeSection::from_table(&sub("vae")?, file).map_err(|e| {
+                        ConfigError::Invalid {
+                            file: file.into(),
+                            detail: format!("[vae]: {e:#}"),
+                        }
+                    })?,
+                ),
+            },
+            vae_table: table.get("vae").and_then(|v| v.as_table().cloned()),
             file: file.into(),
         };
         cfg.validate()?;
@@ -423,6 +440,9 @@ impl TrainConfig {
         t.insert("train".into(), val(&self.train));
         t.insert("eval".into(), val(&self.eval));
         t.insert("dist".into(), val(&self.dist));
+        if let Some(v) = &self.vae_table {
+            t.insert("vae".into(), toml::Value::Table(v.clone()));
+        }
         t
     }
 }

@@ -22,6 +22,31 @@ pub enum Source {
     Dataset(Arc<dyn Dataset>, String),
     /// A tensor `(N, C, H, W)` in `[-1, 1]` (what `dim sample` writes as `samples.safetensors`).
     Tensor(Tensor, String),
+    /// An ADM `.npz` batch (`arr_0` uint8 `(N, H, W, 3)`), read in row ranges.
+    Npz(std::sync::Mutex<dim_eval::NpzReader>, usize, String),
+}
+
+fn open_npz(file: &Path, spec: &str) -> Result<Source> {
+    let mut r = dim_eval::NpzReader::open(file)?;
+    let info = r.info("arr_0")?.with_context(|| {
+        format!(
+            "{} has no `arr_0` (the ADM evaluator's uint8 (N, H, W, 3) images)",
+            file.display()
+        )
+    })?;
+    if info.kind != Kind::Uint8 || info.shape.len() != 4 || info.shape[3] != 3 {
+        bail!(
+            "{}: arr_0 is {:?} {:?}, expected uint8 (N, H, W, 3)",
+            file.display(),
+            info.kind,
+            info.shape
+        );
+    }
+    Ok(Source::Npz(
+        std::sync::Mutex::new(r),
+        info.shape[0] as usize,
+        spec.to_string(),
+    ))
 }
 
 /// Fashion-MNIST `split`, padded to 32×32 as the project's models see it.
@@ -45,11 +70,20 @@ pub fn parse_source(spec: &str) -> Result<Source> {
     }
     let p = Path::new(spec);
     let file = if p.is_dir() {
-        p.join("samples.safetensors")
+        // A latent model's folder holds latents there; its images are in samples.npz.
+        let st = p.join("samples.safetensors");
+        let has_images = st.is_file()
+            && Tensor::read_safetensors(&st).is_ok_and(|t| t.iter().any(|(k, _)| k == "samples"));
+        if !has_images && p.join("samples.npz").is_file() {
+            p.join("samples.npz")
+        } else {
+            st
+        }
     } else {
         p.to_path_buf()
     };
     match file.extension().and_then(|e| e.to_str()) {
+        Some("npz") => open_npz(&file, spec),
         Some("safetensors") => {
             let t = Tensor::read_safetensors(&file)
                 .with_context(|| format!("cannot read {} (expected the samples.safetensors `dim sample` writes)", file.display()))?;
@@ -61,15 +95,22 @@ pub fn parse_source(spec: &str) -> Result<Source> {
             Ok(Source::Tensor(x, spec.to_string()))
         }
         Some("toml") => ds(DataConfig::from_file(&file)?),
-        _ => bail!("cannot read images from `{spec}`: give fashion-mnist:train, fashion-mnist:test, a `dim sample` output folder, a .safetensors file or a config .toml with [data]"),
+        _ => bail!("cannot read images from `{spec}`: give fashion-mnist:train, fashion-mnist:test, a `dim sample` output folder, an ADM .npz, a .safetensors file or a config .toml with [data]"),
     }
 }
 
 impl Source {
+    fn name(&self) -> String {
+        match self {
+            Source::Dataset(_, s) | Source::Tensor(_, s) | Source::Npz(_, _, s) => s.clone(),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Source::Dataset(d, _) => d.len(),
             Source::Tensor(t, _) => t.size()[0] as usize,
+            Source::Npz(_, n, _) => *n,
         }
     }
 
@@ -83,6 +124,13 @@ impl Source {
                 Tensor::stack(&items, 0)
             }
             Source::Tensor(t, _) => t.narrow(0, first as i64, n as i64),
+            Source::Npz(r, _, _) => {
+                let mut r = r
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("npz reader poisoned"))?;
+                let x = r.rows("arr_0", first as i64, n as i64)?;
+                x.permute([0, 3, 1, 2]).to_kind(Kind::Float) / 127.5 - 1.0
+            }
         };
         Ok(if x.dim() == 5 {
             let s = x.size();
@@ -99,9 +147,7 @@ impl Source {
         } else {
             self.len()
         };
-        let name = match self {
-            Source::Dataset(_, s) | Source::Tensor(_, s) => s.clone(),
-        };
+        let name = self.name();
         let bar = ProgressBar::new(n as u64);
         bar.set_style(
             ProgressStyle::with_template(
@@ -183,6 +229,136 @@ pub fn evaluate(
         num_generated: fg.size()[0] as usize,
         num_reference: fr.size()[0] as usize,
         features: ext.name().to_string(),
+        generated: generated.to_string(),
+        reference: reference.to_string(),
+    })
+}
+
+/// The ADM evaluator's metrics (Inception features).
+#[derive(Debug, Clone, Serialize)]
+pub struct AdmReport {
+    pub fid: f64,
+    pub sfid: f64,
+    pub inception_score: Option<f64>,
+    pub precision: f64,
+    pub recall: f64,
+    pub k: usize,
+    pub num_generated: usize,
+    pub num_reference: usize,
+    /// Whether the reference statistics came precomputed from the reference
+    /// `.npz` (`mu`, `sigma`, `mu_s`, `sigma_s`).
+    pub reference_stats_precomputed: bool,
+    pub generated: String,
+    pub reference: String,
+}
+
+/// Pool, spatial and logit features of the first `limit` images of `src`.
+fn adm_features(
+    src: &Source,
+    net: &InceptionV3,
+    limit: usize,
+    batch: usize,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let n = if limit > 0 {
+        limit.min(src.len())
+    } else {
+        src.len()
+    };
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} inception {msg} [{bar:30}] {pos}/{len}, ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(src.name());
+    let (mut pool, mut spatial, mut logits) = (Vec::new(), Vec::new(), Vec::new());
+    for first in (0..n).step_by(batch) {
+        let b = batch.min(n - first);
+        let f = net.all_features(&src.batch(first, b)?)?;
+        pool.push(f.pool.to_device(Device::Cpu));
+        spatial.push(f.spatial.to_device(Device::Cpu));
+        if let Some(l) = f.logits {
+            logits.push(l.to_device(Device::Cpu));
+        }
+        bar.inc(b as u64);
+    }
+    bar.finish_and_clear();
+    if pool.is_empty() {
+        bail!("{}: no images", src.name());
+    }
+    let logits = (!logits.is_empty()).then(|| Tensor::cat(&logits, 0));
+    Ok((Tensor::cat(&pool, 0), Tensor::cat(&spatial, 0), logits))
+}
+
+/// Precomputed statistics `mu`/`sigma` (`suffix` "") or `mu_s`/`sigma_s`
+/// (`"_s"`) of an ADM reference batch, if it has them.
+fn npz_stats(path: &Path, suffix: &str) -> Result<Option<GaussianStats>> {
+    let mut r = dim_eval::NpzReader::open(path)?;
+    let names = r.names();
+    let (m, s) = (format!("mu{suffix}"), format!("sigma{suffix}"));
+    if !names.contains(&m) || !names.contains(&s) {
+        return Ok(None);
+    }
+    Ok(Some(GaussianStats {
+        mu: r.array(&m)?.to_kind(Kind::Double),
+        sigma: r.array(&s)?.to_kind(Kind::Double),
+        n: 0,
+    }))
+}
+
+/// FID, sFID, Inception Score and precision/recall as the ADM evaluator
+/// computes them. `reference` may be the ADM reference batch
+/// (`VIRTUAL_imagenet256_labeled.npz`): its precomputed `mu`/`sigma` (pool)
+/// and `mu_s`/`sigma_s` (spatial) are used, and its images for
+/// precision/recall.
+pub fn evaluate_adm(
+    generated: &str,
+    reference: &str,
+    net: &InceptionV3,
+    num: usize,
+    k: usize,
+    batch: usize,
+) -> Result<AdmReport> {
+    let g = parse_source(generated)?;
+    let r = parse_source(reference)?;
+    let (gp, gs, gl) = adm_features(&g, net, num, batch)?;
+    let (rp, rs, _) = adm_features(&r, net, 0, batch)?;
+    let ref_file = Path::new(reference);
+    let pre = if ref_file.extension().is_some_and(|e| e == "npz") {
+        (npz_stats(ref_file, "")?, npz_stats(ref_file, "_s")?)
+    } else {
+        (None, None)
+    };
+    let precomputed = pre.0.is_some() && pre.1.is_some();
+    let ref_pool = match pre.0 {
+        Some(s) => s,
+        None => GaussianStats::from_features(&rp)?,
+    };
+    let ref_spatial = match pre.1 {
+        Some(s) => s,
+        None => GaussianStats::from_features(&rs)?,
+    };
+    let fid = frechet_distance(&GaussianStats::from_features(&gp)?, &ref_pool)?;
+    let sfid = frechet_distance(&GaussianStats::from_features(&gs)?, &ref_spatial)?;
+    let inception_score = match &gl {
+        Some(l) => Some(dim_eval::inception_score(l, 5000)?),
+        None => {
+            tracing::warn!("the Inception weights have no fc head: no Inception Score (convert them with fc.weight and fc.bias, see docs/eval.md)");
+            None
+        }
+    };
+    let m = gp.size()[0].min(rp.size()[0]);
+    let pr = precision_recall(&rp.narrow(0, 0, m), &gp.narrow(0, 0, m), k, 1024)?;
+    Ok(AdmReport {
+        fid,
+        sfid,
+        inception_score,
+        precision: pr.precision,
+        recall: pr.recall,
+        k,
+        num_generated: gp.size()[0] as usize,
+        num_reference: rp.size()[0] as usize,
+        reference_stats_precomputed: precomputed,
         generated: generated.to_string(),
         reference: reference.to_string(),
     })

@@ -30,6 +30,12 @@ fn to_rgba(x: &Tensor) -> Result<Tensor> {
         .contiguous())
 }
 
+/// `(N, 1|3, H, W)` in `[-1, 1]` → `(N, H, W, 3)` uint8 on the CPU, rounded
+/// as the PNGs are (the ADM evaluator's sample-batch layout).
+pub fn to_nhwc_u8(x: &Tensor) -> Result<Tensor> {
+    Ok(to_rgba(x)?.narrow(3, 0, 3).contiguous())
+}
+
 fn image_from(rgba: &Tensor) -> RgbaImage {
     let s = rgba.size();
     let mut buf = vec![0u8; rgba.numel()];

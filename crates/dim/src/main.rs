@@ -5,6 +5,8 @@
 //! - `dim eval --samples <dir|fashion-mnist:train> [--reference fashion-mnist:test] [--features ...]`
 //! - `dim train-features [--video]`: the Fashion-MNIST feature classifier for `dim eval` (`--video`: the clip classifier for `dim fvd`)
 //! - `dim fvd --samples <dir> --reference <config.toml>`: Fréchet video distance
+//! - `dim latents --data <ImageFolder> --vae <weights> --out <cache>`: the latent cache of a dataset
+//! - `dim ops scan|vae|inception`: single ops from files
 //! - `dim demo`: a small DiM on Fashion-MNIST in about ten minutes, a sample grid and its FID
 //!
 //! See `docs/cli.md`.
@@ -17,6 +19,7 @@ mod eval;
 mod guard;
 mod images;
 mod launch;
+mod latents;
 mod metrics;
 mod ops;
 mod optim;
@@ -24,6 +27,7 @@ mod runtime;
 mod sample;
 mod train;
 mod video_features;
+mod vae;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,7 +108,8 @@ enum Command {
         #[arg(long)]
         nproc: Option<usize>,
     },
-    /// FID and precision/recall between generated samples and a reference set.
+    /// FID and precision/recall between generated samples and a reference set
+    /// (with --features inception: the ADM evaluator's FID, sFID, IS, precision/recall).
     Eval {
         /// Generated images: a `dim sample` folder, a .safetensors, fashion-mnist:train|test, or a config .toml.
         #[arg(long)]
@@ -157,8 +162,10 @@ enum Command {
     Fvd(video_features::FvdArgs),
     /// Train a small DiM on Fashion-MNIST, write a class-conditional grid and print its FID.
     Demo(demo::DemoArgs),
-    /// Run single ops from files (the selective scan), to check them against other implementations.
+    /// Run single ops from files (the selective scan, the VAE, Inception), to check them against other implementations.
     Ops(ops::OpsArgs),
+    /// Encode an ImageFolder dataset through the VAE into a latent cache (resumable).
+    Latents(latents::LatentsArgs),
 }
 
 fn main() {
@@ -311,9 +318,19 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let device = runtime::resolve_device(&device)?;
             let weights = weights.unwrap_or_else(eval::default_features_path);
-            let ext = eval::feature_network(&features, &weights, device)?;
-            let report = eval::evaluate(&samples, &reference, ext.as_ref(), num, k, batch.max(1))?;
-            let text = serde_json::to_string_pretty(&report)?;
+            let text = if features == "inception" {
+                // The ADM evaluator's metrics: FID, sFID, IS, precision/recall.
+                let net = dim_eval::InceptionV3::load(&weights, device).context(
+                    "Inception-v3 FID weights: convert pt_inception-2015-12-05 to safetensors, see docs/eval.md",
+                )?;
+                let report = eval::evaluate_adm(&samples, &reference, &net, num, k, batch.max(1))?;
+                serde_json::to_string_pretty(&report)?
+            } else {
+                let ext = eval::feature_network(&features, &weights, device)?;
+                let report =
+                    eval::evaluate(&samples, &reference, ext.as_ref(), num, k, batch.max(1))?;
+                serde_json::to_string_pretty(&report)?
+            };
             if let Some(p) = json {
                 std::fs::write(&p, &text)
                     .with_context(|| format!("cannot write {}", p.display()))?;
@@ -359,5 +376,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fvd(args) => video_features::run_fvd(&args).map(|_| ()),
         Command::Demo(args) => demo::run(&args, stop_flag()?),
         Command::Ops(args) => ops::run(args),
+        Command::Latents(args) => {
+            let n = latents::run(&args)?;
+            println!("{} ({n} latents)", args.out.display());
+            Ok(())
+        }
     }
 }

@@ -8,6 +8,19 @@
 //! optional tensors mean "off"; an optional `dy`), runs the forward, and the
 //! backward when `dy` is given, and writes `y` and each input's gradient as
 //! `d<name>`.
+//!
+//! `dim ops vae encode|decode --weights vae.safetensors --input in.safetensors
+//! --output out.safetensors [--config config.json] [--device cpu|cuda]
+//! [--bf16]`: encode reads `images` `(N, 3, H, W)` f32 in `[-1, 1]` and
+//! writes the posterior's `mean` and `logvar`; decode reads `latents` and
+//! writes `images`. Both raw: no scale factor.
+//!
+//! `dim ops inception --weights inception.safetensors --input images.safetensors
+//! --output features.safetensors [--device cpu|cuda]` reads `images`
+//! `(N, 3, H, W)` f32 in `[0, 1]`, resizes to 299² and normalises as
+//! pytorch-fid does, and writes `pool` `(N, 2048)`, `spatial` `(N, 2023)` (the
+//! ADM evaluator's sFID features) and, when the weights have the `fc` head,
+//! `logits` `(N, 1008)`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +43,55 @@ pub struct OpsArgs {
 pub enum OpsCommand {
     /// The selective scan (one direction, or fused bidirectional) from a safetensors file.
     Scan(ScanArgs),
+    /// The SD VAE (AutoencoderKL): encode images or decode latents.
+    Vae(VaeArgs),
+    /// Inception-v3 FID features (pool, spatial, logits) of images.
+    Inception(InceptionArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum VaeOp {
+    /// `images` → `mean`, `logvar`.
+    Encode,
+    /// `latents` → `images`.
+    Decode,
+}
+
+#[derive(Args, Debug)]
+pub struct VaeArgs {
+    #[arg(value_enum)]
+    pub op: VaeOp,
+    /// diffusers-format AutoencoderKL weights (safetensors).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// A diffusers `config.json` for the architecture (default: the SD VAE).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Run in bf16 (outputs are still written as f32).
+    #[arg(long)]
+    pub bf16: bool,
+    /// Images per VAE call.
+    #[arg(long, default_value_t = 8)]
+    pub slice: i64,
+}
+
+#[derive(Args, Debug)]
+pub struct InceptionArgs {
+    /// Inception-v3 FID weights (safetensors, PyTorch names; see docs/eval.md).
+    #[arg(long)]
+    pub weights: PathBuf,
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
 }
 
 #[derive(Args, Debug)]
@@ -65,7 +127,104 @@ pub enum DeviceArg {
 pub fn run(args: OpsArgs) -> Result<()> {
     match args.op {
         OpsCommand::Scan(a) => scan(&a),
+        OpsCommand::Vae(a) => vae(&a),
+        OpsCommand::Inception(a) => inception(&a),
     }
+}
+
+fn device_of(d: DeviceArg) -> Result<Device> {
+    match d {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceArg::Cuda => bail!("--device cuda was given, but libtorch sees no CUDA device"),
+    }
+}
+
+/// The one tensor `name` of a safetensors file, f32, with a message naming
+/// the file and what it holds when it is not there.
+fn read_one(path: &Path, name: &str, what: &str) -> Result<Tensor> {
+    let loaded = Tensor::read_safetensors(path)
+        .map_err(|e| anyhow!("{}: cannot read as safetensors: {e}", path.display()))?;
+    let names: Vec<String> = loaded.iter().map(|(n, _)| n.clone()).collect();
+    let t = loaded
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .with_context(|| {
+            format!(
+                "{}: no tensor `{name}` ({what}); it holds: {}",
+                path.display(),
+                names.join(" ")
+            )
+        })?;
+    if !t.is_floating_point() {
+        bail!(
+            "{}: `{name}` must be floating point, got {:?}",
+            path.display(),
+            t.kind()
+        );
+    }
+    Ok(t.to_kind(tch::Kind::Float))
+}
+
+fn vae(a: &VaeArgs) -> Result<()> {
+    let device = device_of(a.device)?;
+    let cfg = match &a.config {
+        Some(p) => dim_vae::VaeConfig::from_diffusers_json(p)?,
+        None => dim_vae::VaeConfig::default(),
+    };
+    let mut net = dim_vae::AutoencoderKL::load(&cfg, &a.weights, device)?.with_slice(a.slice);
+    if a.bf16 {
+        net = net.to_kind(tch::Kind::BFloat16);
+    }
+    let file = a.input.display();
+    let out: Vec<(String, Tensor)> = match a.op {
+        VaeOp::Encode => {
+            let x = read_one(&a.input, "images", "(N, 3, H, W) f32 in [-1, 1]")?;
+            let post = net
+                .encode(&x)
+                .with_context(|| format!("{file}: `images`"))?;
+            vec![
+                ("mean".into(), post.mean.to_device(Device::Cpu)),
+                ("logvar".into(), post.logvar.to_device(Device::Cpu)),
+            ]
+        }
+        VaeOp::Decode => {
+            let z = read_one(
+                &a.input,
+                "latents",
+                "(N, 4, h, w) raw latents, no scale factor",
+            )?;
+            let x = net
+                .decode(&z)
+                .with_context(|| format!("{file}: `latents`"))?;
+            vec![("images".into(), x.to_device(Device::Cpu))]
+        }
+    };
+    write_atomically(&a.output, &out)?;
+    let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+    println!("wrote {} to {}", names.join(" "), a.output.display());
+    Ok(())
+}
+
+fn inception(a: &InceptionArgs) -> Result<()> {
+    let device = device_of(a.device)?;
+    let net = dim_eval::InceptionV3::load(&a.weights, device)?;
+    let x = read_one(&a.input, "images", "(N, 3, H, W) f32 in [0, 1]")?;
+    let f = net
+        .all_features(&(x * 2.0 - 1.0))
+        .with_context(|| format!("{}: `images`", a.input.display()))?;
+    let mut out: Vec<(String, Tensor)> = vec![
+        ("pool".into(), f.pool.to_device(Device::Cpu)),
+        ("spatial".into(), f.spatial.to_device(Device::Cpu)),
+    ];
+    if let Some(l) = f.logits {
+        out.push(("logits".into(), l.to_device(Device::Cpu)));
+    }
+    write_atomically(&a.output, &out)?;
+    let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+    println!("wrote {} to {}", names.join(" "), a.output.display());
+    Ok(())
 }
 
 const DIR_NAMES: [&str; 7] = ["u", "delta", "A", "B", "C", "D", "delta_bias"];
@@ -175,7 +334,7 @@ fn name(base: &str, dir: usize) -> String {
 }
 
 /// Writes next to `path`, then renames, so a failure never leaves half a file.
-fn write_atomically(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+pub fn write_atomically(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -1,5 +1,13 @@
 //! `dim sample`: images (PNG files and a grid) or videos (GIF files and
 //! frame strips) from a training checkpoint, in batches, with progress.
+//!
+//! Latent models decode through the `[vae]` of their config; without one
+//! they write latents (`.safetensors`) and say so. Each batch is written as
+//! it finishes (`parts/`, then its PNGs), so a run started again with the
+//! same arguments resumes after the last finished batch. At the end come
+//! `samples.safetensors` (the raw samples, when they fit in memory),
+//! `samples.npz` (the ADM evaluator's sample batch: `arr_0` uint8
+//! `(N, H, W, 3)`, `arr_1` the labels) and, last, `grid.png`.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +23,7 @@ use crate::checkpoint;
 use crate::config::{section, LoopConfig};
 use crate::images;
 use crate::runtime::{diffusion_config_of, set_precision, Net};
+use crate::vae::{Output, VaeSection};
 
 /// A network restored from a training checkpoint, with its diffusion setup.
 pub struct Restored {
@@ -22,6 +31,8 @@ pub struct Restored {
     pub diffusion: Diffusion,
     pub sampler: SamplerConfig,
     pub step: u64,
+    /// The `[vae]` of the training config, for latent models.
+    pub vae: Option<VaeSection>,
 }
 
 /// Loads `path` onto `device`, with the EMA weights (`ema = true`, the
@@ -49,6 +60,10 @@ pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
         Group::new(checkpoint::MODEL_GROUP)
     };
     ck.load_group(&targets, group)?;
+    let vae = match table.get("vae").and_then(|v| v.as_table()) {
+        None => None,
+        Some(t) => Some(VaeSection::from_table(t, &what)?),
+    };
     let diffusion = Diffusion::new(&dcfg.diffusion)?;
     let step = match ck.extra().get("step") {
         Some(s) => s
@@ -61,6 +76,7 @@ pub fn restore(path: &Path, device: Device, ema: bool) -> Result<Restored> {
         diffusion,
         sampler: dcfg.sampler,
         step,
+        vae,
     })
 }
 
@@ -88,29 +104,13 @@ fn default_null_class(sampler: &mut SamplerConfig, model: &ModelConfig) {
     }
 }
 
-/// Generates `n` samples in batches of `batch` → `(n, C, …)` f32 in
-/// `[-1, 1]` on the CPU. Labels: `class` for all, or `0, 1, …` cycling for
+/// Generates `n` samples in batches of `batch` → `(n, C, …)` f32 on the
+/// CPU (images in `[-1, 1]`; latents as the model made them). Labels: `class` for all, or `0, 1, …` cycling for
 /// class-conditional models. Sample `i`'s noise depends only on `(seed, i)`.
 pub fn generate(
     net: &Net,
     diffusion: &Diffusion,
     sampler: &SamplerConfig,
-    n: i64,
-    batch: i64,
-    class: Option<i64>,
-    seed: u64,
-    bar: Option<&ProgressBar>,
-) -> Result<Tensor> {
-    generate_range(net, diffusion, sampler, 0, n, batch, class, seed, bar)
-}
-
-/// As [`generate`], samples `start..start + n` of the sequence (a rank's
-/// shard): each is exactly the sample of that index a single run draws.
-pub fn generate_range(
-    net: &Net,
-    diffusion: &Diffusion,
-    sampler: &SamplerConfig,
-    start: i64,
     n: i64,
     batch: i64,
     class: Option<i64>,
@@ -123,8 +123,8 @@ pub fn generate_range(
     let shape = sample_shape(&net.cfg);
     let mut sampler = sampler.clone();
     default_null_class(&mut sampler, &net.cfg);
-    for first in (start..start + n).step_by(batch.max(1) as usize) {
-        let b = batch.min(start + n - first);
+    for first in (0..n).step_by(batch.max(1) as usize) {
+        let b = batch.min(n - first);
         let y = (net.cfg.num_classes > 0).then(|| match class {
             Some(k) => Tensor::full([b], k, (Kind::Int64, device)),
             None => (Tensor::arange_start(first, first + b, (Kind::Int64, device)))
@@ -142,27 +142,43 @@ pub fn generate_range(
             net.model.forward(x, t, y, false)
         });
         let x = diffusion.sample(&denoiser, &full, y.as_ref(), &sampler, &opts, |_| {})?;
-        out.push(x.clamp(-1.0, 1.0).to_device(Device::Cpu));
+        // Pixels are clamped to the image range; latents are kept as they are.
+        let x = if matches!(net.cfg.in_channels, 1 | 3) {
+            x.clamp(-1.0, 1.0)
+        } else {
+            x
+        };
+        out.push(x.to_device(Device::Cpu));
         if let Some(bar) = bar {
             bar.inc(b as u64);
         }
     }
-    if out.is_empty() {
-        let mut empty = vec![0];
-        empty.extend(&shape);
-        return Ok(Tensor::zeros(empty, (Kind::Float, Device::Cpu)));
-    }
     Ok(Tensor::cat(&out, 0))
 }
 
-/// Writes a grid: images tile `√n` wide (10 wide for the 10 Fashion-MNIST
-/// classes); videos show each sample's frames as a row.
-pub fn write_grid(x: &Tensor, cfg: &ModelConfig, path: &Path) -> Result<()> {
+/// The labels [`generate`] uses for samples `first .. first + n`.
+pub fn labels(cfg: &ModelConfig, class: Option<i64>, first: i64, n: i64) -> Option<Vec<i64>> {
+    (cfg.num_classes > 0).then(|| {
+        (first..first + n)
+            .map(|i| class.unwrap_or(i % cfg.num_classes))
+            .collect()
+    })
+}
+
+/// Writes a grid of model outputs `x`: images tile `√n` wide (10 wide for
+/// the 10 Fashion-MNIST classes); videos show each sample's frames as a row;
+/// latents are decoded by `output`'s VAE, or written as `<path>.safetensors`
+/// when there is none. Returns the file written.
+pub fn write_grid(x: &Tensor, cfg: &ModelConfig, output: &Output, path: &Path) -> Result<PathBuf> {
+    let Some(x) = output.images(x)? else {
+        return crate::vae::write_latents(x, path);
+    };
+    let x = &x;
     if cfg.is_video() {
         // (N, C, T, H, W) → rows of frames.
         let s = x.size();
         let frames = x.transpose(1, 2).reshape([s[0] * s[2], s[1], s[3], s[4]]);
-        images::save_grid(&frames, s[2], path)
+        images::save_grid(&frames, s[2], path)?;
     } else {
         let n = x.size()[0];
         let ncol = if cfg.num_classes > 0 && cfg.num_classes <= 16 {
@@ -170,8 +186,9 @@ pub fn write_grid(x: &Tensor, cfg: &ModelConfig, path: &Path) -> Result<()> {
         } else {
             (n as f64).sqrt().ceil() as i64
         };
-        images::save_grid(x, ncol, path)
+        images::save_grid(x, ncol, path)?;
     }
+    Ok(path.to_path_buf())
 }
 
 /// Options of `dim sample`.
@@ -191,10 +208,14 @@ pub struct SampleArgs {
     pub fps: u32,
 }
 
-/// Runs `dim sample`; returns the grid's path. Started as one of several
-/// ranks (`dim sample --gpus N`, or torchrun's variables), each rank draws
-/// its contiguous share of the `num` samples and writes their files; rank 0
-/// then gathers the shards into `samples.safetensors` and the grid.
+/// Runs `dim sample`; returns the grid's path.
+///
+/// Samples are drawn in batches of `batch` into `parts/` (each written
+/// whole, then renamed), so an interrupted run resumes after the last full
+/// batch. Started as one of several ranks (`dim sample --gpus N`, or
+/// torchrun's variables), each rank draws the batches that start in its
+/// contiguous share of the `num` samples; rank 0 then writes the gathered
+/// outputs.
 pub fn run(a: &SampleArgs) -> Result<PathBuf> {
     let shard = crate::dist::SampleShard::from_env(a.num, &a.device)?;
     if shard.rank == 0 {
@@ -232,8 +253,36 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
         .validate(r.diffusion.config())
         .context("sampler options")?;
     tracing::info!(checkpoint = %a.checkpoint.display(), step = r.step, sampler = ?sampler.sampler, steps = sampler.steps, cfg = sampler.cfg_scale, "sampling {} to {}", a.num, a.out.display());
+    let output = Output::for_model(r.vae.as_ref(), &r.net.cfg, device)?;
+    let parts = a.out.join("parts");
+    if shard.rank == 0 {
+        std::fs::create_dir_all(&parts)
+            .with_context(|| format!("cannot create {}", parts.display()))?;
+    }
+    shard.barrier()?;
+    // This rank's batches: those starting in its share; the ones already in
+    // parts/ (a resumed run) are kept.
+    let batch = a.batch.max(1);
+    let mine: Vec<(i64, i64)> = (0..a.num)
+        .step_by(batch as usize)
+        .map(|first| (first, batch.min(a.num - first)))
+        .filter(|(first, _)| (shard.start..shard.start + shard.count).contains(first))
+        .collect();
+    let todo: Vec<(i64, i64)> = mine
+        .iter()
+        .copied()
+        .filter(|&(first, b)| !part_path(&parts, first, b).is_file())
+        .collect();
+    let done: i64 = mine.iter().map(|(_, b)| b).sum::<i64>() - todo.iter().map(|(_, b)| b).sum::<i64>();
+    if done > 0 {
+        tracing::info!(
+            done,
+            "resuming after the batches already in {}",
+            parts.display()
+        );
+    }
     let bar = match shard.rank {
-        0 => ProgressBar::new(shard.count as u64),
+        0 => ProgressBar::new(mine.iter().map(|(_, b)| *b as u64).sum()),
         _ => ProgressBar::hidden(),
     };
     bar.set_style(
@@ -241,45 +290,153 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let x = generate_range(
-        &r.net,
-        &r.diffusion,
-        &sampler,
-        shard.start,
-        shard.count,
-        a.batch,
-        a.class,
-        a.seed,
-        Some(&bar),
-    )?;
-    bar.finish_and_clear();
-    let grid_path = a.out.join("grid.png");
-    if r.net.cfg.is_video() {
-        // An animated grid of the first 16 clips, 4 wide.
-        let n = x.size()[0].min(16);
-        images::save_gif_grid(&x.narrow(0, 0, n), 4, a.fps, &a.out.join("grid.gif"))?;
-        let mut mp4 = true;
-        for j in 0..x.size()[0] {
-            let i = shard.start + j;
-            let v = x.get(j);
-            images::save_gif(&v, a.fps, &a.out.join(format!("{i:06}.gif")))?;
-            if mp4 && !images::save_mp4(&v, a.fps, &a.out.join(format!("{i:06}.mp4")))? {
-                tracing::warn!(
-                    "this dim was built without FFmpeg (the `video` feature): no MP4s, GIFs only"
-                );
-                mp4 = false;
+    bar.set_position(done as u64);
+    for (first, b) in todo {
+        // Sample i's noise depends on (seed, i) only: generate rows first..first+b.
+        let x = generate_rows(&r, &sampler, first, b, a.class, a.seed)?;
+        let p = part_path(&parts, first, b);
+        let tmp = p.with_extension("partial");
+        Tensor::write_safetensors(&[("samples", &x)], &tmp)?;
+        if let Some(img) = output.images(&x)? {
+            if r.net.cfg.is_video() {
+                write_videos(&img, a.fps, &a.out, first)?;
+            } else {
+                images::save_pngs(&img, &a.out, "", first as usize)?;
             }
-            images::save_strip(&v, &a.out.join(format!("{i:06}_strip.png")))?;
+        }
+        std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))?;
+        bar.inc(b as u64);
+    }
+    bar.finish_and_clear();
+    // Rank 0 gathers once every rank's batches are in parts/.
+    shard.barrier()?;
+    let grid_path = a.out.join("grid.png");
+    if shard.rank != 0 {
+        return Ok(grid_path);
+    }
+    finish_outputs(a, &r, &output, &parts)
+}
+
+fn part_path(dir: &Path, first: i64, n: i64) -> PathBuf {
+    dir.join(format!("part-{first:09}-{n}.safetensors"))
+}
+
+/// Samples `first .. first + n` (the rows [`generate`] would give them).
+fn generate_rows(
+    r: &Restored,
+    sampler: &SamplerConfig,
+    first: i64,
+    n: i64,
+    class: Option<i64>,
+    seed: u64,
+) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let device = r.net.vs.device();
+    let y = labels(&r.net.cfg, class, first, n).map(|v| Tensor::from_slice(&v).to_device(device));
+    let mut full = vec![n];
+    full.extend(sample_shape(&r.net.cfg));
+    let opts = SampleOptions {
+        device,
+        kind: Kind::Float,
+        seed,
+        first_row: first as u64,
+    };
+    let denoiser = dim_diffusion::FallibleFn(|x: &Tensor, t: &Tensor, y: Option<&Tensor>| {
+        r.net.model.forward(x, t, y, false)
+    });
+    let x = r
+        .diffusion
+        .sample(&denoiser, &full, y.as_ref(), sampler, &opts, |_| {})?;
+    // Pixels are clamped to the image range; latents are kept as they are.
+    let x = if matches!(r.net.cfg.in_channels, 1 | 3) {
+        x.clamp(-1.0, 1.0)
+    } else {
+        x
+    };
+    Ok(x.to_device(Device::Cpu))
+}
+
+fn write_videos(x: &Tensor, fps: u32, out: &Path, first: i64) -> Result<()> {
+    let mut mp4 = true;
+    for i in 0..x.size()[0] {
+        let v = x.get(i);
+        let k = first + i;
+        images::save_gif(&v, fps, &out.join(format!("{k:06}.gif")))?;
+        if mp4 && !images::save_mp4(&v, fps, &out.join(format!("{k:06}.mp4")))? {
+            tracing::warn!(
+                "this dim was built without FFmpeg (the `video` feature): no MP4s, GIFs only"
+            );
+            mp4 = false;
+        }
+        images::save_strip(&v, &out.join(format!("{k:06}_strip.png")))?;
+    }
+    Ok(())
+}
+
+/// Raw samples beyond this many bytes are not gathered into one
+/// `samples.safetensors` (50,000 images at 256² would be 39 GB); `samples.npz`
+/// holds them as bytes instead.
+const MAX_GATHER_BYTES: i64 = 4 << 30;
+
+/// After all batches: `samples.safetensors`, `samples.npz` and the grid, in
+/// that order; returns the grid's path.
+fn finish_outputs(a: &SampleArgs, r: &Restored, output: &Output, parts: &Path) -> Result<PathBuf> {
+    let mut files = Vec::new();
+    let mut first = 0i64;
+    while first < a.num {
+        let b = a.batch.max(1).min(a.num - first);
+        files.push(part_path(parts, first, b));
+        first += b;
+    }
+    let read = |p: &Path| -> Result<Tensor> {
+        Tensor::read_safetensors(p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .into_iter()
+            .find(|(k, _)| k == "samples")
+            .map(|(_, t)| t)
+            .with_context(|| format!("{} has no `samples`", p.display()))
+    };
+    let head = read(&files[0])?;
+    let per: i64 = head.size()[1..].iter().product::<i64>() * 4;
+    let latent = !matches!(r.net.cfg.in_channels, 1 | 3);
+    if per * a.num <= MAX_GATHER_BYTES {
+        let all: Vec<Tensor> = files.iter().map(|p| read(p)).collect::<Result<_>>()?;
+        let x = Tensor::cat(&all, 0);
+        let name = if latent { "latents" } else { "samples" };
+        let p = a.out.join("samples.safetensors");
+        Tensor::write_safetensors(&[(name, &x)], &p)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+        if latent {
+            tracing::info!(path = %p.display(), "raw latents (scaled, as the model made them)");
         }
     } else {
-        images::save_pngs(&x, &a.out, "", shard.start as usize)?;
+        tracing::info!(
+            "{} samples are too many to gather into samples.safetensors; samples.npz holds them",
+            a.num
+        );
     }
-    // Keep the raw tensor too: `dim eval` reads it without PNG rounding.
-    let x = shard.gather(&x, &a.out)?;
-    if let Some(x) = x {
-        Tensor::write_safetensors(&[("samples", &x)], a.out.join("samples.safetensors"))?;
-        let shown = x.narrow(0, 0, x.size()[0].min(100));
-        write_grid(&shown, &r.net.cfg, &grid_path)?;
+    // The ADM sample batch: uint8 NHWC images and labels.
+    if !r.net.cfg.is_video() {
+        if let Some(img) = output.images(&head.narrow(0, 0, 1))? {
+            let s = img.size();
+            let npz = a.out.join("samples.npz");
+            let mut w = dim_eval::NpzWriter::create(&npz, a.num, s[2], s[3], 3)?;
+            for p in &files {
+                let img = output.images(&read(p)?)?.expect("decodable, as the first");
+                w.append(&images::to_nhwc_u8(&img)?)?;
+            }
+            let y = labels(&r.net.cfg, a.class, 0, a.num);
+            w.finish(y.as_deref())?;
+            tracing::info!(path = %npz.display(), "ADM sample batch (arr_0 uint8 NHWC, arr_1 labels)");
+        }
     }
-    Ok(grid_path)
+    if r.net.cfg.is_video() {
+        // An animated grid of the first 16 clips, 4 wide.
+        if let Some(img) = output.images(&head.narrow(0, 0, head.size()[0].min(16)))? {
+            images::save_gif_grid(&img, 4, a.fps, &a.out.join("grid.gif"))?;
+        }
+    }
+    let grid_path = a.out.join("grid.png");
+    let shown = head.narrow(0, 0, head.size()[0].min(100));
+    write_grid(&shown, &r.net.cfg, output, &grid_path)
 }

@@ -104,6 +104,16 @@ pub fn train(
         .data
         .build()
         .with_context(|| format!("config {}: [data]", cfg.file))?;
+    // Latent runs: cache, VAE, classes and model must agree (issue 15); the
+    // VAE is loaded once, here, so a bad [vae] fails before step 1.
+    crate::vae::check_latent_setup(
+        &cfg.file,
+        &cfg.data,
+        dataset.as_ref(),
+        cfg.vae.as_ref(),
+        &mcfg,
+    )?;
+    let output = crate::vae::Output::for_model(cfg.vae.as_ref(), &mcfg, device)?;
     // `micro`: samples of a micro-batch over all ranks; each loads its share.
     let micro = t.batch_size / t.grad_accum;
     let mut lcfg = cfg.loader.clone();
@@ -315,26 +325,30 @@ pub fn train(
                 m.write(&rec)?;
             }
         }
-        if t.sample_every > 0 && step.is_multiple_of(t.sample_every) {
+        // The checkpoint comes before the sample grid, so that a grid that
+        // fails can never cost the run its weights; a failed grid is logged
+        // and training goes on. Every rank checks (a collective); rank 0
+        // alone writes.
+        let grid_due = t.sample_every > 0 && step.is_multiple_of(t.sample_every);
+        if (step.is_multiple_of(t.ckpt_every) && step < t.steps) || grid_due {
             check_finite(&world, &mut unchecked, step, last_ckpt.as_deref())?;
+            if world.is_primary() {
+                last_ckpt = Some(save(step, &net, &ema, &opt, &loader)?);
+            }
         }
-        if t.sample_every > 0 && step.is_multiple_of(t.sample_every) && world.is_primary() {
+        if grid_due && world.is_primary() {
             let p = t.out_dir.join(format!("samples-{step:09}.png"));
-            sample_grid(
+            if let Err(e) = sample_grid(
                 &net,
                 &ema,
                 &diffusion,
                 &dcfg.sampler,
                 t.sample_grid,
                 t.seed,
+                &output,
                 &p,
-            )?;
-            tracing::info!(path = %p.display(), "sample grid");
-        }
-        if step.is_multiple_of(t.ckpt_every) && step < t.steps {
-            check_finite(&world, &mut unchecked, step, last_ckpt.as_deref())?;
-            if world.is_primary() {
-                last_ckpt = Some(save(step, &net, &ema, &opt, &loader)?);
+            ) {
+                tracing::error!(step, "sample grid failed ({e:#}); training goes on");
             }
         }
     }
@@ -421,6 +435,7 @@ fn sample_grid(
     sampler: &SamplerConfig,
     n: i64,
     seed: u64,
+    output: &crate::vae::Output,
     path: &Path,
 ) -> Result<()> {
     let backup: Vec<Tensor> = named_params(&net.vs)
@@ -440,7 +455,9 @@ fn sample_grid(
         .zip(backup)
         .collect();
     swap_in(&net.vs, &restore);
-    crate::sample::write_grid(&out?, &net.cfg, path)
+    let written = crate::sample::write_grid(&out?, &net.cfg, output, path)?;
+    tracing::info!(path = %written.display(), "sample grid");
+    Ok(())
 }
 
 fn swap_in(vs: &VarStore, w: &BTreeMap<String, Tensor>) {

@@ -1,0 +1,3 @@
+fn main() {
+    dim_build::link_libtorch();
+}
