@@ -309,6 +309,12 @@ pub fn save(
         }
         w.flush().map_err(io_err(&tmp_path))?;
     }
+    // Temporary files are private (0600); the result is an ordinary file.
+    std::fs::set_permissions(
+        &tmp_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .map_err(io_err(&tmp_path))?;
     tmp.as_file().sync_all().map_err(io_err(&tmp_path))?;
     tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
     // The rename is durable only once the folder entry is on disk.
