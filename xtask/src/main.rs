@@ -111,6 +111,20 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         "cargo test",
         cargo().args(["test", "--workspace"]).arg("--").args(args),
     )?;
+    // Ignored tests are the GPU ones (`#[ignore = "needs CUDA: ..."]`): list
+    // them, so the output says what was skipped here and runs in the GPU bundle.
+    step(
+        "skipped here (ignored: GPU tests, run by the GPU bundle)",
+        cargo().args([
+            "test",
+            "--workspace",
+            "--",
+            "--ignored",
+            "--list",
+            "--format",
+            "terse",
+        ]),
+    )?;
     println!("xtask test: all checks passed");
     Ok(())
 }

@@ -38,11 +38,104 @@ pub struct ArrayDataset {
     labels: Option<Vec<i64>>,
 }
 
+/// Reads a `.npy` file (format versions 1 to 3, C order, little-endian or
+/// byte-sized dtypes). The header is checked against the data length before
+/// any tensor is made: libtorch would read past a short buffer.
 fn read_npy(path: &Path) -> Result<Tensor> {
-    if let Err(e) = std::fs::metadata(path) {
-        return Err(DataError::io(path, e));
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    parse_npy(&bytes).map_err(|why| DataError::corrupt(path, format!("cannot read .npy: {why}")))
+}
+
+fn parse_npy(bytes: &[u8]) -> std::result::Result<Tensor, String> {
+    let rest = bytes
+        .strip_prefix(b"\x93NUMPY")
+        .ok_or("no .npy magic (\\x93NUMPY)")?;
+    let (major, rest) = rest.split_at_checked(2).ok_or("truncated header")?;
+    let (len, rest) = match major[0] {
+        1 => rest
+            .split_at_checked(2)
+            .map(|(l, r)| (u16::from_le_bytes([l[0], l[1]]) as usize, r)),
+        2 | 3 => rest
+            .split_at_checked(4)
+            .map(|(l, r)| (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, r)),
+        v => return Err(format!("format version {v} is not 1, 2 or 3")),
     }
-    Tensor::read_npy(path).map_err(|e| DataError::corrupt(path, format!("cannot read .npy: {e}")))
+    .ok_or("truncated header")?;
+    let (header, data) = rest.split_at_checked(len).ok_or("truncated header")?;
+    let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
+    // The header is a Python dict literal: 'descr', 'fortran_order', 'shape'.
+    let field = |key: &str| -> std::result::Result<&str, String> {
+        let at = header
+            .find(&format!("'{key}'"))
+            .ok_or(format!("header has no '{key}'"))?;
+        let after = header[at + key.len() + 2..].trim_start();
+        Ok(after
+            .strip_prefix(':')
+            .ok_or(format!("bad '{key}'"))?
+            .trim_start())
+    };
+    let descr = field("descr")?;
+    let descr = descr
+        .strip_prefix('\'')
+        .and_then(|d| d.split('\'').next())
+        .ok_or("bad 'descr'")?;
+    // Byte order first ('<' little, '|' not applicable, '=' native), then the type.
+    let (order, code) = match descr.chars().next() {
+        Some(c @ ('<' | '>' | '|' | '=')) => (c, &descr[1..]),
+        _ => ('=', descr),
+    };
+    let kind = match code {
+        "u1" => Kind::Uint8,
+        "i1" => Kind::Int8,
+        "b1" => Kind::Bool,
+        "i2" => Kind::Int16,
+        "i4" => Kind::Int,
+        "i8" => Kind::Int64,
+        "f2" => Kind::Half,
+        "f4" => Kind::Float,
+        "f8" => Kind::Double,
+        _ => {
+            return Err(format!(
+                "dtype {descr:?} is not supported (u1, i1, b1, i2, i4, i8, f2, f4, f8)"
+            ))
+        }
+    };
+    if order == '>' && kind.elt_size_in_bytes() > 1 {
+        return Err(format!(
+            "big-endian dtype {descr:?} is not supported: save with .astype('<{code}')"
+        ));
+    }
+    if field("fortran_order")?.starts_with("True") {
+        return Err(
+            "Fortran-ordered arrays are not supported: save with np.ascontiguousarray".into(),
+        );
+    }
+    let shape = field("shape")?;
+    let shape = shape
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or("bad 'shape'")?;
+    let dims: Vec<i64> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            d.parse::<i64>()
+                .map_err(|_| format!("bad dimension {d:?} in 'shape'"))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let numel = dims.iter().try_fold(1usize, |a, &d| {
+        usize::try_from(d).ok().and_then(|d| a.checked_mul(d))
+    });
+    let want = numel.and_then(|n| n.checked_mul(kind.elt_size_in_bytes()));
+    if want != Some(data.len()) {
+        return Err(format!(
+            "shape {dims:?} of {descr} needs {} data bytes, the file has {} (truncated?)",
+            want.map_or("more than 2^64".into(), |w| w.to_string()),
+            data.len()
+        ));
+    }
+    Tensor::f_from_data_size(data, &dims, kind).map_err(|e| e.to_string())
 }
 
 impl ArrayDataset {
@@ -283,5 +376,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.npy"), "{e}");
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// `.npy` files with arbitrary bytes, or a valid header cut or
+        /// corrupted, are errors or data, never panics.
+        #[test]
+        fn npy_reader_never_panics(
+            raw in proptest::collection::vec(any::<u8>(), 0..200),
+            cut in any::<prop::sample::Index>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("f.npy");
+            std::fs::write(&p, &raw).unwrap();
+            let _ = ArrayDataset::from_npy(&p, None);
+            Tensor::ones([2, 3, 4, 4], (Kind::Uint8, tch::Device::Cpu)).write_npy(&p).unwrap();
+            let mut bytes = std::fs::read(&p).unwrap();
+            for (at, v) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = v;
+            }
+            bytes.truncate(cut.index(bytes.len() + 1));
+            std::fs::write(&p, &bytes).unwrap();
+            if let Err(e) = ArrayDataset::from_npy(&p, None) {
+                prop_assert!(e.to_string().contains("f.npy"), "{}", e);
+            }
+        }
     }
 }

@@ -440,4 +440,37 @@ mod tests {
         let e = c.build().unwrap_err().to_string();
         assert!(e.contains("no JPEG/PNG images"), "{e}");
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// `[data]` tables built from the config's own keys with values of
+        /// any type, and arbitrary text, are configs or errors, never panics.
+        #[test]
+        fn data_config_toml_never_panics(
+            entries in proptest::collection::vec((
+                prop::sample::select(vec!["kind", "path", "root", "split", "frames", "size", "stride",
+                    "seed", "transforms", "images", "labels", "image_size", "num_videos", "digits",
+                    "fps", "extensions", "channels", "images_key", "labels_key", "latent"]),
+                prop::sample::select(vec!["\"fashion_mnist\"", "\"idx\"", "\"npy\"", "\"image_folder\"",
+                    "\"moving_fashion_mnist\"", "\"video_folder\"", "\"ucf101\"", "\"latents\"",
+                    "\"safetensors\"", "-1", "0", "3", "18446744073709551615", "-9223372036854775808",
+                    "1e308", "nan", "true", "[]", "[0, -5]", "[{ op = \"pad\", size = -3 }]",
+                    "[{ op = \"resize\", size = 0 }]", "[{ op = \"crop\" }]", "{}", "\"\""]),
+            ), 0..6),
+            noise in "\\PC{0,40}",
+        ) {
+            let mut text = String::new();
+            let mut seen = std::collections::BTreeSet::new();
+            for (k, v) in entries {
+                if seen.insert(k) {
+                    text.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+            let _ = DataConfig::from_toml_str(&text);
+            let _ = DataConfig::from_toml_str(&noise);
+        }
+    }
 }

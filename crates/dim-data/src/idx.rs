@@ -68,13 +68,15 @@ fn parse_idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>)> {
             u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
         })
         .collect();
-    let count: usize = dims.iter().product();
     let body = &bytes[header..];
-    if body.len() != count {
+    // Dimensions are the file's word: their product may overflow.
+    let count = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if count != Some(body.len()) {
         return Err(DataError::corrupt(
             path,
             format!(
-                "IDX header {dims:?} promises {count} bytes, the file has {} (truncated?)",
+                "IDX header {dims:?} promises {} bytes, the file has {} (truncated?)",
+                count.map_or("more than 2^64".into(), |c| c.to_string()),
                 body.len()
             ),
         ));
@@ -206,6 +208,7 @@ impl Dataset for IdxDataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
         let mut b = vec![0, 0, 8, dims.len() as u8];
@@ -257,5 +260,34 @@ mod tests {
         std::fs::write(&m, idx_bytes(&[3], &[1, 2, 3])).unwrap();
         let e = IdxDataset::open(&p, Some(&m)).unwrap_err().to_string();
         assert!(e.contains("label-mismatch"), "{e}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes, and IDX headers with any type code, rank and
+        /// dimensions over any payload, are errors or data, never panics.
+        #[test]
+        fn parse_idx_never_panics(
+            raw in proptest::collection::vec(any::<u8>(), 0..64),
+            code in any::<u8>(),
+            dims in proptest::collection::vec(any::<u32>(), 0..5),
+            small in proptest::collection::vec(0u32..6, 0..5),
+            payload in 0usize..200,
+            pick_small in any::<bool>(),
+        ) {
+            let p = Path::new("fuzz.idx");
+            let _ = parse_idx(p, &raw);
+            let dims = if pick_small { small } else { dims };
+            let code = if pick_small { 8 } else { code };
+            let mut bytes = vec![0, 0, code, dims.len() as u8];
+            for d in &dims {
+                bytes.extend(d.to_be_bytes());
+            }
+            bytes.extend(std::iter::repeat_n(7u8, payload));
+            if let Ok((shape, data)) = parse_idx(p, &bytes) {
+                prop_assert_eq!(shape.iter().product::<usize>(), data.len());
+            }
+        }
     }
 }

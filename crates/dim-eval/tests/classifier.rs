@@ -76,7 +76,10 @@ fn trains_to_sensible_accuracy_on_a_subset() {
         .allclose(&f, 0.0, 0.0, false));
     // Another network's weights are rejected by name.
     let e = FmnistClassifier::load(&dir.path().join("none.safetensors"), Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("no such file"));
+    assert!(
+        e.to_string().contains("none.safetensors") && e.to_string().contains("No such file"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -135,5 +135,8 @@ fn wrong_missing_and_unexpected_tensors_are_named() {
     let e = InceptionV3::load(&dir.path().join("nope.safetensors"), Device::Cpu)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no such file"), "{e}");
+    assert!(
+        e.contains("nope.safetensors") && e.contains("No such file"),
+        "{e}"
+    );
 }

@@ -96,13 +96,13 @@ pub struct TensorFile {
     tensors: BTreeMap<String, TensorMeta>,
 }
 
+/// String metadata and tensors of a header.
+pub(crate) type Header = (BTreeMap<String, String>, BTreeMap<String, TensorMeta>);
+
 /// The tensors and string metadata a header describes, checked against the
 /// file's length: `len` is the whole file, `header` the bytes after the
 /// 8-byte length. Errors say what is wrong, never panic (fuzzed in tests).
-pub(crate) fn parse_header(
-    header: &[u8],
-    file_len: u64,
-) -> std::result::Result<(BTreeMap<String, String>, BTreeMap<String, TensorMeta>), String> {
+pub(crate) fn parse_header(header: &[u8], file_len: u64) -> std::result::Result<Header, String> {
     let meta: Metadata = serde_json::from_slice(header).map_err(|e| format!("bad header: {e}"))?;
     let data_start = LEN_BYTES + header.len() as u64;
     let data_len = meta.data_len() as u64;
@@ -309,6 +309,12 @@ pub fn save(
         }
         w.flush().map_err(io_err(&tmp_path))?;
     }
+    // Temporary files are private (0600); the result is an ordinary file.
+    std::fs::set_permissions(
+        &tmp_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .map_err(io_err(&tmp_path))?;
     tmp.as_file().sync_all().map_err(io_err(&tmp_path))?;
     tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
     // The rename is durable only once the folder entry is on disk.
