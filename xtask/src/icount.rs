@@ -26,69 +26,47 @@ pub const THRESHOLD: f64 = 0.05;
 
 /// A built `icount_*` bench executable.
 struct Target {
-    package: String,
     name: String,
     exe: PathBuf,
 }
 
-/// Bench targets named `icount_*`, built (dev profile).
+/// Bench targets named `icount_*`, built (dev profile) in one cargo call
+/// over the whole workspace, so features unify as in `cargo test --workspace`
+/// and the dependencies CI built for the tests are reused.
 fn targets() -> Result<Vec<Target>> {
-    let out = crate::cargo()
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo metadata")?;
-    if !out.status.success() {
-        bail!("cargo metadata failed");
-    }
-    let meta: Value = serde_json::from_slice(&out.stdout)?;
-    let mut found = Vec::new();
-    for pkg in meta["packages"].as_array().into_iter().flatten() {
-        for t in pkg["targets"].as_array().into_iter().flatten() {
-            let name = t["name"].as_str().unwrap_or_default();
-            let bench = t["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "bench"));
-            if bench && name.starts_with("icount_") {
-                let package = pkg["name"].as_str().unwrap_or_default().to_string();
-                let exe = build(&package, name)?;
-                found.push(Target {
-                    package,
-                    name: name.to_string(),
-                    exe,
-                });
-            }
-        }
-    }
-    if found.is_empty() {
-        bail!("no bench target named icount_* in the workspace");
-    }
-    Ok(found)
-}
-
-fn build(package: &str, name: &str) -> Result<PathBuf> {
-    println!("icount: building {package} {name}");
+    println!("icount: building the icount_* benches");
     let out = crate::cargo()
         .args([
             "build",
-            "--package",
-            package,
+            "--workspace",
             "--bench",
-            name,
+            "icount_*",
             "--message-format=json-render-diagnostics",
         ])
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo build")?;
     if !out.status.success() {
-        bail!("building {package} {name} failed");
+        bail!("building the icount_* benches failed");
     }
-    String::from_utf8_lossy(&out.stdout)
+    let mut found: Vec<Target> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .with_context(|| format!("cargo reported no executable for {name}"))
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter_map(|m| {
+            let name = m["target"]["name"].as_str()?;
+            let exe = m["executable"].as_str()?;
+            name.starts_with("icount_").then(|| Target {
+                name: name.to_string(),
+                exe: PathBuf::from(exe),
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    if found.is_empty() {
+        bail!("no bench target named icount_* in the workspace");
+    }
+    Ok(found)
 }
 
 /// The `totals:` (or `summary:`) line of a callgrind output file: Ir.
@@ -172,12 +150,12 @@ pub fn measure(root: &Path) -> Result<BenchRun> {
                 if let Ok(n) = &r {
                     println!("icount: {:<32} {n:>14} Ir", case);
                 }
-                results.lock().unwrap().push((t.package.clone(), case, r));
+                results.lock().unwrap().push((case, r));
             });
         }
     });
     let mut cases = Vec::new();
-    for (_, case, r) in results.into_inner().unwrap() {
+    for (case, r) in results.into_inner().unwrap() {
         cases.push(Case {
             name: case,
             unit: "Ir".into(),

@@ -79,6 +79,9 @@ enum Task {
         /// or `samplers.0.num=2000` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Folder for checkpoints and samples (default <out>/work).
+        #[arg(long)]
+        work: Option<PathBuf>,
     },
     /// Benchmarks: run and record, compare runs, generate tables, instruction-count guard.
     Bench(bench::BenchArgs),
@@ -104,6 +107,7 @@ fn main() -> Result<()> {
             out,
             dim,
             sets,
+            work,
         } => {
             let dim = match dim {
                 Some(d) => d,
@@ -115,6 +119,7 @@ fn main() -> Result<()> {
                 out,
                 dim,
                 sets,
+                work,
             })
             .map(drop)
         }

@@ -8,8 +8,10 @@
 //! - `plots/*.png` drawn in Rust, each with its data as `plots/*.json`;
 //! - `grids/*.png`: the sample grids;
 //! - `metrics.json`: every logged training line and every evaluation;
-//! - `logs/`: the `dim` logs; `work/`: checkpoints and samples (large, not
-//!   meant to be carried back).
+//! - `logs/`: the `dim` logs and each run's `metrics.jsonl`;
+//! - `evals/`: every `dim eval` report;
+//! - `work/` (or `--work DIR`): checkpoints and samples (large, not meant to
+//!   be carried back).
 //!
 //! Needs no Rust toolchain: the experiment bundle carries this binary
 //! (`bin/xtask repro ...`).
@@ -40,6 +42,9 @@ pub struct Opts {
     pub dim: PathBuf,
     /// `key=value` overrides of the experiment file.
     pub sets: Vec<String>,
+    /// Checkpoints and samples (default `<out>/work`): elsewhere keeps the
+    /// report folder small enough to carry back from a GPU machine.
+    pub work: Option<PathBuf>,
 }
 
 /// One evaluation: a run sampled with one sampler at one checkpoint.
@@ -128,17 +133,24 @@ pub fn run(opts: &Opts) -> Result<PathBuf> {
     if out.exists() {
         fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
-    for sub in ["plots", "grids", "logs", "work"] {
+    for sub in ["plots", "grids", "logs"] {
         fs::create_dir_all(out.join(sub))
             .with_context(|| format!("creating {}", out.join(sub).display()))?;
     }
     let out = fs::canonicalize(&out)?;
+    let work = opts.work.clone().unwrap_or_else(|| out.join("work"));
+    if opts.work.is_some() && work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
+    }
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let work = fs::canonicalize(&work)?;
     let devices = devices(&exp.device)?;
     let runs = exp.runs();
     let ctx = Ctx {
         exp: &exp,
         dim: &dim,
         out: &out,
+        work: &work,
     };
     log(&format!(
         "repro {}: {} runs on {}; report in {}",
@@ -272,6 +284,7 @@ struct Ctx<'a> {
     exp: &'a Experiment,
     dim: &'a Path,
     out: &'a Path,
+    work: &'a Path,
 }
 
 impl Ctx<'_> {
@@ -283,7 +296,17 @@ impl Ctx<'_> {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let out = Command::new(self.dim)
+        let mut cmd = Command::new(self.dim);
+        // From the experiment bundle: its copy of Fashion-MNIST.
+        if std::env::var_os("DIM_FASHION_MNIST_DIR").is_none()
+            && Path::new("data/fashion-mnist").is_dir()
+        {
+            cmd.env(
+                "DIM_FASHION_MNIST_DIR",
+                fs::canonicalize("data/fashion-mnist")?,
+            );
+        }
+        let out = cmd
             .args(args)
             .stderr(Stdio::from(log_file))
             .output()
@@ -302,13 +325,13 @@ impl Ctx<'_> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn work(&self, name: &str) -> PathBuf {
-        self.out.join("work").join(name)
+    fn run_dir(&self, name: &str) -> PathBuf {
+        self.work.join(name)
     }
 
     fn train(&self, r: &Run, dev: &str) -> Result<RunReport> {
         let b = &self.exp.budget;
-        let work = self.work(&r.name);
+        let work = self.run_dir(&r.name);
         let mut args: Vec<String> = vec![
             "train".into(),
             "--config".into(),
@@ -372,7 +395,7 @@ impl Ctx<'_> {
     }
 
     fn train_features(&self, dev: &str) -> Result<(PathBuf, String)> {
-        let w = self.out.join("work/features.safetensors");
+        let w = self.work.join("features.safetensors");
         let epochs = self.exp.metrics.features_epochs.unwrap_or(5);
         log(&format!("feature classifier: {epochs} epochs on {dev}"));
         let text = self.dim(
@@ -400,7 +423,7 @@ impl Ctx<'_> {
         dev: &str,
         num: Option<u64>,
     ) -> Result<Value> {
-        let json = self.out.join("work").join(format!("{name}.eval.json"));
+        let json = self.work.join(format!("{name}.eval.json"));
         let mut args: Vec<String> = vec![
             "eval".into(),
             "--samples".into(),
@@ -418,6 +441,8 @@ impl Ctx<'_> {
             args.extend(["--num".into(), n.to_string()]);
         }
         self.dim(&args, &format!("{name}.eval.log"))?;
+        fs::create_dir_all(self.out.join("evals"))?;
+        fs::copy(&json, self.out.join("evals").join(format!("{name}.json")))?;
         let text = fs::read_to_string(&json)?;
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", json.display()))
     }
@@ -467,7 +492,7 @@ impl Ctx<'_> {
         features: Option<&Path>,
     ) -> Result<RunReport> {
         let m = &self.exp.metrics;
-        let work = self.work(&r.name);
+        let work = self.run_dir(&r.name);
         let final_step = r
             .metrics
             .last()
