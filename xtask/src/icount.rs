@@ -120,7 +120,8 @@ fn count(t: &Target, case: &str, tmp: &Path) -> Result<u64> {
 
 /// Builds the targets and counts every case (two valgrind processes at a time).
 pub fn measure(root: &Path) -> Result<BenchRun> {
-    crate::setup::ensure(root)?;
+    // No `setup::ensure` here: CI's test step has just run it, and it
+    // relinks `.dim/`, which would rebuild torch-sys.
     let targets = targets()?;
     let mut jobs = Vec::new();
     for (i, t) in targets.iter().enumerate() {
