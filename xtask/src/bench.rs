@@ -457,6 +457,9 @@ enum BenchCmd {
     Icount {
         #[arg(long, default_value_t = crate::icount::THRESHOLD)]
         threshold: f64,
+        /// Only the cases whose names contain this (a quicker local check).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Rewrite the instruction-count baseline (`--update`), to commit with a change that moves it.
     Baseline {
@@ -504,7 +507,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             Ok(())
         }
         (None, None) => {
-            let icount = crate::icount::measure(root)?;
+            let icount = crate::icount::measure(root, None)?;
             let p = hist.join(icount.file_name());
             icount.write(&p)?;
             println!("bench: wrote {}", p.display());
@@ -561,7 +564,9 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
                 }
                 Ok(())
             }
-            BenchCmd::Icount { threshold } => crate::icount::guard(root, threshold),
+            BenchCmd::Icount { threshold, only } => {
+                crate::icount::guard(root, threshold, only.as_deref())
+            }
             BenchCmd::Baseline { update } => {
                 if !update {
                     bail!("`bench baseline` rewrites the committed baseline: pass --update");

@@ -119,7 +119,7 @@ fn count(t: &Target, case: &str, tmp: &Path) -> Result<u64> {
 }
 
 /// Builds the targets and counts every case (two valgrind processes at a time).
-pub fn measure(root: &Path) -> Result<BenchRun> {
+pub fn measure(root: &Path, only: Option<&str>) -> Result<BenchRun> {
     // No `setup::ensure` here: CI's test step has just run it, and it
     // relinks `.dim/`, which would rebuild torch-sys.
     let targets = targets()?;
@@ -130,7 +130,9 @@ pub fn measure(root: &Path) -> Result<BenchRun> {
             .output()
             .with_context(|| format!("running {} --list", t.exe.display()))?;
         for case in String::from_utf8_lossy(&out.stdout).lines() {
-            jobs.push((i, case.trim().to_string()));
+            if only.is_none_or(|o| case.contains(o)) {
+                jobs.push((i, case.trim().to_string()));
+            }
         }
     }
     let tmp = root.join("target/icount");
@@ -182,12 +184,16 @@ pub fn measure(root: &Path) -> Result<BenchRun> {
 }
 
 /// CI's guard: counts, compares with the baseline, fails beyond `threshold`.
-pub fn guard(root: &Path, threshold: f64) -> Result<()> {
+/// `only`: the cases whose names contain it (a quicker local check).
+pub fn guard(root: &Path, threshold: f64, only: Option<&str>) -> Result<()> {
     let base_path = root.join(BASELINE);
-    let base = BenchRun::read(&base_path).with_context(|| {
+    let mut base = BenchRun::read(&base_path).with_context(|| {
         "no instruction-count baseline: make one with `cargo xtask bench baseline --update`"
     })?;
-    let now = measure(root)?;
+    if let Some(o) = only {
+        base.cases.retain(|c| c.name.contains(o));
+    }
+    let now = measure(root, only)?;
     let changes = compare(&base, &now, threshold);
     print!("{}", render(&base, &now, &changes));
     let mut failures = Vec::new();
@@ -239,7 +245,7 @@ pub fn guard(root: &Path, threshold: f64) -> Result<()> {
 pub fn update_baseline(root: &Path) -> Result<()> {
     let path = root.join(BASELINE);
     let old = BenchRun::read(&path).ok();
-    let now = measure(root)?;
+    let now = measure(root, None)?;
     if let Some(old) = &old {
         print!("{}", render(old, &now, &compare(old, &now, THRESHOLD)));
     }
