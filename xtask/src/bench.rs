@@ -297,8 +297,7 @@ pub fn history(dir: &Path) -> Result<Vec<(PathBuf, BenchRun)>> {
 pub fn check_against_history(run: &BenchRun, dir: &Path, threshold: f64) -> Result<bool> {
     let last = history(dir)?
         .into_iter()
-        .filter(|(_, r)| r.suite == run.suite && r.machine == run.machine && r != run)
-        .next_back();
+        .rfind(|(_, r)| r.suite == run.suite && r.machine == run.machine && r != run);
     let Some((path, last)) = last else {
         println!(
             "bench: no committed `{}` run on {} in {}: nothing to compare (commit this run as the first)",
