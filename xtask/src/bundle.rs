@@ -1,10 +1,15 @@
 //! Bundles for a machine with an NVIDIA GPU and PyTorch 2.11 but no Rust,
 //! built in release against the venv's libtorch and stripped:
 //!
-//! - `cargo xtask gpu-bundle <dir>`: every test and bench target whose name
-//!   starts with `gpu`, with a `run.sh` that runs them all.
-//! - `cargo xtask experiment-bundle <dir>`: the `dim` binary and the
-//!   Fashion-MNIST files, for the scripts in `xtask/experiments/`.
+//! - `cargo xtask gpu-bundle <dir>` (or `cargo xtask bench --gpu <dir>`):
+//!   every test and bench target whose name starts with `gpu`, the `xtask`
+//!   binary and the committed benchmark history, with a `run.sh` that runs
+//!   them all, records the benchmarks as `results/gpu.json` and compares it
+//!   with the last committed run for that card (non-zero exit beyond the
+//!   threshold).
+//! - `cargo xtask experiment-bundle <dir>`: the `dim` and `xtask` binaries,
+//!   `configs/`, `xtask/experiments/` and the Fashion-MNIST files, to run
+//!   `bin/xtask repro <experiment>` from `<dir>`.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -34,6 +39,8 @@ pub fn run(root: &Path, dir: &Path) -> Result<()> {
         let exe = build(t)?;
         total += copy_stripped(&exe, &dir.join(t.folder()).join(&t.name))?;
     }
+    total += portable_tools(root, dir)?;
+    copy_tree(&root.join(crate::bench::HISTORY), &dir.join("history"))?;
     let run_sh = dir.join("run.sh");
     fs::write(&run_sh, RUN_SH)?;
     fs::set_permissions(&run_sh, fs::Permissions::from_mode(0o755))?;
@@ -65,6 +72,12 @@ pub fn experiments(root: &Path, dir: &Path) -> Result<()> {
         kind: TargetKind::Bin,
     })?;
     let mut total = copy_stripped(&exe, &dir.join("bin/dim"))?;
+    total += portable_tools(root, dir)?;
+    copy_tree(&root.join("configs"), &dir.join("configs"))?;
+    copy_tree(
+        &root.join("xtask/experiments"),
+        &dir.join("xtask/experiments"),
+    )?;
     let src = Path::new(FASHION_MNIST_DIR);
     for f in fs::read_dir(src)
         .with_context(|| format!("reading {} (run cargo xtask setup)", src.display()))?
@@ -73,14 +86,43 @@ pub fn experiments(root: &Path, dir: &Path) -> Result<()> {
         total += fs::copy(f.path(), data.join(f.file_name()))?;
     }
     println!(
-        "experiment-bundle: {} ({:.1} MiB); there: DIM_FASHION_MNIST_DIR={}/data/fashion-mnist xtask/experiments/<script> {}/bin/dim <out>",
+        "experiment-bundle: {} ({:.1} MiB); there: cd {} && LD_LIBRARY_PATH=<torch/lib> DIM_FASHION_MNIST_DIR=$PWD/data/fashion-mnist bin/xtask repro <experiment> [--set key=value]",
         dir.display(),
         total as f64 / 1048576.0,
         dir.display(),
-        dir.display()
     );
     if total > MAX_BUNDLE_BYTES {
         bail!("the bundle is {total} bytes, over the {MAX_BUNDLE_BYTES}-byte budget");
+    }
+    Ok(())
+}
+
+/// `bin/xtask` (release, stripped; it needs no libtorch) and a `COMMIT`
+/// file, so reports and benchmark runs made there name the commit.
+fn portable_tools(root: &Path, dir: &Path) -> Result<u64> {
+    fs::create_dir_all(dir.join("bin"))?;
+    let exe = build(&Target {
+        package: "xtask".into(),
+        name: "xtask".into(),
+        kind: TargetKind::Bin,
+    })?;
+    let size = copy_stripped(&exe, &dir.join("bin/xtask"))?;
+    let _ = root;
+    fs::write(dir.join("COMMIT"), crate::repro::commit() + "\n")?;
+    Ok(size)
+}
+
+/// Copies the files of `src` (recursively) into `dest`.
+fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
+    fs::create_dir_all(dest)?;
+    for e in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let e = e?;
+        let to = dest.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &to)?;
+        } else {
+            fs::copy(e.path(), &to).with_context(|| format!("copying {}", e.path().display()))?;
+        }
     }
     Ok(())
 }
@@ -225,15 +267,31 @@ for t in "$here"/tests/*; do
   if "$t" --test-threads=1 --nocapture --include-ignored; then passed=$((passed+1)); summary+=("ok    test  $(basename "$t")")
   else failed=$((failed+1)); summary+=("FAIL  test  $(basename "$t")"); fi
 done
+# Each bench appends its cases (JSON lines) to results/<bench>.jsonl.
+mkdir -p "$here/results"
+rm -f "$here"/results/*.jsonl
 for b in "$here"/benches/*; do
   [ -x "$b" ] || continue
   echo "=== bench $(basename "$b")"
-  if "$b" --bench; then passed=$((passed+1)); summary+=("ok    bench $(basename "$b")")
+  if DIM_BENCH_JSON="$here/results/$(basename "$b").jsonl" "$b" --bench; then passed=$((passed+1)); summary+=("ok    bench $(basename "$b")")
   else failed=$((failed+1)); summary+=("FAIL  bench $(basename "$b")"); fi
 done
+# One JSON for the run, compared with the last committed run on this card.
+regressed=0
+jsonls=("$here"/results/*.jsonl)
+if [ -e "${jsonls[0]}" ]; then
+  echo "=== benchmark comparison"
+  "$here/bin/xtask" bench record --suite gpu --gpu --command "gpu bundle run.sh (DIM_BENCH_SHAPES=${DIM_BENCH_SHAPES:-default})" \
+    --out "$here/results/gpu.json" "${jsonls[@]}" || failed=$((failed+1))
+  if [ -e "$here/results/gpu.json" ]; then
+    "$here/bin/xtask" bench check-card "$here/results/gpu.json" --history "$here/history" \
+      --threshold "${DIM_BENCH_THRESHOLD:-0.10}" || regressed=1
+    echo "benchmark run: $here/results/gpu.json (to commit: copy it into docs/benchmarks/history/ under the name printed above)"
+  fi
+fi
 echo "=== summary"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
 printf '%s\n' "${summary[@]}"
-echo "gpu bundle: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+echo "gpu bundle: $passed passed, $failed failed$([ "$regressed" -eq 1 ] && echo ', benchmark REGRESSION')"
+[ "$failed" -eq 0 ] && [ "$regressed" -eq 0 ]
 "#;

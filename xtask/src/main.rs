@@ -5,10 +5,20 @@
 //! - `test`: setup if needed, then `cargo fmt --check`, clippy and the whole test suite.
 //! - `demo`: setup if needed, then the main job on the embedded default data.
 //! - `gpu-bundle <dir>`: the GPU tests and benchmarks, stripped, with a `run.sh`.
-//! - `experiment-bundle <dir>`: the `dim` binary and Fashion-MNIST, for the
-//!   reproducible runs of `xtask/experiments/` on a GPU machine without Rust.
+//! - `experiment-bundle <dir>`: the `dim` and `xtask` binaries, the configs,
+//!   the experiments and Fashion-MNIST, for `bin/xtask repro` on a GPU
+//!   machine without Rust.
+//! - `repro <experiment>`: runs an experiment of `xtask/experiments/` and
+//!   writes its report (markdown, plots, grids, metrics JSON).
+//! - `bench ...`: benchmark history (JSON), comparisons, generated tables and
+//!   the instruction-count guard.
 
+mod bench;
 mod bundle;
+mod experiment;
+mod icount;
+mod plot;
+mod repro;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -49,23 +59,71 @@ enum Task {
         /// Output folder (created; its previous contents are replaced).
         dir: PathBuf,
     },
-    /// Build the `dim` binary (release, stripped) into DIR/bin with Fashion-MNIST in DIR/data.
+    /// Build `dim` and `xtask` (release, stripped) into DIR/bin, with the configs,
+    /// the experiments and Fashion-MNIST, to run `bin/xtask repro` there.
     ExperimentBundle {
         /// Output folder (created; its previous contents are replaced).
         dir: PathBuf,
     },
+    /// Run an experiment (`xtask/experiments/<name>.toml` or a path) and write its report.
+    Repro {
+        /// Experiment name or file.
+        experiment: String,
+        /// Report folder (default runs/repro/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The `dim` binary (default: bin/dim in a bundle, else built in release here).
+        #[arg(long)]
+        dim: Option<PathBuf>,
+        /// Override a key of the experiment file, e.g. `budget.time_limit_s=120`
+        /// or `samplers.0.num=2000` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Folder for checkpoints and samples (default <out>/work).
+        #[arg(long)]
+        work: Option<PathBuf>,
+    },
+    /// Benchmarks: run and record, compare runs, generate tables, instruction-count guard.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = project_root();
-    std::env::set_current_dir(&root)?;
+    // From a bundle (no checkout) or a checkout's root, paths are relative
+    // to where it runs; elsewhere in a checkout, to the workspace root.
+    if !Path::new("xtask/experiments").is_dir() && root.is_dir() {
+        std::env::set_current_dir(&root)?;
+    }
+    let root = std::env::current_dir()?;
     match cli.task {
         Task::Setup { check } => setup::run(&root, check),
         Task::Test { args } => test(&root, &args),
         Task::Demo { args } => demo(&root, &args),
         Task::GpuBundle { dir } => bundle::run(&root, &dir),
         Task::ExperimentBundle { dir } => bundle::experiments(&root, &dir),
+        Task::Repro {
+            experiment,
+            out,
+            dim,
+            sets,
+            work,
+        } => {
+            let dim = match dim {
+                Some(d) => d,
+                None if Path::new("bin/dim").is_file() => "bin/dim".into(),
+                None => build_dim()?,
+            };
+            repro::run(&repro::Opts {
+                experiment,
+                out,
+                dim,
+                sets,
+                work,
+            })
+            .map(drop)
+        }
+        Task::Bench(args) => bench::run(&root, args),
     }
 }
 
@@ -137,6 +195,15 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
             .args(["run", "--release", "--package", "dim", "--", "demo"])
             .args(args),
     )
+}
+
+/// Builds `dim` in release here and returns its path.
+fn build_dim() -> Result<PathBuf> {
+    step(
+        "cargo build --release -p dim",
+        cargo().args(["build", "--release", "--package", "dim"]),
+    )?;
+    Ok(PathBuf::from("target/release/dim"))
 }
 
 pub(crate) fn cargo() -> Command {

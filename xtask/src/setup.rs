@@ -39,8 +39,9 @@ const PIP_DATA_PACKAGES: &[&str] = &[
 const TORCH_VERSION: &str = "2.11.0";
 
 /// Debian packages: data (Fashion-MNIST, real video clips), the FFmpeg
-/// libraries for video decoding (and clang for their bindgen), and the ffmpeg
-/// program the video tests compare against.
+/// libraries for video decoding (and clang for their bindgen), the ffmpeg
+/// program the video tests compare against, valgrind (the instruction-count
+/// guard, `cargo xtask bench icount`) and the font xtask embeds in its plots.
 const DEB_PACKAGES: &[&str] = &[
     "dataset-fashion-mnist",
     "pkg-config",
@@ -56,6 +57,9 @@ const DEB_PACKAGES: &[&str] = &[
     "ffmpeg",
     "opencv-doc",
     "python3-venv",
+    // Benchmarks and reports (xtask bench / repro).
+    "valgrind",
+    "fonts-dejavu-core",
 ];
 
 /// Where the pieces live, relative to the workspace root.

@@ -1,9 +1,13 @@
-//! Build-script helpers shared by the workspace's crates.
+//! Build-script helpers shared by the workspace's crates, and the harness
+//! of the instruction-count benchmarks ([`icount`]).
 //!
 //! Every crate whose binaries, tests or benches touch libtorch calls
 //! [`link_libtorch`] from its `build.rs`: `cargo:rustc-link-arg` only applies to
 //! the package that prints it, so this cannot live in one place at link time,
 //! but the logic does live here once.
+
+pub mod bench_json;
+pub mod icount;
 
 use std::env;
 use std::path::{Path, PathBuf};

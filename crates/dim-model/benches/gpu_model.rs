@@ -25,10 +25,13 @@
 //! `DIM_BENCH_ARCH`, `DIM_BENCH_SIZE`, `DIM_BENCH_STEPS`, `DIM_BENCH_DEPTH`.
 //! Without CUDA it prints `skipped: no CUDA` and exits 0; `--cpu` runs a tiny
 //! smoke version on the CPU instead (checks the code path, not the speed).
+//! `DIM_BENCH_JSON=<file>` also appends each training-step and sampling row
+//! as a JSON line there (`dim_build::bench_json`, for `cargo xtask bench record`).
 
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
+use dim_build::bench_json::{median_spread, record};
 use dim_model::network::{Block, Mixer, ScanOperands};
 use dim_model::optim::{AdamW, AdamWConfig};
 use dim_model::{Arch, Model, ModelConfig};
@@ -135,9 +138,9 @@ fn sync(device: Device) {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+thread_local! {
+    /// The spread of the last `median_runs`, for the rows that record it.
+    static LAST_SPREAD: std::cell::Cell<f64> = const { std::cell::Cell::new(f64::NAN) };
 }
 
 /// Median wall time (ms) of `f` over `reps` runs after one warm-up run, synchronised.
@@ -165,6 +168,8 @@ fn peak_gib(device: Device) -> Option<f64> {
 
 struct StepResult {
     ms: f64,
+    /// Relative spread of the timed runs (interquartile range / median).
+    spread: f64,
     images_per_s: f64,
     peak_gib: Option<f64>,
     params: i64,
@@ -174,6 +179,7 @@ struct StepResult {
 /// One denoiser evaluation (forward only).
 struct SampleResult {
     ms: f64,
+    spread: f64,
     images_per_s: f64,
     peak_gib: Option<f64>,
 }
@@ -228,7 +234,9 @@ fn median_runs(device: Device, reps: usize, mut f: impl FnMut()) -> f64 {
         sync(device);
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    median(times)
+    let (median, spread) = median_spread(&times);
+    LAST_SPREAD.with(|c| c.set(spread));
+    median
 }
 
 fn train_step_bench(
@@ -260,9 +268,11 @@ fn train_step_bench(
         opt.zero_grad().unwrap_or_else(|e| panic!("{e}"));
     };
     let ms = timed(device, args.warmup, args.steps, step);
+    let spread = LAST_SPREAD.with(|c| c.get());
     let flops = cfg.flops(&x.size()).map(|f| f.gflops()).unwrap_or(0.0);
     let result = StepResult {
         ms,
+        spread,
         images_per_s: batch as f64 / (ms / 1e3),
         peak_gib: peak_gib(device),
         params: model.param_count(),
@@ -285,6 +295,7 @@ fn sample_bench(args: &Args, cfg: &ModelConfig, batch: i64, device: Device) -> S
     });
     SampleResult {
         ms,
+        spread: LAST_SPREAD.with(|c| c.get()),
         images_per_s: batch as f64 / (ms / 1e3),
         peak_gib: peak_gib(device),
     }
@@ -716,6 +727,15 @@ fn main() {
             }));
             match run {
                 Ok((r, parts)) => {
+                    record(
+                        &format!("gpu_model/train step/{label}/{tokens} tokens x{batch}"),
+                        "ms",
+                        r.ms,
+                        r.spread,
+                        args.steps,
+                        None,
+                        false,
+                    );
                     println!(
                         "{:<10} {:>7} {:>6} {:>10.1} {:>10.2} {:>9} {:>10.1} {:>8.1}",
                         label,
@@ -769,6 +789,15 @@ fn main() {
                             .flops(&[batch, cfg.in_channels, h, w])
                             .map(|f| f.gflops() * 1e9 / rates.matmul * 1e3)
                             .unwrap_or(0.0);
+                        record(
+                            &format!("gpu_model/sample eval/{label}/{tokens} tokens x{batch}"),
+                            "ms",
+                            r.ms,
+                            r.spread,
+                            args.steps.max(args.reps),
+                            (floor > 0.0).then_some(floor),
+                            false,
+                        );
                         println!(
                             "{:<10} {:>7} {:>6} {:>10.2} {:>10.2} {:>9} {:>9.2}",
                             label,

@@ -13,7 +13,10 @@
 //! bidirectional forward+backward <= 0.8x Mamba-1's one-direction
 //! forward+backward, spread at fixed tokens <= 1.3).
 //!
-//! `DIM_BENCH_SHAPES="8x2304x1024,1x2304x16384"` picks shapes.
+//! `DIM_BENCH_SHAPES="8x2304x1024,1x2304x16384"` picks shapes;
+//! `DIM_BENCH_JSON=<file>` also appends every case as a JSON line there
+//! (`dim_build::bench_json`, read by `cargo xtask bench record`).
+use dim_build::bench_json::{median_spread, record};
 use dim_scan::device::{copy_bandwidth, exp2_rate, time_cuda_ms};
 use dim_scan::{
     backward_with_grad, selective_scan, selective_scan_bidirectional, Direction, ScanInputs,
@@ -100,13 +103,14 @@ impl Dir {
     }
 }
 
-/// Median milliseconds of `f` over several timed batches of calls.
-fn median_ms(mut f: impl FnMut()) -> f64 {
+/// Median milliseconds of `f` over several timed batches of calls, and
+/// the samples' relative spread (interquartile range / median).
+fn median_ms(mut f: impl FnMut()) -> (f64, f64) {
     for _ in 0..3 {
         f();
     }
     let reps = 10;
-    let mut times: Vec<f64> = (0..9)
+    let times: Vec<f64> = (0..9)
         .map(|_| {
             time_cuda_ms(|| {
                 for _ in 0..reps {
@@ -117,8 +121,7 @@ fn median_ms(mut f: impl FnMut()) -> f64 {
                 / reps as f64
         })
         .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    median_spread(&times)
 }
 
 fn shapes() -> Vec<(i64, i64, i64)> {
@@ -180,19 +183,32 @@ fn main() {
                 + 4.0 * 2.0 * dirs * bnl
         };
         // `goal`: the target ratio to the Mamba-1 figure, where the issue sets one.
-        let row =
-            |case: &str, ms: f64, bytes: f64, exps: f64, base: Option<f64>, goal: Option<f64>| {
-                let floor = (bytes / bw).max(exps / ex2) * 1e3;
-                let (anchor_s, ratio_s) = match base {
-                    Some(b) => (format!("{b:.2}"), format!("{:.2}", ms / b)),
-                    None => ("-".into(), "-".into()),
-                };
-                let target_s = match (base, goal) {
-                    (Some(b), Some(g)) if ms / b <= g => format!("<= {g:.2} ok"),
-                    (Some(_), Some(g)) => format!("<= {g:.2} MISSED"),
-                    _ => "-".into(),
-                };
-                println!(
+        let row = |case: &str,
+                   (ms, spread): (f64, f64),
+                   bytes: f64,
+                   exps: f64,
+                   base: Option<f64>,
+                   goal: Option<f64>| {
+            let floor = (bytes / bw).max(exps / ex2) * 1e3;
+            record(
+                &format!("gpu_scan/{batch}x{dim}x{len}/{case}"),
+                "ms",
+                ms,
+                spread,
+                9,
+                Some(floor),
+                false,
+            );
+            let (anchor_s, ratio_s) = match base {
+                Some(b) => (format!("{b:.2}"), format!("{:.2}", ms / b)),
+                None => ("-".into(), "-".into()),
+            };
+            let target_s = match (base, goal) {
+                (Some(b), Some(g)) if ms / b <= g => format!("<= {g:.2} ok"),
+                (Some(_), Some(g)) => format!("<= {g:.2} MISSED"),
+                _ => "-".into(),
+            };
+            println!(
                 "{:>16} | {:>20} | {:>9.3} {:>9.1} {:>9.2} | {:>7.3} {:>7.2} | {:>8} {:>6} | {}",
                 format!("{batch}x{dim}x{len}"),
                 case,
@@ -205,7 +221,7 @@ fn main() {
                 ratio_s,
                 target_s
             );
-            };
+        };
         let t = median_ms(|| {
             let _ = selective_scan(f.inputs(), Direction::Forward, Some(&z), opts).unwrap();
         });
@@ -296,9 +312,18 @@ fn main() {
         let f = Dir::new(batch, 2304, len, dev).with_grad();
         let r = Dir::new(batch, 2304, len, dev).with_grad();
         let z = Tensor::randn([batch, 2304, len], (Kind::BFloat16, dev));
-        let t = median_ms(|| {
+        let (t, spread) = median_ms(|| {
             let _ = selective_scan_bidirectional(f.inputs(), r.inputs(), Some(&z), opts).unwrap();
         });
+        record(
+            &format!("gpu_scan/fixed tokens/fused bidir fwd {batch}x2304x{len}"),
+            "ms",
+            t,
+            spread,
+            9,
+            None,
+            false,
+        );
         println!("  batch {batch:>3} x L {len:>6}: {t:.3} ms");
         times.push(t);
     }
