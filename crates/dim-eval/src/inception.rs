@@ -421,6 +421,11 @@ fn load_tensors(
     ignore: &dyn Fn(&str) -> bool,
 ) -> Result<()> {
     let targets = vs.variables().into_iter().collect();
-    dim_io::load_map(file, path, &targets, dim_io::Group::new("").ignoring(ignore))?;
+    dim_io::load_map(
+        file,
+        path,
+        &targets,
+        dim_io::Group::new("").ignoring(ignore),
+    )?;
     Ok(())
 }

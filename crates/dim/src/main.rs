@@ -18,16 +18,16 @@ mod dist;
 mod eval;
 mod guard;
 mod images;
-mod launch;
 mod latents;
+mod launch;
 mod metrics;
 mod ops;
 mod optim;
 mod runtime;
 mod sample;
 mod train;
-mod video_features;
 mod vae;
+mod video_features;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

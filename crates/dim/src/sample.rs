@@ -273,7 +273,8 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
         .copied()
         .filter(|&(first, b)| !part_path(&parts, first, b).is_file())
         .collect();
-    let done: i64 = mine.iter().map(|(_, b)| b).sum::<i64>() - todo.iter().map(|(_, b)| b).sum::<i64>();
+    let done: i64 =
+        mine.iter().map(|(_, b)| b).sum::<i64>() - todo.iter().map(|(_, b)| b).sum::<i64>();
     if done > 0 {
         tracing::info!(
             done,
