@@ -27,6 +27,14 @@ pub enum EvalError {
     /// not match what is loaded (the message names the file).
     #[error(transparent)]
     File(#[from] dim_io::IoError),
+    /// A file whose content is malformed (the message says what is wrong).
+    #[error("{path}: {detail}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::{EvalError, Result};
 
 fn bad(path: &Path, detail: impl Into<String>) -> EvalError {
-    EvalError::Weights {
+    EvalError::Format {
         path: path.to_path_buf(),
         detail: detail.into(),
     }

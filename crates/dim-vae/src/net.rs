@@ -361,7 +361,7 @@ impl AutoencoderKL {
     /// the file with its shape, and the file may hold nothing else; the
     /// error names the offending keys.
     pub fn load(cfg: &VaeConfig, path: &Path, device: Device) -> Result<Self> {
-        let mut net = Self::new(cfg, device)?;
+        let net = Self::new(cfg, device)?;
         let file = to_current_attention_keys(dim_io::read_all(path)?);
         let targets = net.vs.variables().into_iter().collect();
         dim_io::load_map(&file, path, &targets, dim_io::Group::new(""))?;

@@ -51,7 +51,6 @@ fn rank_device(env: &DistEnv, device_spec: &str) -> Result<Device> {
 /// `start..start + count` of `num`, contiguous, at most `⌈num / W⌉` each.
 pub struct SampleShard {
     pub rank: usize,
-    pub world_size: usize,
     pub start: i64,
     pub count: i64,
     pub device: Device,
@@ -69,7 +68,6 @@ impl SampleShard {
         let Some(env) = DistEnv::from_env()? else {
             return Ok(Self {
                 rank: 0,
-                world_size: 1,
                 start: 0,
                 count: num,
                 device: resolve_device(device_spec)?,
@@ -89,7 +87,6 @@ impl SampleShard {
         })?;
         Ok(Self {
             rank: env.rank,
-            world_size: env.world_size,
             start,
             count,
             device,
@@ -103,35 +100,6 @@ impl SampleShard {
             Some(g) => Ok(g.barrier()?),
             None => Ok(()),
         }
-    }
-
-    /// Rank 0 gets every rank's samples `(num, C, …)` in order (the others
-    /// `None`), passed through shard files in `out` (a folder every rank
-    /// sees), which it then removes.
-    pub fn gather(&self, x: &Tensor, out: &std::path::Path) -> Result<Option<Tensor>> {
-        let Some(g) = &self.group else {
-            return Ok(Some(x.shallow_clone()));
-        };
-        let shard = |r: usize| out.join(format!("samples.rank{r}.safetensors"));
-        Tensor::write_safetensors(&[("samples", x)], shard(self.rank))
-            .with_context(|| format!("writing {}", shard(self.rank).display()))?;
-        g.barrier()?;
-        if self.rank != 0 {
-            return Ok(None);
-        }
-        let mut parts = Vec::with_capacity(self.world_size);
-        for r in 0..self.world_size {
-            let p = shard(r);
-            let t = Tensor::read_safetensors(&p)
-                .with_context(|| format!("reading rank {r}'s samples {}", p.display()))?
-                .into_iter()
-                .find(|(n, _)| n == "samples")
-                .with_context(|| format!("{}: no `samples` tensor", p.display()))?
-                .1;
-            parts.push(t);
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
-        Ok(Some(Tensor::cat(&parts, 0)))
     }
 }
 

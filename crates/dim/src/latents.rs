@@ -205,7 +205,7 @@ fn posterior_noise(like: &Tensor, seed: u64, first: u64) -> Tensor {
     let s = like.size();
     let rows: Vec<Tensor> = (0..s[0] as u64)
         .map(|i| {
-            tch::manual_seed(crate::train::mix(seed, first + i) as i64);
+            tch::manual_seed(dim_rng::derive(seed, &[first + i]) as i64);
             Tensor::randn(&s[1..], (Kind::Float, Device::Cpu))
         })
         .collect();
