@@ -97,6 +97,8 @@ pub fn draw(dir: &Path, name: &str, chart: &Chart) -> Result<()> {
             ctx.configure_mesh()
                 .x_desc(chart.x_label.as_str())
                 .y_desc(chart.y_label.as_str())
+                .x_label_formatter(&|v| tick(*v))
+                .y_label_formatter(&|v| tick(*v))
                 .label_style(("sans-serif", 15))
                 .draw()
                 .map_err(|e| err(&e))?;
@@ -131,8 +133,31 @@ pub fn draw(dir: &Path, name: &str, chart: &Chart) -> Result<()> {
     Ok(())
 }
 
+/// An axis label: at most 4 significant digits, no float noise such as
+/// `0.30000000000000004`.
+fn tick(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (3 - v.abs().log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.digits$}");
+    match s.contains('.') {
+        true => s.trim_end_matches('0').trim_end_matches('.').to_string(),
+        false => s,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ticks_are_short() {
+        assert_eq!(super::tick(0.30000000000000004), "0.3");
+        assert_eq!(super::tick(1234.5678), "1235");
+        assert_eq!(super::tick(0.012345), "0.01235");
+        assert_eq!(super::tick(20.0), "20");
+        assert_eq!(super::tick(0.0), "0");
+    }
+
     use super::*;
 
     #[test]

@@ -117,38 +117,14 @@ pub fn generate(
     seed: u64,
     bar: Option<&ProgressBar>,
 ) -> Result<Tensor> {
-    let _guard = tch::no_grad_guard();
-    let device = net.vs.device();
-    let mut out = Vec::new();
-    let shape = sample_shape(&net.cfg);
     let mut sampler = sampler.clone();
     default_null_class(&mut sampler, &net.cfg);
+    let mut out = Vec::new();
     for first in (0..n).step_by(batch.max(1) as usize) {
         let b = batch.min(n - first);
-        let y = (net.cfg.num_classes > 0).then(|| match class {
-            Some(k) => Tensor::full([b], k, (Kind::Int64, device)),
-            None => (Tensor::arange_start(first, first + b, (Kind::Int64, device)))
-                .remainder(net.cfg.num_classes),
-        });
-        let mut full = vec![b];
-        full.extend(&shape);
-        let opts = SampleOptions {
-            device,
-            kind: Kind::Float,
-            seed,
-            first_row: first as u64,
-        };
-        let denoiser = dim_diffusion::FallibleFn(|x: &Tensor, t: &Tensor, y: Option<&Tensor>| {
-            net.model.forward(x, t, y, false)
-        });
-        let x = diffusion.sample(&denoiser, &full, y.as_ref(), &sampler, &opts, |_| {})?;
-        // Pixels are clamped to the image range; latents are kept as they are.
-        let x = if matches!(net.cfg.in_channels, 1 | 3) {
-            x.clamp(-1.0, 1.0)
-        } else {
-            x
-        };
-        out.push(x.to_device(Device::Cpu));
+        out.push(generate_rows(
+            net, diffusion, &sampler, first, b, class, seed,
+        )?);
         if let Some(bar) = bar {
             bar.inc(b as u64);
         }
@@ -294,7 +270,7 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
     bar.set_position(done as u64);
     for (first, b) in todo {
         // Sample i's noise depends on (seed, i) only: generate rows first..first+b.
-        let x = generate_rows(&r, &sampler, first, b, a.class, a.seed)?;
+        let x = generate_rows(&r.net, &r.diffusion, &sampler, first, b, a.class, a.seed)?;
         let p = part_path(&parts, first, b);
         let tmp = p.with_extension("partial");
         Tensor::write_safetensors(&[("samples", &x)], &tmp)?;
@@ -324,7 +300,8 @@ fn part_path(dir: &Path, first: i64, n: i64) -> PathBuf {
 
 /// Samples `first .. first + n` (the rows [`generate`] would give them).
 fn generate_rows(
-    r: &Restored,
+    net: &Net,
+    diffusion: &Diffusion,
     sampler: &SamplerConfig,
     first: i64,
     n: i64,
@@ -332,10 +309,10 @@ fn generate_rows(
     seed: u64,
 ) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
-    let device = r.net.vs.device();
-    let y = labels(&r.net.cfg, class, first, n).map(|v| Tensor::from_slice(&v).to_device(device));
+    let device = net.vs.device();
+    let y = labels(&net.cfg, class, first, n).map(|v| Tensor::from_slice(&v).to_device(device));
     let mut full = vec![n];
-    full.extend(sample_shape(&r.net.cfg));
+    full.extend(sample_shape(&net.cfg));
     let opts = SampleOptions {
         device,
         kind: Kind::Float,
@@ -343,13 +320,11 @@ fn generate_rows(
         first_row: first as u64,
     };
     let denoiser = dim_diffusion::FallibleFn(|x: &Tensor, t: &Tensor, y: Option<&Tensor>| {
-        r.net.model.forward(x, t, y, false)
+        net.model.forward(x, t, y, false)
     });
-    let x = r
-        .diffusion
-        .sample(&denoiser, &full, y.as_ref(), sampler, &opts, |_| {})?;
+    let x = diffusion.sample(&denoiser, &full, y.as_ref(), sampler, &opts, |_| {})?;
     // Pixels are clamped to the image range; latents are kept as they are.
-    let x = if matches!(r.net.cfg.in_channels, 1 | 3) {
+    let x = if matches!(net.cfg.in_channels, 1 | 3) {
         x.clamp(-1.0, 1.0)
     } else {
         x
