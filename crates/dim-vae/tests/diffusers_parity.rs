@@ -130,7 +130,7 @@ fn wrong_weights_are_named() {
     assert!(err.contains("do not match the network"), "{err}");
     assert!(
         err.contains(
-            "`decoder.conv_in.weight` has shape [64, 4, 3, 3], the network needs [512, 4, 3, 3]"
+            "`decoder.conv_in.weight` has shape [64, 4, 3, 3] in the file, the network needs [512, 4, 3, 3]"
         ),
         "{err}"
     );
