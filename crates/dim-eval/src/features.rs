@@ -23,15 +23,36 @@ pub fn extract_features<I>(extractor: &dyn FeatureExtractor, batches: I) -> Resu
 where
     I: IntoIterator<Item = Tensor>,
 {
+    extract_with(
+        extractor.device(),
+        &|x| extractor.features(x),
+        batches,
+        "feature extraction",
+    )
+}
+
+/// The batch loop of [`extract_features`] and `fvd::extract_video_features`:
+/// each batch goes to `device` as f32 through `features`, the results come
+/// back to the CPU and are concatenated `(N, F)`; `what` names the caller in
+/// the error for no batches.
+pub(crate) fn extract_with<I>(
+    device: Device,
+    features: &dyn Fn(&Tensor) -> Result<Tensor>,
+    batches: I,
+    what: &'static str,
+) -> Result<Tensor>
+where
+    I: IntoIterator<Item = Tensor>,
+{
     let _guard = tch::no_grad_guard();
     let mut out = Vec::new();
     for b in batches {
-        let f = extractor.features(&b.to_device(extractor.device()).to_kind(Kind::Float))?;
+        let f = features(&b.to_device(device).to_kind(Kind::Float))?;
         out.push(f.to_device(Device::Cpu));
     }
     if out.is_empty() {
         return Err(EvalError::TooFewSamples {
-            what: "feature extraction",
+            what,
             need: 1,
             got: 0,
         });

@@ -6,7 +6,7 @@
 //!
 //! Clips everywhere are `(N, C, T, H, W)` floats in `[-1, 1]`.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::frechet::{frechet_distance, GaussianStats};
 use crate::{EvalError, Result};
@@ -33,20 +33,12 @@ pub fn extract_video_features<I>(
 where
     I: IntoIterator<Item = Tensor>,
 {
-    let _guard = tch::no_grad_guard();
-    let mut out = Vec::new();
-    for b in batches {
-        let f = extractor.features(&b.to_device(extractor.device()).to_kind(Kind::Float))?;
-        out.push(f.to_device(Device::Cpu));
-    }
-    if out.is_empty() {
-        return Err(EvalError::TooFewSamples {
-            what: "video feature extraction",
-            need: 1,
-            got: 0,
-        });
-    }
-    Ok(Tensor::cat(&out, 0))
+    crate::features::extract_with(
+        extractor.device(),
+        &|x| extractor.features(x),
+        batches,
+        "video feature extraction",
+    )
 }
 
 /// FVD between two clip feature sets `(N₁, F)` and `(N₂, F)`: the squared
