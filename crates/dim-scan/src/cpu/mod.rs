@@ -1,0 +1,429 @@
+//! The multi-threaded CPU implementation of the selective scan, forward and
+//! backward, on plain slices (no libtorch). The autograd op calls it for CPU
+//! tensors through the C-ABI adapter in `ffi.rs`.
+//!
+//! The SIMD lanes run over channels: a block of up to 16 (`LANES`)
+//! consecutive channels of one group and one batch element shares `B_l` and
+//! `C_l`, so the state update `h[n] = exp(Δ·A[n])·h[n] + Δ·u·B_l[n]` and
+//! `y += C_l[n]·h[n]` are lane-wise operations on `[f32; 16]` values
+//! (`Lanes`), with no horizontal reduction in the forward and the `N`
+//! independent recurrences giving instruction-level parallelism. The
+//! lane-wise operations are tiny fixed-length loops that the compiler unrolls,
+//! keeps in registers and vectorises; the exponential, softplus and sigmoid
+//! are polynomials written once for `f32` and for `Lanes` (no libm calls). Δ
+//! and `u` are prepared per chunk of positions and moved from the row layout
+//! of the tensors to the lane layout once. The task kernels are compiled once
+//! per instruction set (AVX-512, AVX2 + FMA, baseline) from the same code and
+//! picked at run time.
+//!
+//! Work is split over (batch, channel block) with rayon. The backward
+//! recomputes the states: a first pass stores the state every [`SEGMENT`]
+//! positions, then each segment is recomputed (keeping its states and decays)
+//! and walked backwards. Reductions (over batch for `dA`, `dD`, `delta_bias`;
+//! over the channels of a group for `dB`, `dC`) go through per-task partial
+//! sums added in a fixed order (within a block, a fixed tree over the lanes),
+//! so results do not depend on the thread count: the CPU backward is always
+//! deterministic.
+//!
+//! Layers, each using only those above it in this list (no module cycles):
+//! `types` (element types, [`Shape`], the inputs and gradients of a call),
+//! `simd` (the lanes), `math` (exponential, softplus, sigmoid, fused or
+//! unfused multiply-add), `kernel` (the per-task loops, generic over element
+//! type and multiply-add), `dispatch` (instruction-set detection, one
+//! compilation of the kernels per instruction set), and this module (the
+//! public calls: tasks over threads, fixed-order reductions).
+
+mod dispatch;
+mod kernel;
+mod math;
+mod simd;
+mod types;
+
+use rayon::prelude::*;
+
+use dispatch::{BackwardTask, ForwardTask, Isa};
+use kernel::{tasks, transposed_bcs, Ctx, Scratch, Task, TaskDir};
+use simd::LANES;
+
+pub use kernel::SEGMENT;
+pub use types::{DirGrads, DirInputs, Elem, Shape};
+
+/// Forward: `y` `(batch, D, L)` = Σ_dirs scan(dir), gated by `silu(z)` if given.
+pub fn forward<E: Elem>(
+    s: Shape,
+    dirs: &[DirInputs<'_, E>],
+    z: Option<&[E]>,
+    y: &mut [E],
+    delta_softplus: bool,
+) {
+    forward_with(Isa::detect(), s, dirs, z, y, delta_softplus)
+}
+
+fn forward_with<E: Elem>(
+    isa: Isa,
+    s: Shape,
+    dirs: &[DirInputs<'_, E>],
+    z: Option<&[E]>,
+    y: &mut [E],
+    delta_softplus: bool,
+) {
+    let bcs = transposed_bcs(s, dirs);
+    let cx = Ctx {
+        s,
+        dirs,
+        bcs: &bcs,
+        z,
+        softplus: delta_softplus,
+    };
+    let tasks = tasks(s);
+    let ys = split_mut(y, tasks.iter().map(|t| t.width() * s.len));
+    tasks
+        .par_iter()
+        .zip(ys)
+        .with_min_len(min_len(tasks.len()))
+        .for_each_init(
+            || Scratch::new(s, dirs.len(), false),
+            |scratch, (&t, y)| {
+                isa.run(ForwardTask {
+                    cx: &cx,
+                    t,
+                    y,
+                    scratch,
+                })
+            },
+        );
+}
+
+/// Tasks per rayon job: few enough jobs that the scratch (allocated per job)
+/// is not rebuilt for every few tasks, enough for the threads to balance.
+fn min_len(tasks: usize) -> usize {
+    tasks.div_ceil(4 * rayon::current_num_threads()).max(1)
+}
+
+/// Splits `s` into consecutive pieces of the given lengths.
+fn split_mut<T>(mut s: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    let mut out = Vec::new();
+    for n in lens {
+        let (head, tail) = s.split_at_mut(n);
+        out.push(head);
+        s = tail;
+    }
+    out
+}
+
+/// Backward: writes every gradient of every direction (and `dz` when `z` is given).
+pub fn backward<E: Elem>(
+    s: Shape,
+    dirs: &[DirInputs<'_, E>],
+    z: Option<&[E]>,
+    dy: &[E],
+    grads: &mut [DirGrads<'_, E>],
+    dz: Option<&mut [E]>,
+    delta_softplus: bool,
+) {
+    backward_with(Isa::detect(), s, dirs, z, dy, grads, dz, delta_softplus)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_with<E: Elem>(
+    isa: Isa,
+    s: Shape,
+    dirs: &[DirInputs<'_, E>],
+    z: Option<&[E]>,
+    dy: &[E],
+    grads: &mut [DirGrads<'_, E>],
+    dz: Option<&mut [E]>,
+    delta_softplus: bool,
+) {
+    let (n, len) = (s.dstate, s.len);
+    let tasks = tasks(s);
+    let chunks = s.per_group().div_ceil(LANES);
+    let bcs = transposed_bcs(s, dirs);
+    let cx = Ctx {
+        s,
+        dirs,
+        bcs: &bcs,
+        z,
+        softplus: delta_softplus,
+    };
+    let ndirs = dirs.len();
+    // Per-task partial sums, in task order: (batch, D, N) for dA, (batch, D)
+    // for dD and delta_bias, (batch, G, chunks, L, N) for dB and dC.
+    let mut part_a = vec![0f32; ndirs * s.batch * s.dim * n];
+    let mut part_d = vec![0f32; ndirs * s.batch * s.dim];
+    let mut part_bias = vec![0f32; ndirs * s.batch * s.dim];
+    let slab = len * n;
+    let mut part_b = vec![0f32; ndirs * tasks.len() * slab];
+    let mut part_c = vec![0f32; ndirs * tasks.len() * slab];
+
+    // Carve every output into per-task pieces (tasks cover memory in order).
+    let widths: Vec<usize> = tasks.iter().map(Task::width).collect();
+    let mut per_task: Vec<Vec<TaskDir<'_, E>>> = tasks.iter().map(|_| Vec::new()).collect();
+    {
+        let mut pa = part_a.chunks_mut(s.batch * s.dim * n);
+        let mut pd = part_d.chunks_mut(s.batch * s.dim);
+        let mut pbias = part_bias.chunks_mut(s.batch * s.dim);
+        let mut pb = part_b.chunks_mut(tasks.len() * slab);
+        let mut pc = part_c.chunks_mut(tasks.len() * slab);
+        for gr in grads.iter_mut() {
+            let du = split_mut(&mut gr.du[..], widths.iter().map(|w| w * len));
+            let ddelta = split_mut(&mut gr.ddelta[..], widths.iter().map(|w| w * len));
+            let da = split_mut(pa.next().unwrap(), widths.iter().map(|w| w * n));
+            let dd = split_mut(pd.next().unwrap(), widths.iter().copied());
+            let dbias = split_mut(pbias.next().unwrap(), widths.iter().copied());
+            let db = split_mut(pb.next().unwrap(), widths.iter().map(|_| slab));
+            let dc = split_mut(pc.next().unwrap(), widths.iter().map(|_| slab));
+            let pieces = du
+                .into_iter()
+                .zip(ddelta)
+                .zip(da)
+                .zip(dd)
+                .zip(dbias)
+                .zip(db)
+                .zip(dc);
+            for (t, ((((((du, ddelta), da), dd), dbias), db), dc)) in pieces.enumerate() {
+                per_task[t].push(TaskDir {
+                    du,
+                    ddelta,
+                    da,
+                    dd,
+                    dbias,
+                    db,
+                    dc,
+                });
+            }
+        }
+    }
+    let dz_pieces: Vec<Option<&mut [E]>> = match dz {
+        Some(dz) => split_mut(dz, widths.iter().map(|w| w * len))
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => tasks.iter().map(|_| None).collect(),
+    };
+
+    tasks
+        .par_iter()
+        .zip(per_task.par_iter_mut())
+        .zip(dz_pieces)
+        .with_min_len(min_len(tasks.len()))
+        .for_each_init(
+            || Scratch::new(s, ndirs, true),
+            |scratch, ((&t, outs), dz)| {
+                isa.run(BackwardTask {
+                    cx: &cx,
+                    t,
+                    dy,
+                    outs,
+                    dz,
+                    scratch,
+                })
+            },
+        );
+    drop(per_task);
+
+    // Fixed-order reductions into the outputs.
+    for (k, gr) in grads.iter_mut().enumerate() {
+        let pa = &part_a[k * s.batch * s.dim * n..(k + 1) * s.batch * s.dim * n];
+        for (i, v) in gr.da.iter_mut().enumerate() {
+            *v = (0..s.batch).map(|b| pa[b * s.dim * n + i]).sum();
+        }
+        let sum_batch = |part: &[f32], out: &mut [f32]| {
+            let part = &part[k * s.batch * s.dim..(k + 1) * s.batch * s.dim];
+            for (d, v) in out.iter_mut().enumerate() {
+                *v = (0..s.batch).map(|b| part[b * s.dim + d]).sum();
+            }
+        };
+        if let Some(dd) = gr.dd.as_deref_mut() {
+            sum_batch(&part_d, dd);
+        }
+        if let Some(dbias) = gr.ddelta_bias.as_deref_mut() {
+            sum_batch(&part_bias, dbias);
+        }
+        let ntasks = tasks.len();
+        for (part, out) in [(&part_b, &mut *gr.db), (&part_c, &mut *gr.dc)] {
+            let part = &part[k * ntasks * slab..(k + 1) * ntasks * slab];
+            // out (batch, G, N, L); part (batch, G, chunks, L, N).
+            out.par_chunks_mut(n * len)
+                .enumerate()
+                .for_each(|(bg, out)| {
+                    let first = bg * chunks;
+                    for c in 0..chunks {
+                        let src = &part[(first + c) * slab..(first + c + 1) * slab];
+                        for l in 0..len {
+                            for j in 0..n {
+                                if c == 0 {
+                                    out[j * len + l] = src[l * n + j];
+                                } else {
+                                    out[j * len + l] += src[l * n + j];
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+    }
+}
+
+/// The instruction sets against each other and the thread count (the
+/// integration tests check values against an f64 reference, on the best one).
+#[cfg(test)]
+mod isa_tests {
+    use super::*;
+
+    /// A deterministic pseudo-random stream (no rand dependency).
+    struct Lcg(u64);
+
+    impl Lcg {
+        /// Uniform in [-1, 1).
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((self.0 >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        }
+
+        fn vec(&mut self, n: usize, scale: f32, shift: f32) -> Vec<f32> {
+            (0..n).map(|_| self.next() * scale + shift).collect()
+        }
+    }
+
+    /// Two directions' inputs, `z`, `dy` for a shape.
+    struct Problem {
+        s: Shape,
+        t: Vec<Vec<f32>>,
+        z: Vec<f32>,
+        dy: Vec<f32>,
+    }
+
+    impl Problem {
+        fn new(s: Shape, seed: u64) -> Self {
+            let mut r = Lcg(seed);
+            let (bdl, bgnl) = (
+                s.batch * s.dim * s.len,
+                s.batch * s.groups * s.dstate * s.len,
+            );
+            let mut t = Vec::new();
+            for _ in 0..2 {
+                t.push(r.vec(bdl, 1.0, 0.0)); // u
+                t.push(r.vec(bdl, 1.0, -0.5)); // delta
+                t.push(r.vec(s.dim * s.dstate, 0.4, -0.7)); // A
+                t.push(r.vec(bgnl, 1.0, 0.0)); // B
+                t.push(r.vec(bgnl, 1.0, 0.0)); // C
+                t.push(r.vec(s.dim, 1.0, 0.0)); // D
+                t.push(r.vec(s.dim, 0.2, 0.0)); // delta_bias
+            }
+            Self {
+                s,
+                t,
+                z: r.vec(bdl, 2.0, 0.0),
+                dy: r.vec(bdl, 1.0, 0.0),
+            }
+        }
+
+        fn dirs(&self) -> Vec<DirInputs<'_, f32>> {
+            (0..2)
+                .map(|k| {
+                    let t = &self.t[7 * k..7 * k + 7];
+                    DirInputs {
+                        u: &t[0],
+                        delta: &t[1],
+                        a: &t[2],
+                        b: &t[3],
+                        c: &t[4],
+                        d: Some(&t[5]),
+                        delta_bias: Some(&t[6]),
+                        reverse: k == 1,
+                    }
+                })
+                .collect()
+        }
+
+        /// y, then every gradient of both directions and dz, flattened.
+        fn run(&self, isa: Isa) -> (Vec<f32>, Vec<f32>) {
+            let (s, dirs) = (self.s, self.dirs());
+            let (bdl, bgnl) = (
+                s.batch * s.dim * s.len,
+                s.batch * s.groups * s.dstate * s.len,
+            );
+            let mut y = vec![0f32; bdl];
+            forward_with(isa, s, &dirs, Some(&self.z), &mut y, true);
+            let mut bufs: Vec<Vec<f32>> = [bdl, bdl, s.dim * s.dstate, bgnl, bgnl, s.dim, s.dim]
+                .iter()
+                .cycle()
+                .take(14)
+                .map(|&n| vec![f32::NAN; n])
+                .collect();
+            let mut dz = vec![f32::NAN; bdl];
+            {
+                let mut it = bufs.iter_mut();
+                let mut grads: Vec<DirGrads<'_, f32>> = (0..2)
+                    .map(|_| DirGrads {
+                        du: it.next().unwrap(),
+                        ddelta: it.next().unwrap(),
+                        da: it.next().unwrap(),
+                        db: it.next().unwrap(),
+                        dc: it.next().unwrap(),
+                        dd: Some(it.next().unwrap()),
+                        ddelta_bias: Some(it.next().unwrap()),
+                    })
+                    .collect();
+                let z = Some(&self.z[..]);
+                backward_with(isa, s, &dirs, z, &self.dy, &mut grads, Some(&mut dz), true);
+            }
+            bufs.push(dz);
+            (y, bufs.concat())
+        }
+    }
+
+    fn shape() -> Shape {
+        // 10 channels per group (a padded block), three segments and a bit.
+        Shape {
+            batch: 2,
+            dim: 20,
+            len: 3 * SEGMENT + 37,
+            dstate: 5,
+            groups: 2,
+        }
+    }
+
+    #[test]
+    fn instruction_sets_agree() {
+        let p = Problem::new(shape(), 7);
+        let (y0, g0) = p.run(Isa::Baseline);
+        assert!(g0.iter().all(|v| v.is_finite()), "every gradient written");
+        for isa in Isa::available() {
+            let (y, g) = p.run(isa);
+            for (name, got, want) in [("y", &y, &y0), ("grads", &g, &g0)] {
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = got
+                    .iter()
+                    .zip(want.iter())
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    worst <= 1e-5 * scale,
+                    "{isa:?} {name}: {worst:e} of {scale:e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let p = Problem::new(shape(), 11);
+        let isa = Isa::detect();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| p.run(isa))
+        };
+        let one = on(1);
+        for threads in [2, 3] {
+            let (y, g) = on(threads);
+            assert!(y == one.0 && g == one.1, "{threads} threads differ from 1");
+        }
+    }
+}

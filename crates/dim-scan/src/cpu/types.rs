@@ -1,0 +1,88 @@
+//! The CPU scan's vocabulary: element types and the sizes, inputs and
+//! gradients of a call. The lowest layer: it uses no other part of `cpu`.
+
+use half::{bf16, f16};
+
+/// An element type of `u`, `delta`, `z`, `B`, `C` and `y`; math is in f32.
+pub trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// Sizes of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    pub batch: usize,
+    pub dim: usize,
+    pub len: usize,
+    pub dstate: usize,
+    pub groups: usize,
+}
+
+impl Shape {
+    pub(super) fn per_group(&self) -> usize {
+        self.dim / self.groups
+    }
+}
+
+/// One direction's inputs, contiguous, with the layouts of the crate docs:
+/// `u`, `delta`: `(batch, D, L)`; `a`: `(D, N)`; `b`, `c`: `(batch, G, N, L)`;
+/// `d`, `delta_bias`: `(D)`.
+#[derive(Clone, Copy, Debug)]
+pub struct DirInputs<'a, E> {
+    pub u: &'a [E],
+    pub delta: &'a [E],
+    pub a: &'a [f32],
+    pub b: &'a [E],
+    pub c: &'a [E],
+    pub d: Option<&'a [f32]>,
+    pub delta_bias: Option<&'a [f32]>,
+    pub reverse: bool,
+}
+
+/// One direction's gradients, each written in full: shapes as the inputs.
+#[derive(Debug)]
+pub struct DirGrads<'a, E> {
+    pub du: &'a mut [E],
+    pub ddelta: &'a mut [E],
+    pub da: &'a mut [f32],
+    pub db: &'a mut [f32],
+    pub dc: &'a mut [f32],
+    pub dd: Option<&'a mut [f32]>,
+    pub ddelta_bias: Option<&'a mut [f32]>,
+}
+
+// ---- Lane-wise arithmetic ----
