@@ -10,45 +10,11 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion};
+use dim_scan::testing::DirTensors;
 use dim_scan::{
-    backward_with_grad, selective_scan, selective_scan_bidirectional, Direction, ScanInputs,
-    ScanOptions,
+    backward_with_grad, selective_scan, selective_scan_bidirectional, Direction, ScanOptions,
 };
 use tch::{Device, Kind, Tensor};
-
-struct Dir {
-    t: Vec<Tensor>,
-}
-
-impl Dir {
-    fn new(batch: i64, dim: i64, len: i64, dstate: i64, grad: bool) -> Self {
-        let f = (Kind::Float, Device::Cpu);
-        let t = vec![
-            Tensor::randn([batch, dim, len], f),
-            Tensor::randn([batch, dim, len], f) * 0.5 - 1.0,
-            -(Tensor::rand([dim, dstate], f) + 0.5),
-            Tensor::randn([batch, 1, dstate, len], f),
-            Tensor::randn([batch, 1, dstate, len], f),
-            Tensor::randn([dim], f),
-            Tensor::randn([dim], f) * 0.1,
-        ];
-        Self {
-            t: t.into_iter().map(|t| t.set_requires_grad(grad)).collect(),
-        }
-    }
-
-    fn inputs(&self) -> ScanInputs<'_> {
-        ScanInputs {
-            u: &self.t[0],
-            delta: &self.t[1],
-            a: &self.t[2],
-            b: &self.t[3],
-            c: &self.t[4],
-            d: Some(&self.t[5]),
-            delta_bias: Some(&self.t[6]),
-        }
-    }
-}
 
 /// CPU time of this process so far (clock ticks of 10 ms, Linux only).
 fn cpu_time() -> Duration {
@@ -83,10 +49,8 @@ fn bench(c: &mut Criterion) {
     for (batch, dim, len, n) in [(2, 256, 1024, 16), (1, 64, 16384, 16), (32, 128, 256, 8)] {
         let id = format!("{batch}x{dim}x{len}xN{n}");
         let z = Tensor::randn([batch, dim, len], (Kind::Float, Device::Cpu));
-        let (f, r) = (
-            Dir::new(batch, dim, len, n, false),
-            Dir::new(batch, dim, len, n, false),
-        );
+        let dir = || DirTensors::random([batch, dim, len, n, 1], Kind::Float, Device::Cpu);
+        let (f, r) = (dir(), dir());
         g.bench_function(BenchmarkId::new("forward_1dir", &id), |b| {
             run(b, || {
                 let y = selective_scan(f.inputs(), Direction::Forward, Some(&z), opts);
@@ -99,10 +63,8 @@ fn bench(c: &mut Criterion) {
                 drop(y.unwrap());
             })
         });
-        let (fg, rg) = (
-            Dir::new(batch, dim, len, n, true),
-            Dir::new(batch, dim, len, n, true),
-        );
+        let with_grad = |d: DirTensors| d.map(|t| t.set_requires_grad(true));
+        let (fg, rg) = (with_grad(dir()), with_grad(dir()));
         let dy = Tensor::randn([batch, dim, len], (Kind::Float, Device::Cpu));
         g.bench_function(BenchmarkId::new("fwd_bwd_bidir", &id), |b| {
             run(b, || {

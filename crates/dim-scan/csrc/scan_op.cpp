@@ -239,13 +239,10 @@ class SelectiveScanFn : public torch::autograd::Function<SelectiveScanFn> {
       const at::Tensor* t = &in[k * kPerDir];
       dim_scan_dir_grads& pg = p.grad[k];
       // Contiguous, as the kernels write them (inputs may be batch-strided views).
-      g[kU] = at::empty(t[kU].sizes(), t[kU].options());
-      g[kDelta] = at::empty(t[kDelta].sizes(), t[kDelta].options());
-      g[kA] = at::empty(t[kA].sizes(), f32);
-      g[kB] = at::empty(t[kB].sizes(), f32);
-      g[kC] = at::empty(t[kC].sizes(), f32);
-      if (t[kD].defined()) g[kD] = at::empty(t[kD].sizes(), f32);
-      if (t[kBias].defined()) g[kBias] = at::empty(t[kBias].sizes(), f32);
+      // du, ddelta in the input dtype, the rest f32; none for an absent D or bias.
+      for (int i = 0; i < kPerDir; ++i)
+        if (t[i].defined())
+          g[i] = at::empty(t[i].sizes(), i == kU || i == kDelta ? t[i].options() : f32);
       pg.du = ptr<void>(g[kU]);
       pg.ddelta = ptr<void>(g[kDelta]);
       pg.dA = ptr<float>(g[kA]);

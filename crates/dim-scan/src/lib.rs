@@ -33,6 +33,7 @@ mod error;
 mod ffi;
 mod op;
 pub mod reference;
+pub mod testing;
 
 pub use error::ScanError;
 pub use op::{

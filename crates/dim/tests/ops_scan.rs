@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use dim_scan::reference::selective_scan_bidirectional_ref;
-use dim_scan::ScanInputs;
+use dim_scan::testing::{DirTensors, INPUT_NAMES};
 use tch::{Device, Kind, Tensor};
 
 fn dim(args: &[&str]) -> std::process::Output {
@@ -16,18 +16,6 @@ fn dim(args: &[&str]) -> std::process::Output {
 
 fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
     Tensor::write_safetensors(tensors, path).unwrap();
-}
-
-fn inputs(v: &[Tensor]) -> ScanInputs<'_> {
-    ScanInputs {
-        u: &v[0],
-        delta: &v[1],
-        a: &v[2],
-        b: &v[3],
-        c: &v[4],
-        d: Some(&v[5]),
-        delta_bias: Some(&v[6]),
-    }
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -44,25 +32,15 @@ fn bidirectional_forward_and_backward_match_the_reference() {
     );
     let f = (Kind::Float, Device::Cpu);
     let (b, d, l, n) = (2, 3, 19, 8);
-    let names = ["u", "delta", "A", "B", "C", "D", "delta_bias"];
-    let make = || {
-        vec![
-            Tensor::randn([b, d, l], f),
-            Tensor::randn([b, d, l], f) * 0.5 - 1.0,
-            -(Tensor::rand([d, n], f) + 0.5),
-            Tensor::randn([b, 1, n, l], f),
-            Tensor::randn([b, 1, n, l], f),
-            Tensor::randn([d], f),
-            Tensor::randn([d], f) * 0.3,
-        ]
-    };
+    let names = INPUT_NAMES;
+    let make = || DirTensors::random([b, d, l, n, 1], Kind::Float, Device::Cpu);
     let (fw, bw) = (make(), make());
     let z = Tensor::randn([b, d, l], f);
     let dy = Tensor::randn([b, d, l], f);
     let mut named: Vec<(String, &Tensor)> = Vec::new();
     for (i, nm) in names.iter().enumerate() {
-        named.push((nm.to_string(), &fw[i]));
-        named.push((format!("{nm}_b"), &bw[i]));
+        named.push((nm.to_string(), &fw.0[i]));
+        named.push((format!("{nm}_b"), &bw.0[i]));
     }
     named.push(("z".into(), &z));
     named.push(("dy".into(), &dy));
@@ -90,19 +68,18 @@ fn bidirectional_forward_and_backward_match_the_reference() {
 
     // The reference in f64 with libtorch's own autograd.
     let leaf = |t: &Tensor| t.to_kind(Kind::Double).set_requires_grad(true);
-    let (fw64, bw64): (Vec<Tensor>, Vec<Tensor>) =
-        (fw.iter().map(leaf).collect(), bw.iter().map(leaf).collect());
+    let (fw64, bw64) = (fw.map(leaf), bw.map(leaf));
     let z64 = leaf(&z);
-    let y = selective_scan_bidirectional_ref(inputs(&fw64), inputs(&bw64), Some(&z64), true);
+    let y = selective_scan_bidirectional_ref(fw64.inputs(), bw64.inputs(), Some(&z64), true);
     (&y * dy.to_kind(Kind::Double)).sum(Kind::Double).backward();
     assert!(rel_err(&got["y"], &y) < 1e-5);
     for (i, nm) in names.iter().enumerate() {
         assert!(
-            rel_err(&got[&format!("d{nm}")], &fw64[i].grad()) < 1e-5,
+            rel_err(&got[&format!("d{nm}")], &fw64.0[i].grad()) < 1e-5,
             "d{nm}"
         );
         assert!(
-            rel_err(&got[&format!("d{nm}_b")], &bw64[i].grad()) < 1e-5,
+            rel_err(&got[&format!("d{nm}_b")], &bw64.0[i].grad()) < 1e-5,
             "d{nm}_b"
         );
     }

@@ -271,109 +271,45 @@ fn backward_with<E: Elem>(
 mod isa_tests {
     use super::*;
 
-    /// A deterministic pseudo-random stream (no rand dependency).
-    struct Lcg(u64);
-
-    impl Lcg {
-        /// Uniform in [-1, 1).
-        fn next(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((self.0 >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        }
-
-        fn vec(&mut self, n: usize, scale: f32, shift: f32) -> Vec<f32> {
-            (0..n).map(|_| self.next() * scale + shift).collect()
-        }
-    }
+    use crate::testing::{lcg_values, DirData};
 
     /// Two directions' inputs, `z`, `dy` for a shape.
     struct Problem {
         s: Shape,
-        t: Vec<Vec<f32>>,
+        dirs: [DirData; 2],
         z: Vec<f32>,
         dy: Vec<f32>,
     }
 
     impl Problem {
         fn new(s: Shape, seed: u64) -> Self {
-            let mut r = Lcg(seed);
-            let (bdl, bgnl) = (
-                s.batch * s.dim * s.len,
-                s.batch * s.groups * s.dstate * s.len,
-            );
-            let mut t = Vec::new();
-            for _ in 0..2 {
-                t.push(r.vec(bdl, 1.0, 0.0)); // u
-                t.push(r.vec(bdl, 1.0, -0.5)); // delta
-                t.push(r.vec(s.dim * s.dstate, 0.4, -0.7)); // A
-                t.push(r.vec(bgnl, 1.0, 0.0)); // B
-                t.push(r.vec(bgnl, 1.0, 0.0)); // C
-                t.push(r.vec(s.dim, 1.0, 0.0)); // D
-                t.push(r.vec(s.dim, 0.2, 0.0)); // delta_bias
-            }
+            let bdl = s.batch * s.dim * s.len;
             Self {
                 s,
-                t,
-                z: r.vec(bdl, 2.0, 0.0),
-                dy: r.vec(bdl, 1.0, 0.0),
+                dirs: [DirData::new(s, seed), DirData::new(s, seed + 10)],
+                z: lcg_values(bdl, seed + 20, -2.0, 2.0),
+                dy: lcg_values(bdl, seed + 21, -1.0, 1.0),
             }
-        }
-
-        fn dirs(&self) -> Vec<DirInputs<'_, f32>> {
-            (0..2)
-                .map(|k| {
-                    let t = &self.t[7 * k..7 * k + 7];
-                    DirInputs {
-                        u: &t[0],
-                        delta: &t[1],
-                        a: &t[2],
-                        b: &t[3],
-                        c: &t[4],
-                        d: Some(&t[5]),
-                        delta_bias: Some(&t[6]),
-                        reverse: k == 1,
-                    }
-                })
-                .collect()
         }
 
         /// y, then every gradient of both directions and dz, flattened.
         fn run(&self, isa: Isa) -> (Vec<f32>, Vec<f32>) {
-            let (s, dirs) = (self.s, self.dirs());
-            let (bdl, bgnl) = (
-                s.batch * s.dim * s.len,
-                s.batch * s.groups * s.dstate * s.len,
-            );
-            let mut y = vec![0f32; bdl];
+            let s = self.s;
+            let dirs = [self.dirs[0].inputs(false), self.dirs[1].inputs(true)];
+            let mut y = vec![0f32; self.z.len()];
             forward_with(isa, s, &dirs, Some(&self.z), &mut y, true);
-            let mut bufs: Vec<Vec<f32>> = [bdl, bdl, s.dim * s.dstate, bgnl, bgnl, s.dim, s.dim]
-                .iter()
-                .cycle()
-                .take(14)
-                .map(|&n| vec![f32::NAN; n])
-                .collect();
-            let mut dz = vec![f32::NAN; bdl];
+            // NaN: an output left unwritten shows.
+            let mut bufs = self.dirs.each_ref().map(|d| d.filled_like(f32::NAN));
+            let mut dz = vec![f32::NAN; self.z.len()];
             {
-                let mut it = bufs.iter_mut();
-                let mut grads: Vec<DirGrads<'_, f32>> = (0..2)
-                    .map(|_| DirGrads {
-                        du: it.next().unwrap(),
-                        ddelta: it.next().unwrap(),
-                        da: it.next().unwrap(),
-                        db: it.next().unwrap(),
-                        dc: it.next().unwrap(),
-                        dd: Some(it.next().unwrap()),
-                        ddelta_bias: Some(it.next().unwrap()),
-                    })
-                    .collect();
+                let [b0, b1] = &mut bufs;
+                let mut grads = [b0.grads(), b1.grads()];
                 let z = Some(&self.z[..]);
                 backward_with(isa, s, &dirs, z, &self.dy, &mut grads, Some(&mut dz), true);
             }
-            bufs.push(dz);
-            (y, bufs.concat())
+            let mut all: Vec<f32> = bufs.into_iter().flat_map(|b| b.0.concat()).collect();
+            all.extend(dz);
+            (y, all)
         }
     }
 

@@ -5,7 +5,9 @@ use half::{bf16, f16};
 
 /// An element type of `u`, `delta`, `z`, `B`, `C` and `y`; math is in f32.
 pub trait Elem: Copy + Send + Sync + 'static {
+    /// Widened to f32 (exact).
     fn to_f32(self) -> f32;
+    /// Rounded to nearest from f32.
     fn from_f32(v: f32) -> Self;
 }
 
@@ -46,9 +48,13 @@ impl Elem for f16 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {
     pub batch: usize,
+    /// Channels `D`.
     pub dim: usize,
+    /// Positions `L`.
     pub len: usize,
+    /// State size `N`.
     pub dstate: usize,
+    /// Groups `G` of `B` and `C` (dividing `D`).
     pub groups: usize,
 }
 

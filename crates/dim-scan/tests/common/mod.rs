@@ -39,6 +39,31 @@ impl Case {
     }
 }
 
+/// `base` with each optional part off in turn (`z`, `D`, `delta_bias`,
+/// softplus), then all off, each reversed and fused bidirectional.
+pub fn with_parts_off(base: Case) -> Vec<Case> {
+    let mut out = Vec::new();
+    for (z, d, bias, softplus) in [
+        (false, true, true, true),
+        (true, false, true, true),
+        (true, true, false, true),
+        (true, true, true, false),
+        (false, false, false, false),
+    ] {
+        for direction in [Some(Direction::Reverse), None] {
+            out.push(Case {
+                direction,
+                z,
+                d,
+                bias,
+                softplus,
+                ..base
+            });
+        }
+    }
+    out
+}
+
 /// A fresh seed per run (printed, so a failure can be replayed with DIM_TEST_SEED).
 pub fn seed() -> i64 {
     let seed = std::env::var("DIM_TEST_SEED")
