@@ -12,11 +12,13 @@
 //!   writes its report (markdown, plots, grids, metrics JSON).
 //! - `bench ...`: benchmark history (JSON), comparisons, generated tables and
 //!   the instruction-count guard.
+//! - `modcycles`: fails if the modules of any crate depend on each other in a cycle.
 
 mod bench;
 mod bundle;
 mod experiment;
 mod icount;
+mod modcycles;
 mod plot;
 mod repro;
 mod setup;
@@ -85,6 +87,8 @@ enum Task {
     },
     /// Benchmarks: run and record, compare runs, generate tables, instruction-count guard.
     Bench(bench::BenchArgs),
+    /// Fail if the modules of any crate (crates/*, xtask) depend on each other in a cycle.
+    Modcycles,
 }
 
 fn main() -> Result<()> {
@@ -124,6 +128,7 @@ fn main() -> Result<()> {
             .map(drop)
         }
         Task::Bench(args) => bench::run(&root, args),
+        Task::Modcycles => modcycles::run(&root),
     }
 }
 
