@@ -4,7 +4,7 @@
 //! passes `--include-ignored`; there a missing GPU or kernel fails them.
 mod common;
 
-use common::{assert_close, run, seed, with_parts_off, Case, Problem};
+use common::{assert_close, every_direction, run, seed, with_parts_off, Case, Problem};
 use dim_scan::{Direction, ScanError, ScanInputs, ScanOptions};
 use tch::{Device, Kind, Tensor};
 
@@ -71,16 +71,8 @@ fn gpu_matches_cpu_at_awkward_sizes() {
     for len in [
         1, 7, 31, 32, 33, 63, 65, 127, 128, 129, 255, 256, 257, 1023, 1024, 1025, 2049,
     ] {
-        for direction in [Some(Direction::Forward), Some(Direction::Reverse), None] {
-            check(
-                Case {
-                    direction,
-                    ..Case::new(2, 6, len)
-                },
-                Kind::Float,
-                1e-5,
-                len <= 257,
-            );
+        for case in every_direction(Case::new(2, 6, len)) {
+            check(case, Kind::Float, 1e-5, len <= 257);
         }
     }
     for (groups, dstate, dim) in [

@@ -2,7 +2,7 @@
 //! every gradient, at awkward sizes, every option, both directions and fused.
 mod common;
 
-use common::{assert_close, run, seed, with_parts_off, Case, Problem};
+use common::{assert_close, every_direction, run, seed, with_parts_off, Case, Problem};
 use dim_scan::{selective_scan, Direction, ScanError, ScanInputs, ScanOptions};
 use tch::{Device, Kind, Tensor};
 
@@ -21,15 +21,8 @@ fn every_direction_at_awkward_lengths() {
     tch::manual_seed(seed());
     // Lengths around the backward's segment (128) and the odd ones the issue names.
     for len in [1, 7, 127, 128, 129, 257] {
-        for direction in [Some(Direction::Forward), Some(Direction::Reverse), None] {
-            check(
-                Case {
-                    direction,
-                    ..Case::new(2, 5, len)
-                },
-                Kind::Float,
-                F32_TOL,
-            );
+        for case in every_direction(Case::new(2, 5, len)) {
+            check(case, Kind::Float, F32_TOL);
         }
     }
 }

@@ -64,6 +64,14 @@ pub fn with_parts_off(base: Case) -> Vec<Case> {
     out
 }
 
+/// `base` in each direction: forward, reverse and fused bidirectional.
+pub fn every_direction(base: Case) -> Vec<Case> {
+    [Some(Direction::Forward), Some(Direction::Reverse), None]
+        .into_iter()
+        .map(|direction| Case { direction, ..base })
+        .collect()
+}
+
 /// A fresh seed per run (printed, so a failure can be replayed with DIM_TEST_SEED).
 pub fn seed() -> i64 {
     let seed = std::env::var("DIM_TEST_SEED")
@@ -88,6 +96,26 @@ pub struct DirTensors {
     pub c: Tensor,
     pub d: Option<Tensor>,
     pub bias: Option<Tensor>,
+}
+
+impl DirTensors {
+    /// u, delta, A, B, C, D, delta_bias (None where absent): the data
+    /// tensors (u, delta, B, C) through `data`, the parameters through `param`.
+    fn each(
+        &self,
+        data: impl Fn(&Tensor) -> Tensor,
+        param: impl Fn(&Tensor) -> Tensor,
+    ) -> Vec<Option<Tensor>> {
+        vec![
+            Some(data(&self.u)),
+            Some(data(&self.delta)),
+            Some(param(&self.a)),
+            Some(data(&self.b)),
+            Some(data(&self.c)),
+            self.d.as_ref().map(&param),
+            self.bias.as_ref().map(&param),
+        ]
+    }
 }
 
 pub struct Problem {
@@ -192,17 +220,7 @@ pub fn run(
     let dirs: Vec<Vec<Option<Tensor>>> = p
         .dirs
         .iter()
-        .map(|x| {
-            vec![
-                Some(leaf(&x.u, kind)),
-                Some(leaf(&x.delta, kind)),
-                Some(leaf(&x.a, param_kind)),
-                Some(leaf(&x.b, kind)),
-                Some(leaf(&x.c, kind)),
-                x.d.as_ref().map(|t| leaf(t, param_kind)),
-                x.bias.as_ref().map(|t| leaf(t, param_kind)),
-            ]
-        })
+        .map(|x| x.each(|t| leaf(t, kind), |t| leaf(t, param_kind)))
         .collect();
     let z = p.z.as_ref().map(|t| leaf(t, kind));
     let softplus = p.case.softplus;
@@ -245,17 +263,7 @@ pub fn forward_only(p: &Problem, kind: Kind, device: Device) -> Tensor {
     let dirs: Vec<Vec<Option<Tensor>>> = p
         .dirs
         .iter()
-        .map(|x| {
-            vec![
-                Some(cast(&x.u, kind)),
-                Some(cast(&x.delta, kind)),
-                Some(cast(&x.a, Kind::Float)),
-                Some(cast(&x.b, kind)),
-                Some(cast(&x.c, kind)),
-                x.d.as_ref().map(|t| cast(t, Kind::Float)),
-                x.bias.as_ref().map(|t| cast(t, Kind::Float)),
-            ]
-        })
+        .map(|x| x.each(|t| cast(t, kind), |t| cast(t, Kind::Float)))
         .collect();
     let z = p.z.as_ref().map(|t| cast(t, kind));
     let opts = ScanOptions {
