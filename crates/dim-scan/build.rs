@@ -112,7 +112,9 @@ fn compile_kernels(nvcc: &Path, kernels: &Path) -> bool {
 
 fn compile_shim(manifest: &Path, libtorch: &Path, kernels: &Path, nvcc: Option<&Path>) {
     let shim = manifest.join("csrc/scan_op.cpp");
+    let profiler = manifest.join("csrc/profiler.cpp");
     println!("cargo:rerun-if-changed={}", shim.display());
+    println!("cargo:rerun-if-changed={}", profiler.display());
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -124,7 +126,8 @@ fn compile_shim(manifest: &Path, libtorch: &Path, kernels: &Path, nvcc: Option<&
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag("-O2")
         .warnings(false)
-        .file(&shim);
+        .file(&shim)
+        .file(&profiler);
     if let Some(nvcc) = nvcc {
         let cuda_home = nvcc.parent().and_then(Path::parent).unwrap();
         build

@@ -12,6 +12,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #ifdef DIM_WITH_NCCL
 #include <c10/cuda/CUDAFunctions.h>
@@ -46,6 +47,38 @@ std::vector<at::Tensor> gather(at::Tensor** ts, size_t n) {
   for (size_t i = 0; i < n; ++i) v.push_back(*ts[i]);
   return v;
 }
+
+// A communication hook that sends each gradient bucket in a narrower float
+// type (f16 or bf16: half the bytes of f32) and writes the average back into
+// the f32 bucket. The bucket is divided by the world size before the sum, so
+// f16 cannot overflow where f32 would not; bf16 keeps f32's range but 8 bits
+// of mantissa. With a hook the Reducer leaves the averaging to it.
+class CompressHook : public c10d::CommHookInterface {
+ public:
+  CompressHook(c10::intrusive_ptr<ProcessGroup> pg, at::ScalarType wire)
+      : pg_(std::move(pg)), wire_(wire) {}
+
+  c10::intrusive_ptr<c10::ivalue::Future> runHook(
+      c10d::GradBucket& bucket) override {
+    at::Tensor buffer = bucket.getBufferRef();
+    std::vector<at::Tensor> packed{buffer.to(wire_).div_(pg_->getSize())};
+    auto sent = pg_->allreduce(packed)->getFuture();
+    return sent->then(
+        [buffer](c10::ivalue::Future& done) {
+          buffer.copy_(done.value().toTensorVector()[0]);
+          return c10::IValue(buffer);
+        },
+        c10::TensorType::get());
+  }
+
+  at::Tensor parseHookResult(const c10::IValue& result) override {
+    return result.toTensor();
+  }
+
+ private:
+  c10::intrusive_ptr<ProcessGroup> pg_;
+  at::ScalarType wire_;
+};
 
 }  // namespace
 
@@ -221,10 +254,15 @@ int dim_dist_barrier(void* g, char* err, size_t len) {
 // `first_bucket_bytes` (small, so the first all-reduce starts early), in
 // reverse parameter order: the backward produces the last layers' gradients
 // first. Gradients are averaged over the ranks.
+//
+// `bucket_view` (DDP's gradient_as_bucket_view): after the first step each
+// `.grad` is a view into its bucket, which saves one copy of every gradient
+// per step and the memory of a second set. `compress`: 0 sends f32, 1 f16,
+// 2 bf16 (CompressHook).
 int dim_dist_reducer_new(void* g, at::Tensor** ps, size_t n,
                          const char* const* names, int64_t bucket_bytes,
-                         int64_t first_bucket_bytes, void** out, char* err,
-                         size_t len) {
+                         int64_t first_bucket_bytes, int bucket_view,
+                         int compress, void** out, char* err, size_t len) {
   return dim_shim::guarded(err, len, [&] {
     auto* group = static_cast<Group*>(g);
     auto params = gather(ps, n);
@@ -242,10 +280,16 @@ int dim_dist_reducer_new(void* g, at::Tensor** ps, size_t n,
         params, std::move(buckets), group->pg, std::vector<bool>(n, false),
         bucket_bytes,
         /*find_unused_parameters=*/false,
-        /*gradient_as_bucket_view=*/false, std::move(param_names),
+        /*gradient_as_bucket_view=*/bucket_view != 0, std::move(param_names),
         first_bucket_bytes,
         /*skip_all_reduce_unused_params=*/false,
         /*use_python_reducer=*/false, std::vector<int64_t>{});
+    if (compress != 0) {
+      TORCH_CHECK(compress == 1 || compress == 2, "unknown compression ",
+                  compress);
+      reducer->register_comm_hook(std::make_unique<CompressHook>(
+          group->pg, compress == 1 ? at::kHalf : at::kBFloat16));
+    }
     *out = reducer;
   });
 }
