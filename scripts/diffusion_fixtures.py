@@ -36,6 +36,7 @@ Contents (all tensors as {"shape": [...], "data": [flat f64]}):
   `training_losses` / `_vb_terms_bpd` (not diffusers: it has no such loss).
 """
 
+import importlib
 import json
 import math
 import pathlib
@@ -46,16 +47,6 @@ import numpy as np
 import torch
 
 import diffusers
-from diffusers.schedulers import (
-    scheduling_ddim,
-    scheduling_ddpm,
-    scheduling_dpmsolver_multistep,
-    scheduling_euler_ancestral_discrete,
-    scheduling_euler_discrete,
-    scheduling_flow_match_euler_discrete,
-    scheduling_flow_match_heun_discrete,
-    scheduling_heun_discrete,
-)
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "crates/dim-diffusion/tests/fixtures/diffusers.json"
 
@@ -73,16 +64,21 @@ class _F64Module(types.ModuleType):
         return getattr(self._inner, name)
 
 
-for _m in (
-    scheduling_ddim,
-    scheduling_ddpm,
-    scheduling_dpmsolver_multistep,
-    scheduling_euler_ancestral_discrete,
-    scheduling_euler_discrete,
-    scheduling_flow_match_euler_discrete,
-    scheduling_flow_match_heun_discrete,
-    scheduling_heun_discrete,
-):
+# The scheduler modules, by name; their float32 tables and steps become float64.
+SCHEDULING = {
+    name: importlib.import_module(f"diffusers.schedulers.scheduling_{name}")
+    for name in (
+        "ddim",
+        "ddpm",
+        "dpmsolver_multistep",
+        "euler_ancestral_discrete",
+        "euler_discrete",
+        "flow_match_euler_discrete",
+        "flow_match_heun_discrete",
+        "heun_discrete",
+    )
+}
+for _m in SCHEDULING.values():
     _m.torch = _F64Module(torch)
     _m.np = _F64Module(np)
 
@@ -457,8 +453,8 @@ def random_case(k, c, rng):
     rec_k = rng.randrange(n)
     rec = {}
     ddpm_noise = []
-    scheduling_ddpm.randn_tensor = lambda shape, **kw: ddpm_noise.pop(0)
-    scheduling_euler_ancestral_discrete.randn_tensor = lambda shape, **kw: ddpm_noise.pop(0)
+    SCHEDULING["ddpm"].randn_tensor = lambda shape, **kw: ddpm_noise.pop(0)
+    SCHEDULING["euler_ancestral_discrete"].randn_tensor = lambda shape, **kw: ddpm_noise.pop(0)
     x = x_T * float(getattr(s, "init_noise_sigma", 1.0))
     ve = sampler in ("euler", "euler_a", "heun")
     T = c["T"]

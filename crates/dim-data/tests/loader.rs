@@ -123,14 +123,11 @@ fn same_seed_same_batches_for_any_worker_count() {
 
 #[test]
 fn epochs_are_permutations_and_differ() {
-    let mut l = Loader::new(
-        synthetic(103),
-        LoaderConfig {
-            drop_last: false,
-            ..cfg(10, 2, 3)
-        },
-    )
-    .unwrap();
+    let loader = |c: LoaderConfig| Loader::new(synthetic(103), c).unwrap();
+    let mut l = loader(LoaderConfig {
+        drop_last: false,
+        ..cfg(10, 2, 3)
+    });
     assert_eq!(l.batches_per_epoch(), 11);
     let e0: Vec<usize> = l.epoch_batches().flat_map(|b| b.unwrap().indices).collect();
     let e1: Vec<usize> = l.epoch_batches().flat_map(|b| b.unwrap().indices).collect();
@@ -142,14 +139,10 @@ fn epochs_are_permutations_and_differ() {
     }
     assert_eq!(l.position().epoch, 2);
     // drop_last drops the short batch; shuffle = false keeps file order.
-    let mut l = Loader::new(
-        synthetic(103),
-        LoaderConfig {
-            shuffle: false,
-            ..cfg(10, 1, 3)
-        },
-    )
-    .unwrap();
+    let mut l = loader(LoaderConfig {
+        shuffle: false,
+        ..cfg(10, 1, 3)
+    });
     let e: Vec<Vec<usize>> = l.epoch_batches().map(|b| b.unwrap().indices).collect();
     assert_eq!(e.len(), 10);
     assert_eq!(e[3], (30..40).collect::<Vec<_>>());

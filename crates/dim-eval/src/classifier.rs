@@ -11,42 +11,18 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-use tch::nn::{self, Module, OptimizerConfig, VarStore};
+use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::features::{check_images, FeatureExtractor};
-use crate::{load_checked, EvalError, Result};
+pub use crate::training::ClassifierTrainConfig;
+use crate::training::{self, Classifier};
+use crate::Result;
 
 /// Width of the features.
 pub const FEATURE_DIM: i64 = 128;
 /// Number of classes.
 pub const NUM_CLASSES: i64 = 10;
-
-/// Training settings of the classifier.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClassifierTrainConfig {
-    /// Passes over the training images.
-    pub epochs: usize,
-    /// Images per step.
-    pub batch_size: usize,
-    /// Adam learning rate.
-    pub lr: f64,
-    /// Seed of the initialisation and of the shuffling.
-    pub seed: u64,
-}
-
-impl Default for ClassifierTrainConfig {
-    fn default() -> Self {
-        Self {
-            epochs: 2,
-            batch_size: 128,
-            lr: 2e-3,
-            seed: 0,
-        }
-    }
-}
 
 /// The classifier. Images `(N, 1, H, W)` in `[-1, 1]`, resized to 32×32 if
 /// they are not already.
@@ -87,15 +63,12 @@ impl FmnistClassifier {
     /// Loads weights written by [`FmnistClassifier::save`], checking every
     /// name and shape.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let net = Self::new(device);
-        load_checked(&net.vs, path, &|_| false)?;
-        Ok(net)
+        training::load(path, device)
     }
 
     /// Writes the weights as safetensors.
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.vs.save(path)?;
-        Ok(())
+        training::save(self, path)
     }
 
     fn hidden_features(&self, images: &Tensor) -> Tensor {
@@ -129,72 +102,38 @@ impl FmnistClassifier {
         cfg: &ClassifierTrainConfig,
         on_step: &mut dyn FnMut(usize, usize, f64),
     ) -> Result<f64> {
-        check_images(images, &[1])?;
-        let n = images.size()[0];
-        if labels.size() != [n] {
-            return Err(EvalError::Shape {
-                what: "labels",
-                detail: format!("expected ({n}), got {:?}", labels.size()),
-            });
-        }
-        if n == 0 || cfg.batch_size == 0 || cfg.epochs == 0 {
-            return Err(EvalError::TooFewSamples {
-                what: "classifier training (images, batch_size and epochs must be positive)",
-                need: 1,
-                got: 0,
-            });
-        }
-        tch::manual_seed(cfg.seed as i64);
-        // Re-initialise under the seed so that training is reproducible.
-        *self = Self::new(self.vs.device());
-        let mut opt = nn::Adam::default().build(&self.vs, cfg.lr)?;
-        let device = self.vs.device();
-        let labels = labels.to_kind(Kind::Int64);
-        let bs = cfg.batch_size as i64;
-        let mut last = 0.0;
-        for epoch in 0..cfg.epochs {
-            let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
-            let (mut sum, mut count) = (0.0, 0);
-            for (step, s) in (0..n).step_by(bs as usize).enumerate() {
-                let idx = perm.narrow(0, s, bs.min(n - s));
-                let x = images
-                    .index_select(0, &idx.to_device(images.device()))
-                    .to_device(device);
-                let y = labels
-                    .index_select(0, &idx.to_device(labels.device()))
-                    .to_device(device);
-                let loss = self
-                    .hidden_features(&x)
-                    .apply(&self.head)
-                    .cross_entropy_for_logits(&y);
-                opt.backward_step(&loss);
-                let l = loss.double_value(&[]);
-                sum += l;
-                count += 1;
-                on_step(epoch, step, l);
-            }
-            last = sum / count as f64;
-            tracing::info!(epoch, loss = last, "classifier epoch done");
-        }
-        Ok(last)
+        training::train(self, images, labels, cfg, on_step)
     }
 
     /// Top-1 accuracy on `images` `(N, 1, H, W)` with `labels` `(N)`.
     pub fn accuracy(&self, images: &Tensor, labels: &Tensor, batch: usize) -> Result<f64> {
-        check_images(images, &[1])?;
-        let _guard = tch::no_grad_guard();
-        let n = images.size()[0];
-        let mut correct = 0i64;
-        for s in (0..n).step_by(batch.max(1)) {
-            let len = (batch as i64).min(n - s);
-            let pred = self.logits(&images.narrow(0, s, len))?.argmax(1, false);
-            let y = labels
-                .narrow(0, s, len)
-                .to_device(pred.device())
-                .to_kind(Kind::Int64);
-            correct += pred.eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-        }
-        Ok(correct as f64 / n.max(1) as f64)
+        training::accuracy(self, images, labels, batch)
+    }
+}
+
+impl Classifier for FmnistClassifier {
+    const NAME: &'static str = "classifier";
+    const TRAINING: &'static str =
+        "classifier training (images, batch_size and epochs must be positive)";
+
+    fn init(device: Device) -> Self {
+        Self::new(device)
+    }
+
+    fn vars(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn check_inputs(images: &Tensor) -> Result<()> {
+        check_images(images, &[1])
+    }
+
+    fn logits(&self, images: &Tensor) -> Result<Tensor> {
+        FmnistClassifier::logits(self, images)
+    }
+
+    fn training_batch(images: Tensor, labels: Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((images, labels))
     }
 }
 

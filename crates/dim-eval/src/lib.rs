@@ -28,6 +28,7 @@ pub mod inception;
 pub mod inception_score;
 pub mod npz;
 pub mod precision_recall;
+mod training;
 pub mod video_classifier;
 
 pub use classifier::{ClassifierTrainConfig, FmnistClassifier};

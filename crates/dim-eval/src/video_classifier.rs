@@ -15,11 +15,12 @@
 
 use std::path::Path;
 
-use tch::nn::{self, Module, OptimizerConfig, VarStore};
+use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::fvd::{check_clips, VideoFeatureExtractor};
-use crate::{load_checked, ClassifierTrainConfig, EvalError, Result};
+use crate::training::{self, Classifier, ClassifierTrainConfig};
+use crate::Result;
 
 /// Width of the features.
 pub const VIDEO_FEATURE_DIM: i64 = 128;
@@ -84,15 +85,12 @@ impl VideoClassifier {
 
     /// Loads weights written by [`VideoClassifier::save`], checking every name and shape.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let net = Self::new(device);
-        load_checked(&net.vs, path, &|_| false)?;
-        Ok(net)
+        training::load(path, device)
     }
 
     /// Writes the weights as safetensors.
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.vs.save(path)?;
-        Ok(())
+        training::save(self, path)
     }
 
     /// Clips `(N, 1, T, H, W)` average-pooled to `(N, 1, 16, 32, 32)` f32
@@ -169,66 +167,39 @@ impl VideoClassifier {
         cfg: &ClassifierTrainConfig,
         on_step: &mut dyn FnMut(usize, usize, f64),
     ) -> Result<f64> {
-        check_clips(clips, &[1])?;
-        let n = clips.size()[0];
-        if labels.size() != [n] {
-            return Err(EvalError::Shape {
-                what: "labels",
-                detail: format!("expected ({n}), got {:?}", labels.size()),
-            });
-        }
-        if n == 0 || cfg.batch_size == 0 || cfg.epochs == 0 {
-            return Err(EvalError::TooFewSamples {
-                what: "video classifier training (clips, batch_size and epochs must be positive)",
-                need: 1,
-                got: 0,
-            });
-        }
-        tch::manual_seed(cfg.seed as i64);
-        *self = Self::new(self.vs.device());
-        let mut opt = nn::Adam::default().build(&self.vs, cfg.lr)?;
-        let device = self.vs.device();
-        let bs = cfg.batch_size as i64;
-        let mut last = 0.0;
-        for epoch in 0..cfg.epochs {
-            let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
-            let (mut sum, mut count) = (0.0, 0);
-            for (step, s) in (0..n).step_by(bs as usize).enumerate() {
-                let idx = perm.narrow(0, s, bs.min(n - s));
-                let x = clips
-                    .index_select(0, &idx.to_device(clips.device()))
-                    .to_device(device);
-                let y = labels.index_select(0, &idx.to_device(labels.device()));
-                let (x, y) = Self::corrupt(&Self::prepare(&x)?, &y);
-                let loss = self.logits(&x)?.cross_entropy_for_logits(&y);
-                opt.backward_step(&loss);
-                let l = loss.double_value(&[]);
-                sum += l;
-                count += 1;
-                on_step(epoch, step, l);
-            }
-            last = sum / count as f64;
-            tracing::info!(epoch, loss = last, "video classifier epoch done");
-        }
-        Ok(last)
+        training::train(self, clips, labels, cfg, on_step)
     }
 
     /// Top-1 garment accuracy on real `clips` `(N, 1, T, H, W)` with `labels` `(N)`.
     pub fn accuracy(&self, clips: &Tensor, labels: &Tensor, batch: usize) -> Result<f64> {
-        check_clips(clips, &[1])?;
-        let _guard = tch::no_grad_guard();
-        let n = clips.size()[0];
-        let mut correct = 0i64;
-        for s in (0..n).step_by(batch.max(1)) {
-            let len = (batch as i64).min(n - s);
-            let pred = self.logits(&clips.narrow(0, s, len))?.argmax(1, false);
-            let y = labels
-                .narrow(0, s, len)
-                .to_device(pred.device())
-                .to_kind(Kind::Int64);
-            correct += pred.eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-        }
-        Ok(correct as f64 / n.max(1) as f64)
+        training::accuracy(self, clips, labels, batch)
+    }
+}
+
+impl Classifier for VideoClassifier {
+    const NAME: &'static str = "video classifier";
+    const TRAINING: &'static str =
+        "video classifier training (clips, batch_size and epochs must be positive)";
+
+    fn init(device: Device) -> Self {
+        Self::new(device)
+    }
+
+    fn vars(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn check_inputs(clips: &Tensor) -> Result<()> {
+        check_clips(clips, &[1])
+    }
+
+    fn logits(&self, clips: &Tensor) -> Result<Tensor> {
+        VideoClassifier::logits(self, clips)
+    }
+
+    /// Real clips become frozen or shuffled ones on the fly.
+    fn training_batch(clips: Tensor, labels: Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(Self::corrupt(&Self::prepare(&clips)?, &labels))
     }
 }
 
