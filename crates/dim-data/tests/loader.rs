@@ -210,21 +210,26 @@ fn ranks_partition_each_epoch() {
     assert!(e.to_string().contains("loader.rank"), "{e}");
 }
 
+/// An unshuffled loader (batches of 5, 2 workers) over `n` synthetic
+/// samples of which `bad` fail and `panic_at` panics.
+fn faulty_loader(
+    n: usize,
+    bad: Vec<usize>,
+    panic_at: Option<usize>,
+    on_error: ErrorPolicy,
+) -> Loader {
+    let ds = Arc::new(Synthetic { n, bad, panic_at });
+    let c = LoaderConfig {
+        shuffle: false,
+        on_error,
+        ..cfg(5, 2, 0)
+    };
+    Loader::new(ds, c).unwrap()
+}
+
 #[test]
 fn stop_policy_reports_the_file_and_ends() {
-    let ds = Arc::new(Synthetic {
-        n: 40,
-        bad: vec![13],
-        panic_at: None,
-    });
-    let mut l = Loader::new(
-        ds,
-        LoaderConfig {
-            shuffle: false,
-            ..cfg(5, 2, 0)
-        },
-    )
-    .unwrap();
+    let mut l = faulty_loader(40, vec![13], None, ErrorPolicy::Stop);
     for _ in 0..2 {
         assert!(l.next_batch().unwrap().is_ok());
     }
@@ -238,20 +243,7 @@ fn stop_policy_reports_the_file_and_ends() {
 
 #[test]
 fn skip_policy_drops_and_counts_bad_samples() {
-    let ds = Arc::new(Synthetic {
-        n: 40,
-        bad: vec![3, 4, 17],
-        panic_at: None,
-    });
-    let mut l = Loader::new(
-        ds,
-        LoaderConfig {
-            shuffle: false,
-            on_error: ErrorPolicy::Skip,
-            ..cfg(5, 2, 0)
-        },
-    )
-    .unwrap();
+    let mut l = faulty_loader(40, vec![3, 4, 17], None, ErrorPolicy::Skip);
     let batches: Vec<_> = l.epoch_batches().map(|b| b.unwrap()).collect();
     assert_eq!(batches.len(), 8);
     assert_eq!(batches[0].indices, [0, 1, 2]);
@@ -268,19 +260,7 @@ fn skip_policy_drops_and_counts_bad_samples() {
 
 #[test]
 fn a_panicking_sample_is_an_error_not_a_hang() {
-    let ds = Arc::new(Synthetic {
-        n: 20,
-        bad: vec![],
-        panic_at: Some(7),
-    });
-    let mut l = Loader::new(
-        ds,
-        LoaderConfig {
-            shuffle: false,
-            ..cfg(5, 2, 0)
-        },
-    )
-    .unwrap();
+    let mut l = faulty_loader(20, vec![], Some(7), ErrorPolicy::Stop);
     assert!(l.next_batch().unwrap().is_ok());
     let e = l.next_batch().unwrap().unwrap_err().to_string();
     assert!(e.contains("panic") && e.contains("decoder bug on 7"), "{e}");

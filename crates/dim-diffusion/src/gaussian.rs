@@ -653,22 +653,6 @@ impl GaussianDiffusion {
         rng.randint(self.num_timesteps() as i64, b, device)
     }
 
-    /// [`GaussianDiffusion::training_losses_at`] for `t` from
-    /// [`GaussianDiffusion::sample_t`]: no host sync, `t` is in range by
-    /// construction.
-    pub(crate) fn training_losses_sampled<M: Denoiser + ?Sized>(
-        &self,
-        model: &M,
-        x0: &Tensor,
-        y: Option<&Tensor>,
-        t: &Tensor,
-        noise: &Tensor,
-    ) -> Result<Losses> {
-        check_training_inputs(x0, y, t, noise)?;
-        let idx = t.to_kind(Kind::Int64).to_device(x0.device());
-        self.losses_at(model, x0, y, t, &idx, noise)
-    }
-
     /// Training losses at given timesteps `t` (Int64 `(B)`) and noise.
     ///
     /// `mse = mean_flat((target - pred)^2)` with target eps / x0 / v; with
@@ -687,7 +671,9 @@ impl GaussianDiffusion {
         self.losses_at(model, x0, y, t, &idx, noise)
     }
 
-    fn losses_at<M: Denoiser + ?Sized>(
+    /// The losses at timesteps `t` whose table index `idx` (Int64, on
+    /// `x0`'s device) is known to be in range; inputs already checked.
+    pub(crate) fn losses_at<M: Denoiser + ?Sized>(
         &self,
         model: &M,
         x0: &Tensor,

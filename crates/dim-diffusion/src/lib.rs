@@ -90,7 +90,12 @@ impl Diffusion {
         };
         let noise = rng.randn(&x0.size(), x0.kind(), device);
         match self {
-            Self::Gaussian(g) => g.training_losses_sampled(model, x0, y, &t, &noise),
+            Self::Gaussian(g) => {
+                // `t` is in range by construction: no host-synchronising check.
+                common::check_training_inputs(x0, y, &t, &noise)?;
+                let idx = t.to_kind(tch::Kind::Int64).to_device(device);
+                g.losses_at(model, x0, y, &t, &idx, &noise)
+            }
             Self::Flow(f) => f.training_losses_at(model, x0, y, &t, &noise),
         }
     }

@@ -9,127 +9,58 @@
 //! features, after ReLU), and a 10-way linear head. Cheap enough to train on
 //! a CPU in well under a minute per epoch.
 
-use std::path::Path;
-
-use tch::nn::{self, Module, VarStore};
+use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+pub use crate::feature_classifier::ClassifierTrainConfig;
+use crate::feature_classifier::{Classifier, ClassifierKind, HIDDEN_DIM};
 use crate::features::{check_images, FeatureExtractor};
-pub use crate::training::ClassifierTrainConfig;
-use crate::training::{self, Classifier};
 use crate::Result;
 
 /// Width of the features.
-pub const FEATURE_DIM: i64 = 128;
+pub const FEATURE_DIM: i64 = HIDDEN_DIM;
 /// Number of classes.
 pub const NUM_CLASSES: i64 = 10;
 
-/// The classifier. Images `(N, 1, H, W)` in `[-1, 1]`, resized to 32×32 if
-/// they are not already.
-#[derive(Debug)]
-pub struct FmnistClassifier {
-    vs: VarStore,
-    convs: Vec<nn::Conv2D>,
-    hidden: nn::Linear,
-    head: nn::Linear,
-}
+/// The Fashion-MNIST classifier. Images `(N, 1, H, W)` in `[-1, 1]`,
+/// resized to 32×32 if they are not already; labels 0..10.
+pub type FmnistClassifier = Classifier<Fmnist>;
 
-impl FmnistClassifier {
-    /// A freshly initialised classifier (initialisation from tch's global RNG;
-    /// [`FmnistClassifier::train`] seeds it).
-    pub fn new(device: Device) -> Self {
-        let vs = VarStore::new(device);
-        let r = vs.root();
+/// The [`ClassifierKind`] of [`FmnistClassifier`].
+#[derive(Debug)]
+pub struct Fmnist;
+
+impl ClassifierKind for Fmnist {
+    const NAME: &'static str = "classifier";
+    const TRAINING: &'static str =
+        "classifier training (images, batch_size and epochs must be positive)";
+    const CLASSES: i64 = NUM_CLASSES;
+
+    fn convs(r: &nn::Path<'_>) -> Vec<Box<dyn Module>> {
         let cfg = nn::ConvConfig {
             stride: 2,
             padding: 1,
             ..Default::default()
         };
-        let convs = vec![
-            nn::conv2d(&r / "conv1", 1, 32, 3, cfg),
-            nn::conv2d(&r / "conv2", 32, 64, 3, cfg),
-            nn::conv2d(&r / "conv3", 64, 128, 3, cfg),
-        ];
-        let hidden = nn::linear(&r / "hidden", 128, FEATURE_DIM, Default::default());
-        let head = nn::linear(&r / "head", FEATURE_DIM, NUM_CLASSES, Default::default());
-        Self {
-            vs,
-            convs,
-            hidden,
-            head,
-        }
-    }
-
-    /// Loads weights written by [`FmnistClassifier::save`], checking every
-    /// name and shape.
-    pub fn load(path: &Path, device: Device) -> Result<Self> {
-        training::load(path, device)
-    }
-
-    /// Writes the weights as safetensors.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        training::save(self, path)
-    }
-
-    fn hidden_features(&self, images: &Tensor) -> Tensor {
-        let mut x = images.to_device(self.vs.device()).to_kind(Kind::Float);
-        let s = x.size();
-        if s[2] != 32 || s[3] != 32 {
-            x = x.upsample_bilinear2d([32, 32], false, None, None);
-        }
-        for c in &self.convs {
-            x = c.forward(&x).relu();
-        }
-        x.mean_dim(&[2i64, 3][..], false, Kind::Float)
-            .apply(&self.hidden)
-            .relu()
-    }
-
-    /// Class logits `(N, 10)`.
-    pub fn logits(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(images, &[1])?;
-        Ok(self.hidden_features(images).apply(&self.head))
-    }
-
-    /// Trains on `images` `(N, 1, H, W)` in `[-1, 1]` with `labels` `(N)`
-    /// (integers 0..10) with Adam and cross-entropy. `on_step(epoch, step,
-    /// loss)` is called after every step (for progress). Returns the mean
-    /// loss of the last epoch.
-    pub fn train(
-        &mut self,
-        images: &Tensor,
-        labels: &Tensor,
-        cfg: &ClassifierTrainConfig,
-        on_step: &mut dyn FnMut(usize, usize, f64),
-    ) -> Result<f64> {
-        training::train(self, images, labels, cfg, on_step)
-    }
-
-    /// Top-1 accuracy on `images` `(N, 1, H, W)` with `labels` `(N)`.
-    pub fn accuracy(&self, images: &Tensor, labels: &Tensor, batch: usize) -> Result<f64> {
-        training::accuracy(self, images, labels, batch)
-    }
-}
-
-impl Classifier for FmnistClassifier {
-    const NAME: &'static str = "classifier";
-    const TRAINING: &'static str =
-        "classifier training (images, batch_size and epochs must be positive)";
-
-    fn init(device: Device) -> Self {
-        Self::new(device)
-    }
-
-    fn vars(&self) -> &VarStore {
-        &self.vs
+        vec![
+            Box::new(nn::conv2d(r / "conv1", 1, 32, 3, cfg)),
+            Box::new(nn::conv2d(r / "conv2", 32, 64, 3, cfg)),
+            Box::new(nn::conv2d(r / "conv3", 64, HIDDEN_DIM, 3, cfg)),
+        ]
     }
 
     fn check_inputs(images: &Tensor) -> Result<()> {
         check_images(images, &[1])
     }
 
-    fn logits(&self, images: &Tensor) -> Result<Tensor> {
-        FmnistClassifier::logits(self, images)
+    fn prepare(images: &Tensor) -> Result<Tensor> {
+        let x = images.to_kind(Kind::Float);
+        let s = x.size();
+        Ok(if s[2] != 32 || s[3] != 32 {
+            x.upsample_bilinear2d([32, 32], false, None, None)
+        } else {
+            x
+        })
     }
 
     fn training_batch(images: Tensor, labels: Tensor) -> Result<(Tensor, Tensor)> {
@@ -147,12 +78,11 @@ impl FeatureExtractor for FmnistClassifier {
     }
 
     fn device(&self) -> Device {
-        self.vs.device()
+        Classifier::device(self)
     }
 
     fn features(&self, images: &Tensor) -> Result<Tensor> {
-        check_images(images, &[1])?;
         let _guard = tch::no_grad_guard();
-        Ok(self.hidden_features(images))
+        self.hidden_features(images)
     }
 }
