@@ -36,8 +36,8 @@ pub mod video;
 
 pub use arrays::ArrayDataset;
 pub use config::{
-    DataConfig, FashionMnistConfig, IdxConfig, ImageFolderConfig, LatentsConfig,
-    MovingFashionMnistConfig, NpyConfig, SafetensorsConfig, Ucf101Config, VideoFolderConfig,
+    DataConfig, FashionMnistConfig, ImageFileConfig, ImageFolderConfig, LatentsConfig,
+    MovingFashionMnistConfig, SafetensorsConfig, Ucf101Config, VideoFolderConfig,
 };
 pub use dataset::{Dataset, RawSample, Sample, Transformed};
 pub use error::{DataError, Result};
