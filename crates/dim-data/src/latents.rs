@@ -11,6 +11,9 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use dim_io::{dtype_of, kind_of};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -25,9 +28,9 @@ pub const LATENT_INDEX: &str = "index.json";
 pub const LATENT_PROGRESS: &str = "progress.json";
 
 /// One tensor of a safetensors file as found in its header.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub(crate) struct TensorEntry {
-    pub dtype: String,
+    pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub data_offsets: [usize; 2],
 }
@@ -41,60 +44,48 @@ pub(crate) struct Header {
     pub data_start: u64,
 }
 
-pub(crate) fn dtype_name(kind: Kind) -> Option<(&'static str, usize)> {
-    Some(match kind {
-        Kind::Float => ("F32", 4),
-        Kind::Half => ("F16", 2),
-        Kind::BFloat16 => ("BF16", 2),
-        Kind::Double => ("F64", 8),
-        Kind::Uint8 => ("U8", 1),
-        Kind::Int64 => ("I64", 8),
-        _ => return None,
-    })
+/// Bytes of the little-endian header length that opens a safetensors file.
+const LEN_BYTES: u64 = 8;
+/// Largest header accepted (the safetensors crate's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// The safetensors dtype named `name` (`F32`, `I64`, ...).
+fn parse_dtype(name: &str) -> Option<Dtype> {
+    use serde::de::{value::StrDeserializer, IntoDeserializer};
+    let de: StrDeserializer<'_, serde::de::value::Error> = name.into_deserializer();
+    Dtype::deserialize(de).ok()
 }
 
-fn dtype_kind(name: &str) -> Option<(Kind, usize)> {
-    Some(match name {
-        "F32" => (Kind::Float, 4),
-        "F16" => (Kind::Half, 2),
-        "BF16" => (Kind::BFloat16, 2),
-        "F64" => (Kind::Double, 8),
-        "U8" => (Kind::Uint8, 1),
-        "I64" => (Kind::Int64, 8),
-        _ => return None,
-    })
-}
-
-/// Writes a safetensors file from raw little-endian tensors, streaming each
-/// data block so callers need not concatenate them.
+/// Writes a safetensors file from raw little-endian tensors `(name, dtype,
+/// shape, bytes)`, streaming each data block so callers need not
+/// concatenate them. The header is the safetensors crate's, so it is
+/// checked (offsets, sizes) before anything is written.
 pub(crate) fn write_safetensors(
     path: &Path,
     tensors: &[(&str, &str, Vec<usize>, &[u8])],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).expect("strings"),
-        );
-    }
+    let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for (name, dtype, shape, bytes) in tensors {
-        let entry = TensorEntry {
-            dtype: dtype.to_string(),
-            shape: shape.clone(),
-            data_offsets: [offset, offset + bytes.len()],
-        };
-        offset += bytes.len();
-        header.insert(
+        let dtype = parse_dtype(dtype)
+            .ok_or_else(|| DataError::corrupt(path, format!("`{name}`: unknown dtype {dtype}")))?;
+        infos.push((
             name.to_string(),
-            serde_json::to_value(entry).expect("plain struct"),
-        );
+            TensorInfo {
+                dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + bytes.len()),
+            },
+        ));
+        offset += bytes.len();
     }
+    let meta = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+    let header = Metadata::new(meta, infos)
+        .map_err(|e| DataError::corrupt(path, format!("cannot describe the tensors: {e}")))?;
     let mut json = serde_json::to_vec(&header).expect("plain map");
     // The format pads the header with spaces to a multiple of 8 bytes.
-    json.resize(json.len().next_multiple_of(8), b' ');
+    json.resize(json.len().next_multiple_of(LEN_BYTES as usize), b' ');
     let tmp = path.with_extension("partial");
     let io = |e| DataError::io(&tmp, e);
     let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
@@ -112,52 +103,60 @@ pub(crate) fn write_safetensors(
     std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
 }
 
-/// Reads and checks the header of a safetensors file.
+/// Reads the header of a safetensors file (only its first bytes) and checks
+/// it with the safetensors crate: the JSON, the dtypes, offsets that tile
+/// the data section, and a data section exactly as long as the rest of the
+/// file (so a truncated shard is an error here, not a short read later).
 pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
     let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
-    let mut n = [0u8; 8];
-    file.read_exact_at(&mut n, 0)
-        .map_err(|_| DataError::corrupt(path, "too short for a safetensors file"))?;
+    let mut n = [0u8; LEN_BYTES as usize];
+    file.read_exact_at(&mut n, 0).map_err(|_| {
+        DataError::corrupt(
+            path,
+            format!("{len} bytes: too short for a safetensors file (truncated?)"),
+        )
+    })?;
     let n = u64::from_le_bytes(n);
-    if n > len.saturating_sub(8) || n > 100 << 20 {
+    if n > MAX_HEADER || n > len - LEN_BYTES {
         return Err(DataError::corrupt(
             path,
-            format!("header length {n} does not fit the file ({len} bytes)"),
+            format!("header length {n} does not fit the file ({len} bytes; truncated or not safetensors)"),
         ));
     }
     let mut json = vec![0u8; n as usize];
-    file.read_exact_at(&mut json, 8)
+    file.read_exact_at(&mut json, LEN_BYTES)
         .map_err(|e| DataError::io(path, e))?;
-    let mut raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&json)
+    let meta: Metadata = serde_json::from_slice(&json)
         .map_err(|e| DataError::corrupt(path, format!("bad safetensors header: {e}")))?;
-    let metadata = match raw.remove("__metadata__") {
-        Some(m) => serde_json::from_value(m)
-            .map_err(|e| DataError::corrupt(path, format!("bad metadata: {e}")))?,
-        None => BTreeMap::new(),
-    };
-    let data_start = 8 + n;
-    let mut tensors = BTreeMap::new();
-    for (name, v) in raw {
-        let e: TensorEntry = serde_json::from_value(v)
-            .map_err(|e| DataError::corrupt(path, format!("bad entry `{name}`: {e}")))?;
-        let (_, size) = dtype_kind(&e.dtype).ok_or_else(|| {
-            DataError::corrupt(path, format!("`{name}` has unsupported dtype {}", e.dtype))
-        })?;
-        let bytes = e.shape.iter().product::<usize>() * size;
-        if e.data_offsets[1] < e.data_offsets[0]
-            || e.data_offsets[1] - e.data_offsets[0] != bytes
-            || data_start + e.data_offsets[1] as u64 > len
-        {
-            return Err(DataError::corrupt(
-                path,
-                format!(
-                    "`{name}` {:?} does not fit its offsets or the file (truncated?)",
-                    e.shape
-                ),
-            ));
-        }
-        tensors.insert(name, e);
+    let data_start = LEN_BYTES + n;
+    let data_len = meta.data_len() as u64;
+    if data_start.checked_add(data_len) != Some(len) {
+        return Err(DataError::corrupt(
+            path,
+            format!(
+                "the header describes {data_len} bytes of tensor data but the file holds {} after its header (truncated or corrupt)",
+                len - data_start
+            ),
+        ));
     }
+    let tensors = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let entry = TensorEntry {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data_offsets: [info.data_offsets.0, info.data_offsets.1],
+            };
+            (name, entry)
+        })
+        .collect();
+    let metadata = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     Ok(Header {
         tensors,
         metadata,
@@ -283,7 +282,7 @@ impl LatentWriter {
                 std::fs::remove_file(e.path()).map_err(|err| DataError::io(e.path(), err))?;
             }
         }
-        let kind = dtype_kind(&p.dtype).map(|(k, _)| k);
+        let kind = parse_dtype(&p.dtype).and_then(kind_of);
         let w = Self {
             dir,
             shard_size,
@@ -316,13 +315,13 @@ impl LatentWriter {
         self.count
     }
 
-    /// The index of what is written so far.
+    /// The index of the shards written so far (`None` before the first batch).
     fn index_so_far(&self) -> Option<LatentIndex> {
         Some(LatentIndex {
             version: 1,
             count: self.shards.iter().map(|s| s.count).sum(),
             sample_shape: self.sample_shape.clone(),
-            dtype: dtype_name(self.kind?)?.0.into(),
+            dtype: dtype_of(self.kind?)?.to_string(),
             has_labels: self.has_labels == Some(true),
             shards: self.shards.clone(),
             meta: self.meta.clone(),
@@ -364,7 +363,7 @@ impl LatentWriter {
         }
         let b = shape[0] as usize;
         let cpu = latents.to_device(tch::Device::Cpu).contiguous();
-        let item = dtype_name(kind).expect("checked").1 * sample.iter().product::<usize>();
+        let item = kind.elt_size_in_bytes() * sample.iter().product::<usize>();
         let mut bytes = vec![0u8; b * item];
         // Raw bytes of the tensor in its own dtype (little-endian on x86/ARM).
         let flat = cpu.view_dtype(Kind::Uint8).reshape([-1]);
@@ -407,13 +406,13 @@ impl LatentWriter {
             return Ok(());
         }
         let file = format!("shard-{:05}.safetensors", self.shards.len());
-        let dtype = dtype_name(self.kind.expect("set on first write"))
+        let dtype = dtype_of(self.kind.expect("set on first write"))
             .expect("checked")
-            .0;
+            .to_string();
         let mut shape = vec![self.buffered];
         shape.extend_from_slice(&self.sample_shape);
         let label_bytes: Vec<u8> = self.labels.iter().flat_map(|y| y.to_le_bytes()).collect();
-        let mut tensors = vec![("latents", dtype, shape, self.buffer.as_slice())];
+        let mut tensors = vec![("latents", dtype.as_str(), shape, self.buffer.as_slice())];
         if self.has_labels == Some(true) {
             tensors.push(("labels", "I64", vec![self.buffered], label_bytes.as_slice()));
         }
@@ -438,17 +437,8 @@ impl LatentWriter {
     /// Writes the last shard and `index.json`; returns the index.
     pub fn finish(mut self) -> Result<LatentIndex> {
         self.flush()?;
-        let Some(kind) = self.kind else {
+        let Some(index) = self.index_so_far() else {
             return Err(DataError::corrupt(&self.dir, "no latents were written"));
-        };
-        let index = LatentIndex {
-            version: 1,
-            count: self.count,
-            sample_shape: self.sample_shape.clone(),
-            dtype: dtype_name(kind).expect("checked").0.into(),
-            has_labels: self.has_labels == Some(true),
-            shards: self.shards.clone(),
-            meta: self.meta.clone(),
         };
         let path = self.dir.join(LATENT_INDEX);
         let json = serde_json::to_vec_pretty(&index).expect("plain struct");
@@ -491,12 +481,13 @@ impl LatentDataset {
         let text = std::fs::read(&ipath).map_err(|e| DataError::io(&ipath, e))?;
         let index: LatentIndex = serde_json::from_slice(&text)
             .map_err(|e| DataError::corrupt(&ipath, format!("bad index: {e}")))?;
-        let (kind, size) = dtype_kind(&index.dtype)
-            .filter(|(k, _)| matches!(k, Kind::Float | Kind::Half | Kind::BFloat16))
+        let kind = parse_dtype(&index.dtype)
+            .and_then(kind_of)
+            .filter(|k| matches!(k, Kind::Float | Kind::Half | Kind::BFloat16))
             .ok_or_else(|| {
                 DataError::corrupt(&ipath, format!("unsupported dtype {}", index.dtype))
             })?;
-        let item_bytes = size * index.sample_shape.iter().product::<usize>();
+        let item_bytes = kind.elt_size_in_bytes() * index.sample_shape.iter().product::<usize>();
         let mut shards = Vec::with_capacity(index.shards.len());
         let mut first = 0;
         for s in &index.shards {
@@ -509,7 +500,7 @@ impl LatentDataset {
                 .ok_or_else(|| DataError::corrupt(&path, "no `latents` tensor"))?;
             let mut want = vec![s.count];
             want.extend_from_slice(&index.sample_shape);
-            if lat.dtype != index.dtype || lat.shape != want {
+            if lat.dtype.to_string() != index.dtype || lat.shape != want {
                 return Err(DataError::corrupt(
                     &path,
                     format!(
@@ -522,7 +513,7 @@ impl LatentDataset {
                 let l = h
                     .tensors
                     .get("labels")
-                    .filter(|l| l.dtype == "I64" && l.shape == [s.count])
+                    .filter(|l| l.dtype == Dtype::I64 && l.shape == [s.count])
                     .ok_or_else(|| {
                         DataError::corrupt(&path, format!("no `labels` I64 [{}] tensor", s.count))
                     })?;
@@ -714,5 +705,109 @@ mod tests {
             "{e}"
         );
         assert!(LatentWriter::create(dir.path(), 8).is_err());
+    }
+
+    #[test]
+    fn shard_that_disagrees_with_the_index_names_file_and_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LatentWriter::create(dir.path(), 4).unwrap();
+        let x = Tensor::randn([4, 2, 2], (Kind::Float, tch::Device::Cpu));
+        w.write(&x, Some(&Tensor::from_slice(&[0i64, 1, 2, 3])))
+            .unwrap();
+        w.finish().unwrap();
+        let shard = dir.path().join("shard-00000.safetensors");
+        let good = std::fs::read(&shard).unwrap();
+        // The index says F16: the F32 shard is refused, naming both.
+        let ipath = dir.path().join(LATENT_INDEX);
+        let index = std::fs::read_to_string(&ipath).unwrap();
+        std::fs::write(&ipath, index.replace("\"F32\"", "\"F16\"")).unwrap();
+        let e = LatentDataset::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("shard-00000") && e.contains("F32") && e.contains("F16"),
+            "{e}"
+        );
+        std::fs::write(&ipath, &index).unwrap();
+        // A header length beyond the file.
+        let mut bad = good.clone();
+        bad[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        std::fs::write(&shard, &bad).unwrap();
+        let e = LatentDataset::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("shard-00000") && e.contains("header length"),
+            "{e}"
+        );
+        // Offsets that do not tile the data (the safetensors crate's check).
+        let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(good[8..8 + n].to_vec()).unwrap();
+        let moved = header.replacen("[0,", "[8,", 1);
+        assert_ne!(moved, header);
+        let mut bad = good[..8].to_vec();
+        bad.extend_from_slice(moved.as_bytes());
+        bad.extend_from_slice(&good[8 + n..]);
+        std::fs::write(&shard, &bad).unwrap();
+        let e = LatentDataset::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("shard-00000") && e.contains("header"), "{e}");
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn valid_shard() -> Vec<u8> {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s.safetensors");
+            let lat = vec![7u8; 2 * 3 * 2];
+            let lab = vec![1u8; 16];
+            write_safetensors(
+                &p,
+                &[
+                    ("latents", "F16", vec![2, 3], &lat),
+                    ("labels", "I64", vec![2], &lab),
+                ],
+                &BTreeMap::from([("k".to_string(), "v".to_string())]),
+            )
+            .unwrap();
+            std::fs::read(p).unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+            /// Any bytes, or a valid shard with bytes flipped or cut off:
+            /// `read_header` returns (an error or a header whose tensors
+            /// lie inside the file), never panics.
+            #[test]
+            fn read_header_never_panics(
+                raw in proptest::collection::vec(any::<u8>(), 0..96),
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+                cut in any::<usize>(),
+                mutate in any::<bool>(),
+            ) {
+                let bytes = if mutate {
+                    let mut b = valid_shard();
+                    for (at, v) in flips {
+                        let i = at % b.len();
+                        b[i] ^= v;
+                    }
+                    let keep = b.len() - cut % 4;
+                    b.truncate(keep);
+                    b
+                } else {
+                    raw
+                };
+                let dir = tempfile::tempdir().unwrap();
+                let p = dir.path().join("f.safetensors");
+                std::fs::write(&p, &bytes).unwrap();
+                let f = File::open(&p).unwrap();
+                match read_header(&p, &f) {
+                    Ok(h) => {
+                        for e in h.tensors.values() {
+                            prop_assert!(h.data_start + e.data_offsets[1] as u64 <= bytes.len() as u64);
+                        }
+                    }
+                    Err(e) => prop_assert!(e.to_string().contains("f.safetensors"), "{}", e),
+                }
+            }
+        }
     }
 }
