@@ -234,8 +234,8 @@ mod tests {
     #[test]
     fn latent_setup_mismatches_name_file_cache_and_key() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-        let cfg = crate::config::TrainConfig::load(&root.join("imagenet256_dim_xl2.toml"), &[])
-            .unwrap();
+        let cfg =
+            crate::config::TrainConfig::load(&root.join("imagenet256_dim_xl2.toml"), &[]).unwrap();
         let model = crate::runtime::model_config(&cfg).unwrap();
         assert_eq!(
             (model.in_channels, model.input_size, model.num_classes),
