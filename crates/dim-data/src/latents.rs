@@ -2,8 +2,12 @@
 //! safetensors shards plus an `index.json`, read back one sample at a time
 //! with positioned reads so the cache may be far larger than memory.
 //!
-//! Shard `shard-NNNNN.safetensors` holds `latents` `(n, ...)` in the dtype
-//! written and, when labels were given, `labels` `(n)` i64.
+//! Shard `shard-NNNNN.safetensors` (`k`) holds samples `k·shard_size ..`:
+//! `latents` `(n, ...)` in the dtype written and, when labels were given,
+//! `labels` `(n)` i64. Headers are the `safetensors` crate's, read from the
+//! file's first bytes only. Each shard is written whole and renamed, so
+//! several processes can fill one cache ([`ShardWriter`], [`begin_cache`],
+//! [`finish_cache`]); [`LatentWriter`] is the one-process form.
 
 use std::collections::BTreeMap;
 use std::fs::File;
