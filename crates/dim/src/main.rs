@@ -377,8 +377,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(&args, stop_flag()?),
         Command::Ops(args) => ops::run(args),
         Command::Latents(args) => {
+            if let Some(placement) = launch::placement(args.gpus, args.nproc) {
+                return launch::run(placement, &args.rank_args(placement), stop_flag()?);
+            }
             let n = latents::run(&args)?;
-            println!("{} ({n} latents)", args.out.display());
+            if std::env::var("RANK").map_or(true, |r| r.trim() == "0") {
+                println!("{} ({n} latents)", args.out.display());
+            }
             Ok(())
         }
     }
