@@ -42,10 +42,20 @@ pub struct OpsArgs {
 #[derive(Subcommand, Debug)]
 pub enum OpsCommand {
     /// The selective scan (one direction, or fused bidirectional) from a safetensors file.
+    ///
+    /// Reads u delta A B C [D z delta_bias dy] (and the *_b tensors with
+    /// --bidirectional); writes y and, when dy is given, the gradients d<name>.
     Scan(ScanArgs),
     /// The SD VAE (AutoencoderKL): encode images or decode latents.
+    ///
+    /// Encode reads `images` (N, 3, H, W) f32 in [-1, 1] and writes `mean` and
+    /// `logvar`; decode reads `latents` and writes `images`. Both raw: no
+    /// scale factor.
     Vae(VaeArgs),
     /// Inception-v3 FID features (pool, spatial, logits) of images.
+    ///
+    /// Reads `images` (N, 3, H, W) f32 in [0, 1]; writes `pool` (N, 2048),
+    /// `spatial` (N, 2023) and, with the fc head, `logits` (N, 1008).
     Inception(InceptionArgs),
 }
 
@@ -62,7 +72,7 @@ pub enum VaeOp {
 // subcommand's help text).
 #[derive(Args, Debug)]
 pub struct OpFiles {
-    /// The op's input tensors by name (safetensors; see the op's help).
+    /// The op's input tensors by name (safetensors; `--help` lists them).
     #[arg(long)]
     pub input: PathBuf,
     /// Where to write the op's output tensors (safetensors; written whole or not at all).
@@ -72,7 +82,6 @@ pub struct OpFiles {
     pub device: DeviceArg,
 }
 
-// Encode: `images` `(N, 3, H, W)` f32 in `[-1, 1]` → `mean`, `logvar`. Decode: `latents` → `images`. Both raw: no scale factor.
 #[derive(Args, Debug)]
 pub struct VaeArgs {
     #[arg(value_enum)]
@@ -93,8 +102,6 @@ pub struct VaeArgs {
     pub slice: i64,
 }
 
-// Reads `images` `(N, 3, H, W)` f32 in `[0, 1]`; writes `pool` `(N, 2048)`,
-// `spatial` `(N, 2023)` and, with the `fc` head, `logits` `(N, 1008)`.
 #[derive(Args, Debug)]
 pub struct InceptionArgs {
     /// Inception-v3 FID weights (safetensors, PyTorch names; see docs/eval.md).
@@ -104,8 +111,6 @@ pub struct InceptionArgs {
     pub files: OpFiles,
 }
 
-// Reads u delta A B C [D z delta_bias dy] (+ *_b with --bidirectional);
-// writes y and, with `dy`, the gradients d<name>.
 #[derive(Args, Debug)]
 pub struct ScanArgs {
     #[command(flatten)]

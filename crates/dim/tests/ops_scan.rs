@@ -3,12 +3,21 @@
 mod common;
 
 use std::path::Path;
+use std::process::Output;
 
-use common::{err, ok, read_tensors, s};
+use common::{failed, read_tensors, s, succeeded};
 
 use dim_scan::reference::selective_scan_bidirectional_ref;
 use dim_scan::ScanInputs;
 use tch::{Device, Kind, Tensor};
+
+/// Runs `dim ops scan --input input --output output` plus `extra`.
+fn ops_scan(input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let (input, output) = (s(input), s(output));
+    let mut args = vec!["ops", "scan", "--input", &input, "--output", &output];
+    args.extend_from_slice(extra);
+    common::run(&args)
+}
 
 fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
     Tensor::write_safetensors(tensors, path).unwrap();
@@ -65,15 +74,10 @@ fn bidirectional_forward_and_backward_match_the_reference() {
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), *t)).collect();
     write(&input, &refs);
 
-    ok(&[
-        "ops",
-        "scan",
-        "--input",
-        &s(&input),
-        "--output",
-        &s(&output),
-        "--bidirectional",
-    ]);
+    succeeded(
+        &ops_scan(&input, &output, &["--bidirectional"]),
+        "dim ops scan",
+    );
     let got = read_tensors(&output);
 
     // The reference in f64 with libtorch's own autograd.
@@ -112,14 +116,7 @@ fn bad_inputs_get_a_message_naming_file_and_tensor() {
         let mut tensors = vec![("u", &u), ("delta", &u), ("A", &a), ("B", &b)];
         tensors.extend_from_slice(more);
         write(&input, &tensors);
-        err(&[
-            "ops",
-            "scan",
-            "--input",
-            &s(&input),
-            "--output",
-            &s(&output),
-        ])
+        failed(&ops_scan(&input, &output, &[]), "dim ops scan")
     };
     let e = refused(&[]);
     assert!(e.contains("in.safetensors") && e.contains("`C`"), "{e}");
@@ -130,7 +127,7 @@ fn bad_inputs_get_a_message_naming_file_and_tensor() {
     let e = refused(&[("C", &b), ("dy", &bad_c)]);
     assert!(e.contains("dy"), "{e}");
     std::fs::write(&input, b"not a safetensors file").unwrap();
-    let e = err(&["ops", "scan", "--input", &s(&input), "--output", "x"]);
+    let e = failed(&ops_scan(&input, Path::new("x"), &[]), "dim ops scan");
     assert!(e.contains("in.safetensors"), "{e}");
     assert!(!output.exists(), "no output file is left behind on failure");
 }
