@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use dim_diffusion::{Diffusion, SampleOptions, SamplerConfig, SamplerKind};
 use dim_model::ModelConfig;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use tch::{Device, Kind, Tensor};
 
 use dim_io::Group;
@@ -22,7 +22,7 @@ use dim_io::Group;
 use crate::checkpoint;
 use crate::config::{section, LoopConfig};
 use crate::images;
-use crate::runtime::{diffusion_config_of, set_precision, Net};
+use crate::runtime::{diffusion_config_of, progress_bar, set_precision, Net};
 use crate::vae::{Output, VaeSection};
 
 /// A network restored from a training checkpoint, with its diffusion setup.
@@ -311,14 +311,10 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
             parts.display()
         );
     }
-    let bar = match shard.rank {
-        0 => ProgressBar::new(mine.iter().map(|(_, b)| *b as u64).sum()),
-        _ => ProgressBar::hidden(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} sample [{bar:30}] {pos}/{len}, ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = progress_bar(
+        mine.iter().map(|(_, b)| *b as u64).sum(),
+        shard.rank == 0,
+        "{spinner} sample [{bar:30}] {pos}/{len}, ETA {eta}",
     );
     bar.set_position(done as u64);
     for (first, b) in todo {
