@@ -41,6 +41,23 @@ struct Group {
   bool shut_down = false;
 };
 
+// Adds a backend for `device` to `pg`, behind its own key prefix in
+// `store`, and makes it the default: Gloo first, NCCL after it when CUDA is
+// used (as torch.distributed's "gloo|nccl" groups do).
+template <typename Backend>
+void add_backend(ProcessGroup& pg, const c10::intrusive_ptr<c10d::Store>& store,
+                 const char* prefix, int rank, int world,
+                 c10::intrusive_ptr<typename Backend::Options> opts,
+                 c10::DeviceType device, ProcessGroup::BackendType type) {
+  opts->group_name = "0";
+  auto backend = c10::make_intrusive<Backend>(
+      c10::make_intrusive<c10d::PrefixStore>(prefix, store), rank, world,
+      opts);
+  backend->setSequenceNumberForGroup();
+  pg.setBackend(device, type, backend);
+  pg.setDefaultBackend(type);
+}
+
 std::vector<at::Tensor> gather(at::Tensor** ts, size_t n) {
   std::vector<at::Tensor> v;
   v.reserve(n);
@@ -114,28 +131,18 @@ int dim_dist_group_new(const char* host, int port, int rank, int world,
 
     // Honours GLOO_SOCKET_IFNAME (the network interface, multi-node), else
     // the interface of this host's name, as torch.distributed does.
-    auto gopts = c10d::ProcessGroupGloo::Options::create_default(timeout);
-    gopts->group_name = "0";
-    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
-        c10::make_intrusive<c10d::PrefixStore>("gloo", store), rank, world,
-        gopts);
-    gloo->setSequenceNumberForGroup();
-    pg->setBackend(c10::DeviceType::CPU, ProcessGroup::BackendType::GLOO,
-                   gloo);
-    pg->setDefaultBackend(ProcessGroup::BackendType::GLOO);
+    add_backend<c10d::ProcessGroupGloo>(
+        *pg, store, "gloo", rank, world,
+        c10d::ProcessGroupGloo::Options::create_default(timeout),
+        c10::DeviceType::CPU, ProcessGroup::BackendType::GLOO);
     if (cuda >= 0) {
 #ifdef DIM_WITH_NCCL
       c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda));
       auto nopts = c10d::ProcessGroupNCCL::Options::create();
       nopts->timeout = timeout;
-      nopts->group_name = "0";
-      auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
-          c10::make_intrusive<c10d::PrefixStore>("nccl", store), rank, world,
-          nopts);
-      nccl->setSequenceNumberForGroup();
-      pg->setBackend(c10::DeviceType::CUDA, ProcessGroup::BackendType::NCCL,
-                     nccl);
-      pg->setDefaultBackend(ProcessGroup::BackendType::NCCL);
+      add_backend<c10d::ProcessGroupNCCL>(*pg, store, "nccl", rank, world,
+                                          nopts, c10::DeviceType::CUDA,
+                                          ProcessGroup::BackendType::NCCL);
 #else
       TORCH_CHECK(false,
                   "this build of dim has no NCCL (built without CUDA headers): "

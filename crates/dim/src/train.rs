@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use dim_diffusion::{Diffusion, FallibleFn, NoiseRng, SamplerConfig};
 use dim_io::Group;
 use dim_rng::derive;
-use indicatif::{ProgressBar, ProgressStyle};
+
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -28,7 +28,9 @@ use crate::dist::{self, World};
 use crate::images;
 use crate::metrics::{rss_mib, JsonlWriter, StepRecord};
 use crate::optim::{AdamW, Ema};
-use crate::runtime::{diffusion_config, model_config, named_params, set_precision, Net};
+use crate::runtime::{
+    diffusion_config, model_config, named_params, progress_bar, set_precision, Net,
+};
 
 /// Steps between the ranks' agreements on stopping (Ctrl-C, time limit).
 const STOP_CHECK_EVERY: u64 = 10;
@@ -175,16 +177,10 @@ pub fn train(
         "training {}",
         cfg.file
     );
-    let bar = match world.is_primary() {
-        true => ProgressBar::new(t.steps),
-        false => ProgressBar::hidden(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} train [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+    let bar = progress_bar(
+        t.steps,
+        world.is_primary(),
+        "{spinner} train [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}",
     );
     bar.set_position(step);
     let start = Instant::now();
