@@ -36,6 +36,7 @@ Contents (all tensors as {"shape": [...], "data": [flat f64]}):
   `training_losses` / `_vb_terms_bpd` (not diffusers: it has no such loss).
 """
 
+import importlib
 import json
 import math
 import pathlib
@@ -46,16 +47,6 @@ import numpy as np
 import torch
 
 import diffusers
-from diffusers.schedulers import (
-    scheduling_ddim,
-    scheduling_ddpm,
-    scheduling_dpmsolver_multistep,
-    scheduling_euler_ancestral_discrete,
-    scheduling_euler_discrete,
-    scheduling_flow_match_euler_discrete,
-    scheduling_flow_match_heun_discrete,
-    scheduling_heun_discrete,
-)
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "crates/dim-diffusion/tests/fixtures/diffusers.json"
 
@@ -73,16 +64,21 @@ class _F64Module(types.ModuleType):
         return getattr(self._inner, name)
 
 
-for _m in (
-    scheduling_ddim,
-    scheduling_ddpm,
-    scheduling_dpmsolver_multistep,
-    scheduling_euler_ancestral_discrete,
-    scheduling_euler_discrete,
-    scheduling_flow_match_euler_discrete,
-    scheduling_flow_match_heun_discrete,
-    scheduling_heun_discrete,
-):
+# The scheduler modules, by name; their float32 tables and steps become float64.
+SCHEDULING = {
+    name: importlib.import_module(f"diffusers.schedulers.scheduling_{name}")
+    for name in (
+        "ddim",
+        "ddpm",
+        "dpmsolver_multistep",
+        "euler_ancestral_discrete",
+        "euler_discrete",
+        "flow_match_euler_discrete",
+        "flow_match_heun_discrete",
+        "heun_discrete",
+    )
+}
+for _m in SCHEDULING.values():
     _m.torch = _F64Module(torch)
     _m.np = _F64Module(np)
 
@@ -229,55 +225,45 @@ def loops():
             )
         )
 
-    for sch, pred, steps, spacing in [
-        ("linear", "eps", 50, "leading"),
-        ("linear", "v", 10, "trailing"),
-        ("cosine", "x0", 20, "leading"),
-    ]:
-        s = diffusers.DDIMScheduler(
-            **sched_kw(sch), prediction_type=PRED[pred], clip_sample=False, timestep_spacing=spacing,
-            set_alpha_to_one=True, steps_offset=0,
-        )
-        s.set_timesteps(steps)
-        add("ddim", s, sch, pred, steps, spacing, False)
-
-    for sch, pred, steps, spacing in [
-        ("linear", "eps", 20, "linspace"),
-        ("linear", "x0", 20, "leading"),
-        ("linear", "v", 15, "trailing"),
-        ("scaled_linear", "eps", 10, "linspace"),
-        ("cosine", "v", 25, "linspace"),
-    ]:
-        s = diffusers.DPMSolverMultistepScheduler(
-            **sched_kw(sch), prediction_type=PRED[pred], timestep_spacing=spacing, solver_order=2,
-            algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
-            final_sigmas_type="zero", steps_offset=0,
-        )
-        s.set_timesteps(steps)
-        assert s.sigmas.dtype == torch.float64
-        add("dpm++2m", s, sch, pred, steps, spacing, False)
-
-    for sch, pred, steps, spacing in [
-        ("linear", "eps", 50, "linspace"),
-        ("linear", "v", 30, "leading"),
-        ("scaled_linear", "eps", 25, "trailing"),
-        ("cosine", "x0", 40, "linspace"),
-    ]:
-        s = diffusers.EulerDiscreteScheduler(
-            **sched_kw(sch), prediction_type=PRED[pred], timestep_spacing=spacing, steps_offset=0,
-        )
-        s.set_timesteps(steps)
-        add("euler", s, sch, pred, steps, spacing, True)
-
-    for sch, pred, steps, spacing in [
-        ("linear", "eps", 25, "linspace"),
-        ("linear", "v", 10, "trailing"),
-    ]:
-        s = diffusers.HeunDiscreteScheduler(
-            **sched_kw(sch), prediction_type=PRED[pred], timestep_spacing=spacing, steps_offset=0,
-        )
-        s.set_timesteps(steps)
-        add("heun", s, sch, pred, steps, spacing, True)
+    # (sampler, scheduler, its options beyond schedule, prediction and
+    # spacing, whether the model input is scaled, cases)
+    gaussian = [
+        ("ddim", diffusers.DDIMScheduler, dict(clip_sample=False, set_alpha_to_one=True), False, [
+            ("linear", "eps", 50, "leading"),
+            ("linear", "v", 10, "trailing"),
+            ("cosine", "x0", 20, "leading"),
+        ]),
+        ("dpm++2m", diffusers.DPMSolverMultistepScheduler, dict(
+            solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+            lower_order_final=True, final_sigmas_type="zero",
+        ), False, [
+            ("linear", "eps", 20, "linspace"),
+            ("linear", "x0", 20, "leading"),
+            ("linear", "v", 15, "trailing"),
+            ("scaled_linear", "eps", 10, "linspace"),
+            ("cosine", "v", 25, "linspace"),
+        ]),
+        ("euler", diffusers.EulerDiscreteScheduler, {}, True, [
+            ("linear", "eps", 50, "linspace"),
+            ("linear", "v", 30, "leading"),
+            ("scaled_linear", "eps", 25, "trailing"),
+            ("cosine", "x0", 40, "linspace"),
+        ]),
+        ("heun", diffusers.HeunDiscreteScheduler, {}, True, [
+            ("linear", "eps", 25, "linspace"),
+            ("linear", "v", 10, "trailing"),
+        ]),
+    ]
+    for sampler, scheduler, options, scale_input, configs in gaussian:
+        for sch, pred, steps, spacing in configs:
+            s = scheduler(
+                **sched_kw(sch), prediction_type=PRED[pred], timestep_spacing=spacing, steps_offset=0,
+                **options,
+            )
+            s.set_timesteps(steps)
+            if hasattr(s, "sigmas"):
+                assert s.sigmas.dtype == torch.float64
+            add(sampler, s, sch, pred, steps, spacing, scale_input)
 
     for steps, shift in [(28, 1.0), (10, 3.0)]:
         s = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
@@ -457,8 +443,8 @@ def random_case(k, c, rng):
     rec_k = rng.randrange(n)
     rec = {}
     ddpm_noise = []
-    scheduling_ddpm.randn_tensor = lambda shape, **kw: ddpm_noise.pop(0)
-    scheduling_euler_ancestral_discrete.randn_tensor = lambda shape, **kw: ddpm_noise.pop(0)
+    SCHEDULING["ddpm"].randn_tensor = lambda shape, **kw: ddpm_noise.pop(0)
+    SCHEDULING["euler_ancestral_discrete"].randn_tensor = lambda shape, **kw: ddpm_noise.pop(0)
     x = x_T * float(getattr(s, "init_noise_sigma", 1.0))
     ve = sampler in ("euler", "euler_a", "heun")
     T = c["T"]

@@ -8,25 +8,16 @@ fn main() {
     let Some(libtorch) = dim_build::libtorch_dir() else {
         return;
     };
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let csrc = manifest.join("csrc");
+    let csrc = dim_build::manifest_dir().join("csrc");
+    // The Gloo declarations too, not only dist.cpp.
     println!("cargo:rerun-if-changed={}", csrc.display());
-    let mut build = cc::Build::new();
+    let mut build = dim_build::cpp_shim(&libtorch, &csrc.join("dist.cpp"));
     build
-        .cpp(true)
-        .pic(true)
-        .std("c++17")
-        .includes(dim_build::libtorch_includes(&libtorch))
-        .include(dim_build::shim_include_dir())
         // Gloo's own headers are not in the wheel: declarations suffice (see
         // csrc/gloo_decl/gloo/README.md).
         .include(csrc.join("gloo_decl"))
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_GLOO", None)
-        .define("USE_DISTRIBUTED", None)
-        .flag("-O2")
-        .warnings(false)
-        .file(csrc.join("dist.cpp"));
+        .define("USE_DISTRIBUTED", None);
     if let Some(nccl) = nccl_include(&libtorch) {
         let cuda = dim_build::cuda_home().expect("checked by nccl_include");
         build

@@ -11,7 +11,7 @@ fn main() {
         // in torch-sys with its message. Keep ours short.
         return;
     };
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let manifest = dim_build::manifest_dir();
     let kernels = manifest.join("../../kernels");
     let kernels = kernels.canonicalize().unwrap_or(kernels);
 
@@ -111,20 +111,11 @@ fn compile_kernels(nvcc: &Path, kernels: &Path) -> bool {
 }
 
 fn compile_shim(manifest: &Path, libtorch: &Path, kernels: &Path, nvcc: Option<&Path>) {
-    let shim = manifest.join("csrc/scan_op.cpp");
-    println!("cargo:rerun-if-changed={}", shim.display());
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .pic(true)
-        .std("c++17")
-        .includes(dim_build::libtorch_includes(libtorch))
-        .include(dim_build::shim_include_dir())
-        .include(kernels)
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .flag("-O2")
-        .warnings(false)
-        .file(&shim);
+    let mut build = dim_build::cpp_shim(libtorch, &manifest.join("csrc/scan_op.cpp"));
+    // The profiler bridge (src/profiler.rs) rides in the same library.
+    let profiler = manifest.join("csrc/profiler.cpp");
+    println!("cargo:rerun-if-changed={}", profiler.display());
+    build.file(&profiler).include(kernels);
     if let Some(nvcc) = nvcc {
         let cuda_home = nvcc.parent().and_then(Path::parent).unwrap();
         build

@@ -693,29 +693,35 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
             })
             .collect()
     };
+    let exp = &report.experiment.name;
+    let chart =
+        |what: &str, x_label: &str, y_label: &str, log_y: bool, series: Vec<Series>| Chart {
+            title: format!("{exp}: {what}"),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            log_y,
+            series,
+        };
     let mut out = vec![
         (
             "loss_vs_step",
-            Chart {
-                title: format!("{}: training loss", report.experiment.name),
-                x_label: "step".into(),
-                y_label: "loss".into(),
-                log_y: true,
-                series: per_run("step", "loss"),
-            },
+            chart(
+                "training loss",
+                "step",
+                "loss",
+                true,
+                per_run("step", "loss"),
+            ),
         ),
         (
             "loss_vs_time",
-            Chart {
-                title: format!(
-                    "{}: training loss against wall time",
-                    report.experiment.name
-                ),
-                x_label: "wall time (s)".into(),
-                y_label: "loss".into(),
-                log_y: true,
-                series: per_run("elapsed_s", "loss"),
-            },
+            chart(
+                "training loss against wall time",
+                "wall time (s)",
+                "loss",
+                true,
+                per_run("elapsed_s", "loss"),
+            ),
         ),
     ];
     // FID: the curve where there is one, else the final evaluations.
@@ -740,18 +746,6 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
             }
         }
     }
-    if !fid.is_empty() {
-        out.push((
-            "fid_vs_step",
-            Chart {
-                title: format!("{}: FID against training step", report.experiment.name),
-                x_label: "step".into(),
-                y_label: "FID".into(),
-                log_y: false,
-                series: fid,
-            },
-        ));
-    }
     // Throughput and memory against tokens: one line per group of arms.
     let by_group = |f: &dyn Fn(&RunReport) -> Option<f64>| -> Vec<Series> {
         let mut groups: Vec<Series> = Vec::new();
@@ -772,32 +766,34 @@ pub fn charts(report: &Report) -> Vec<(&'static str, Chart)> {
         }
         groups
     };
-    let thr = by_group(&|r| r.images_per_s());
-    if !thr.is_empty() {
-        out.push((
+    // These only where there is something to draw.
+    let optional = [
+        (
+            "fid_vs_step",
+            chart("FID against training step", "step", "FID", false, fid),
+        ),
+        (
             "throughput_vs_tokens",
-            Chart {
-                title: format!("{}: training throughput", report.experiment.name),
-                x_label: "tokens per sample".into(),
-                y_label: "images/s (median)".into(),
-                log_y: false,
-                series: thr,
-            },
-        ));
-    }
-    let mem = by_group(&|r| r.peak_memory_mib());
-    if !mem.is_empty() {
-        out.push((
+            chart(
+                "training throughput",
+                "tokens per sample",
+                "images/s (median)",
+                false,
+                by_group(&|r| r.images_per_s()),
+            ),
+        ),
+        (
             "memory_vs_tokens",
-            Chart {
-                title: format!("{}: peak training memory", report.experiment.name),
-                x_label: "tokens per sample".into(),
-                y_label: "memory (MiB)".into(),
-                log_y: false,
-                series: mem,
-            },
-        ));
-    }
+            chart(
+                "peak training memory",
+                "tokens per sample",
+                "memory (MiB)",
+                false,
+                by_group(&|r| r.peak_memory_mib()),
+            ),
+        ),
+    ];
+    out.extend(optional.into_iter().filter(|(_, c)| !c.series.is_empty()));
     out
 }
 

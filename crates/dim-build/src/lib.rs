@@ -90,3 +90,31 @@ pub fn shim_include_dir() -> PathBuf {
     );
     dir
 }
+
+/// This package's source folder (`CARGO_MANIFEST_DIR` of the build script
+/// that calls it).
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+}
+
+/// A C++17 build of the shim source `file` against libtorch's C++ API, with
+/// the settings every crate's shim shares: position-independent code, the
+/// libtorch and `dim_shim.h` include folders, the new libstdc++ ABI (as
+/// libtorch's wheels use), `-O2`, libtorch's header warnings off. Also tells
+/// cargo to rebuild when `file` changes. The caller adds its own includes
+/// and defines, then compiles.
+pub fn cpp_shim(libtorch: &Path, file: &Path) -> cc::Build {
+    println!("cargo:rerun-if-changed={}", file.display());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .includes(libtorch_includes(libtorch))
+        .include(shim_include_dir())
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag("-O2")
+        .warnings(false)
+        .file(file);
+    build
+}

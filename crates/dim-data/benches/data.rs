@@ -5,26 +5,19 @@
 //! Run: `cargo bench -p dim-data --bench data` (prints a table; results are
 //! recorded in docs/benchmarks/data.md).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Instant;
 
 use dim_data::video::{decode_each, decode_frames, probe};
 use dim_data::{
     Dataset, DecodeOptions, IdxDataset, ImageFolder, Loader, LoaderConfig, Split, Transform,
-    Transformed, FASHION_MNIST_DIR,
+    Transformed,
 };
 
-fn require(p: impl AsRef<Path>) -> PathBuf {
-    let p = p.as_ref().to_path_buf();
-    assert!(
-        p.exists(),
-        "{} is missing: run cargo xtask setup",
-        p.display()
-    );
-    p
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 /// Images per second through a loader, over `batches` batches after one warm-up batch.
 fn loader_rate(ds: Arc<dyn Dataset>, batch: usize, workers: usize, batches: usize) -> f64 {
@@ -55,30 +48,12 @@ fn ffmpeg_rate(path: &Path, threads: usize, frames: usize, reps: usize) -> f64 {
     (0..reps)
         .map(|_| {
             let t = Instant::now();
-            let st = Command::new("ffmpeg")
-                .args([
-                    "-v",
-                    "error",
-                    "-nostdin",
-                    "-threads",
-                    &threads.to_string(),
-                    "-i",
-                ])
-                .arg(path)
-                .args([
-                    "-an",
-                    "-fps_mode",
-                    "passthrough",
-                    "-f",
-                    "rawvideo",
-                    "-pix_fmt",
-                    "rgb24",
-                    "-y",
-                    "/dev/null",
-                ])
-                .stdout(Stdio::null())
-                .status()
-                .expect("ffmpeg program (run cargo xtask setup)");
+            let threads = threads.to_string();
+            let st =
+                common::ffmpeg_rgb24(path, &["-threads", &threads], &["-an", "-y"], "/dev/null")
+                    .stdout(Stdio::null())
+                    .status()
+                    .expect("ffmpeg program (run cargo xtask setup)");
             assert!(st.success());
             frames as f64 / t.elapsed().as_secs_f64()
         })
@@ -152,12 +127,7 @@ fn main() {
 
 /// Where the JPEG pipeline spends its time, per image, on one thread.
 fn jpeg_parts() {
-    let src = require("/usr/share/doc/opencv-doc/examples/data");
-    let jpegs: Vec<PathBuf> = std::fs::read_dir(&src)
-        .expect("opencv-doc data")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-        .collect();
+    let jpegs = common::opencv_jpegs();
     let (mut dec, mut crop, mut conv) = (0f64, 0f64, 0f64);
     for p in &jpegs {
         let t = Instant::now();
@@ -179,36 +149,39 @@ fn jpeg_parts() {
     );
 }
 
-fn fashion() {
-    // Fashion-MNIST: pad to 32, random flip, batch 256.
-    let fm =
-        IdxDataset::mnist_layout(require(FASHION_MNIST_DIR), Split::Train).expect("fashion-mnist");
-    let fm: Arc<dyn Dataset> = Arc::new(Transformed::new(
-        fm,
-        vec![
-            Transform::Pad { size: 32, value: 0 },
-            Transform::RandomFlip { p: 0.5 },
-        ],
-    ));
+/// Prints the loader's images/s over `ds` with `transforms` in batches of
+/// `batch`, with 1 and 2 workers.
+fn loader_rates(
+    label: &str,
+    ds: impl Dataset + 'static,
+    transforms: Vec<Transform>,
+    batch: usize,
+    batches: usize,
+) {
+    let ds: Arc<dyn Dataset> = Arc::new(Transformed::new(ds, transforms));
     for workers in [1, 2] {
         println!(
-            "fashion-mnist  pad32+flip  batch 256  workers {workers}: {:>9.0} images/s",
-            loader_rate(fm.clone(), 256, workers, 60)
+            "{label} batch {batch} workers {workers}: {:>9.1} images/s",
+            loader_rate(ds.clone(), batch, workers, batches)
         );
     }
 }
 
+fn fashion() {
+    // Fashion-MNIST: pad to 32, random flip, batch 256.
+    let fm = IdxDataset::mnist_layout(common::fashion_dir(), Split::Train).expect("fashion-mnist");
+    let transforms = vec![
+        Transform::Pad { size: 32, value: 0 },
+        Transform::RandomFlip { p: 0.5 },
+    ];
+    loader_rates("fashion-mnist  pad32+flip ", fm, transforms, 256, 60);
+}
+
 fn jpeg() {
-    // JPEG folder: the opencv-doc sample photos (59 JPEGs, 512x384 to
-    // 1280x960), linked into 10 class folders, ADM crop to 256 + flip.
-    let src = require("/usr/share/doc/opencv-doc/examples/data");
+    // JPEG folder: the opencv-doc sample photos, linked into 10 class
+    // folders, ADM crop to 256 + flip.
+    let jpegs = common::opencv_jpegs();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut jpegs: Vec<PathBuf> = std::fs::read_dir(&src)
-        .expect("opencv-doc data")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
-        .collect();
-    jpegs.sort();
     for class in 0..10 {
         let d = dir.path().join(format!("class{class}"));
         std::fs::create_dir_all(&d).expect("mkdir");
@@ -217,30 +190,21 @@ fn jpeg() {
         }
     }
     let folder = ImageFolder::with_classes(dir.path()).expect("jpeg folder");
-    let n = folder.len();
-    let folder: Arc<dyn Dataset> = Arc::new(Transformed::new(
-        folder,
-        vec![
-            Transform::CenterCropResize { size: 256 },
-            Transform::RandomFlip { p: 0.5 },
-        ],
-    ));
-    for workers in [1, 2] {
-        println!(
-            "jpeg folder ({n} photos) crop256+flip batch 32 workers {workers}: {:>7.1} images/s",
-            loader_rate(folder.clone(), 32, workers, 8)
-        );
-    }
+    let label = format!("jpeg folder ({} photos) crop256+flip", folder.len());
+    let transforms = vec![
+        Transform::CenterCropResize { size: 256 },
+        Transform::RandomFlip { p: 0.5 },
+    ];
+    loader_rates(&label, folder, transforms, 32, 8);
 }
 
 fn video() {
     // Video: full decode to RGB24 of real clips, us against the program,
     // alternating runs so both see the same machine load.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.dim/video");
     for path in [
-        require(root.join("bigbuckbunny.mp4")),
-        require(root.join("bikes.mp4")),
-        require("/usr/share/doc/opencv-doc/examples/data/Megamind.avi"),
+        common::video("bigbuckbunny.mp4"),
+        common::video("bikes.mp4"),
+        common::opencv_sample("Megamind.avi"),
     ] {
         let info = probe(&path).expect("probe");
         let name = path

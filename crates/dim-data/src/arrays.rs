@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Kind, Tensor};
 
-use crate::dataset::{check_index, Dataset, RawSample, Sample};
+use crate::dataset::{check_index, class_count, Dataset, RawSample, Sample};
 use crate::error::{DataError, Result};
 use crate::frames::Frames;
 
@@ -311,9 +311,7 @@ impl Dataset for ArrayDataset {
     }
 
     fn num_classes(&self) -> Option<usize> {
-        self.labels
-            .as_ref()
-            .map(|l| l.iter().copied().max().map_or(0, |m| m as usize + 1))
+        class_count(self.labels.as_deref())
     }
 
     fn describe(&self) -> String {

@@ -41,11 +41,11 @@ pub enum DataConfig {
     /// Fashion-MNIST from its IDX files (`(1, 28, 28)`).
     FashionMnist(FashionMnistConfig),
     /// Any `u8` IDX3 image file with optional IDX1 labels.
-    Idx(IdxConfig),
+    Idx(ImageFileConfig),
     /// JPEG/PNG images, class sub-folders or flat.
     ImageFolder(ImageFolderConfig),
     /// A `.npy` array of images.
-    Npy(NpyConfig),
+    Npy(ImageFileConfig),
     /// An image tensor in a safetensors file.
     Safetensors(SafetensorsConfig),
     /// The generated Moving Fashion-MNIST clips (`(1, T, 64, 64)` by default).
@@ -78,16 +78,18 @@ fn train() -> Split {
     Split::Train
 }
 
-/// `kind = "idx"`.
+/// `kind = "idx"` and `kind = "npy"`: an image file with an optional label
+/// file beside it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdxConfig {
-    /// IDX3 images, raw or gzipped.
+pub struct ImageFileConfig {
+    /// Images: IDX3 `u8`, raw or gzipped (`idx`); `.npy` `u8` `(N, H, W[, C])`
+    /// or floats in `[-1, 1]` (`npy`).
     pub images: PathBuf,
-    /// IDX1 labels, raw or gzipped.
+    /// Integer labels `(N)`: IDX1, raw or gzipped (`idx`); `.npy` (`npy`).
     #[serde(default)]
     pub labels: Option<PathBuf>,
-    /// Pixel transforms, in order.
+    /// Pixel transforms (u8 images only), in order.
     #[serde(default)]
     pub transforms: Vec<Transform>,
 }
@@ -102,20 +104,6 @@ pub struct ImageFolderConfig {
     #[serde(default = "yes")]
     pub classes: bool,
     /// Pixel transforms, in order.
-    #[serde(default)]
-    pub transforms: Vec<Transform>,
-}
-
-/// `kind = "npy"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NpyConfig {
-    /// Images: `u8` `(N, H, W[, C])` or floats in `[-1, 1]`.
-    pub images: PathBuf,
-    /// Integer labels `(N)`.
-    #[serde(default)]
-    pub labels: Option<PathBuf>,
-    /// Pixel transforms (u8 arrays only), in order.
     #[serde(default)]
     pub transforms: Vec<Transform>,
 }
@@ -245,9 +233,8 @@ impl DataConfig {
     fn transforms(&self) -> &[Transform] {
         match self {
             DataConfig::FashionMnist(c) => &c.transforms,
-            DataConfig::Idx(c) => &c.transforms,
+            DataConfig::Idx(c) | DataConfig::Npy(c) => &c.transforms,
             DataConfig::ImageFolder(c) => &c.transforms,
-            DataConfig::Npy(c) => &c.transforms,
             DataConfig::Safetensors(c) => &c.transforms,
             DataConfig::MovingFashionMnist(c) => &c.transforms,
             DataConfig::VideoFolder(c) => &c.transforms,
@@ -263,9 +250,8 @@ impl DataConfig {
         }
         match self {
             DataConfig::FashionMnist(_) => Ok(()),
-            DataConfig::Idx(c) => need_path("data.images", &c.images),
+            DataConfig::Idx(c) | DataConfig::Npy(c) => need_path("data.images", &c.images),
             DataConfig::ImageFolder(c) => need_path("data.root", &c.root),
-            DataConfig::Npy(c) => need_path("data.images", &c.images),
             DataConfig::Safetensors(c) => need_path("data.path", &c.path),
             // Item size is known once the source is open: 28 for Fashion-MNIST.
             DataConfig::MovingFashionMnist(c) => c.moving.validate("data.moving", 28),
@@ -382,38 +368,34 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = DataConfig::from_toml_str("kind = \"imagenet\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("imagenet"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"image_folder\"\nroot = \"x\"\nclases = false")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("clases"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"image_folder\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("root"), "{e}");
-        let e =
-            DataConfig::from_toml_str("kind = \"ucf101\"\nroot = \"r\"\nsplits = \"s\"\nfold = 4")
-                .unwrap_err()
-                .to_string();
-        assert!(e.contains("data.fold"), "{e}");
-        let e =
-            DataConfig::from_toml_str("kind = \"video_folder\"\nroot = \"r\"\n[clip]\nframes = 0")
-                .unwrap_err()
-                .to_string();
-        assert!(e.contains("data.clip.frames"), "{e}");
-        let e = DataConfig::from_toml_str(
-            "kind = \"npy\"\nimages = \"a\"\ntransforms = [{ op = \"random_flip\", p = 2.0 }]",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("data.transforms[0].p"), "{e}");
-        let e = DataConfig::from_toml_str("kind = \"moving_fashion_mnist\"\n[moving]\ncanvas = 20")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("data.moving.canvas"), "{e}");
+        for (toml, key) in [
+            ("kind = \"imagenet\"", "imagenet"),
+            (
+                "kind = \"image_folder\"\nroot = \"x\"\nclases = false",
+                "clases",
+            ),
+            ("kind = \"image_folder\"", "root"),
+            (
+                "kind = \"ucf101\"\nroot = \"r\"\nsplits = \"s\"\nfold = 4",
+                "data.fold",
+            ),
+            (
+                "kind = \"video_folder\"\nroot = \"r\"\n[clip]\nframes = 0",
+                "data.clip.frames",
+            ),
+            (
+                "kind = \"npy\"\nimages = \"a\"\ntransforms = [{ op = \"random_flip\", p = 2.0 }]",
+                "data.transforms[0].p",
+            ),
+            (
+                "kind = \"moving_fashion_mnist\"\n[moving]\ncanvas = 20",
+                "data.moving.canvas",
+            ),
+            ("kind = \"idx\"\nimages = \"\"", "data.images"),
+        ] {
+            let e = DataConfig::from_toml_str(toml).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml:?}: {e}");
+        }
     }
 
     #[test]

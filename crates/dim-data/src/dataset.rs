@@ -69,25 +69,8 @@ impl std::fmt::Debug for dyn Dataset {
     }
 }
 
+// Datasets are shared as `Arc<dyn Dataset>` (config builds, loader workers).
 impl<D: Dataset + ?Sized> Dataset for Arc<D> {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn get_raw(&self, index: usize, seed: u64) -> Result<RawSample> {
-        (**self).get_raw(index, seed)
-    }
-    fn get(&self, index: usize, seed: u64) -> Result<Sample> {
-        (**self).get(index, seed)
-    }
-    fn num_classes(&self) -> Option<usize> {
-        (**self).num_classes()
-    }
-    fn describe(&self) -> String {
-        (**self).describe()
-    }
-}
-
-impl<D: Dataset + ?Sized> Dataset for Box<D> {
     fn len(&self) -> usize {
         (**self).len()
     }
@@ -148,6 +131,12 @@ impl<D: Dataset> Dataset for Transformed<D> {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+}
+
+/// The class count of integer labels (the largest plus one; 0 when there
+/// are none), for [`Dataset::num_classes`] of labelled sources.
+pub(crate) fn class_count<T: Copy + Ord + Into<i64>>(labels: Option<&[T]>) -> Option<usize> {
+    labels.map(|l| l.iter().copied().max().map_or(0, |m| m.into() as usize + 1))
 }
 
 /// Checks `index < len`.

@@ -103,6 +103,15 @@ impl DataError {
         }
     }
 
+    /// A [`DataError::Config`] for the first of `counts` (`(key, value)`)
+    /// that is 0, named `prefix.key`; `Ok` when all are at least 1.
+    pub(crate) fn require_counts(prefix: &str, counts: &[(&str, usize)]) -> Result<()> {
+        match counts.iter().find(|(_, v)| *v == 0) {
+            Some((k, _)) => Err(Self::config(format!("{prefix}.{k}"), "must be at least 1")),
+            None => Ok(()),
+        }
+    }
+
     /// Whether this error is about one sample's data (so the `skip` policy may
     /// drop that sample) rather than about the setup or a bug.
     pub fn is_sample_error(&self) -> bool {

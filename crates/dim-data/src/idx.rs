@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::dataset::{check_index, Dataset, RawSample};
+use crate::dataset::{check_index, class_count, Dataset, RawSample};
 use crate::error::{DataError, Result};
 use crate::frames::Frames;
 
@@ -195,9 +195,7 @@ impl Dataset for IdxDataset {
     }
 
     fn num_classes(&self) -> Option<usize> {
-        self.labels
-            .as_ref()
-            .map(|l| l.iter().copied().max().map_or(0, |m| m as usize + 1))
+        class_count(self.labels.as_deref())
     }
 
     fn describe(&self) -> String {

@@ -2,8 +2,12 @@
 //! safetensors shards plus an `index.json`, read back one sample at a time
 //! with positioned reads so the cache may be far larger than memory.
 //!
-//! Shard `shard-NNNNN.safetensors` holds `latents` `(n, ...)` in the dtype
-//! written and, when labels were given, `labels` `(n)` i64.
+//! Shard `shard-NNNNN.safetensors` (`k`) holds samples `k·shard_size ..`:
+//! `latents` `(n, ...)` in the dtype written and, when labels were given,
+//! `labels` `(n)` i64. Headers are the `safetensors` crate's, read from the
+//! file's first bytes only. Each shard is written whole and renamed, so
+//! several processes can fill one cache ([`ShardWriter`], [`begin_cache`],
+//! [`finish_cache`]); [`LatentWriter`] is the one-process form.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -11,6 +15,9 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use dim_io::{dtype_of, kind_of};
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -25,9 +32,9 @@ pub const LATENT_INDEX: &str = "index.json";
 pub const LATENT_PROGRESS: &str = "progress.json";
 
 /// One tensor of a safetensors file as found in its header.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub(crate) struct TensorEntry {
-    pub dtype: String,
+    pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub data_offsets: [usize; 2],
 }
@@ -41,60 +48,48 @@ pub(crate) struct Header {
     pub data_start: u64,
 }
 
-pub(crate) fn dtype_name(kind: Kind) -> Option<(&'static str, usize)> {
-    Some(match kind {
-        Kind::Float => ("F32", 4),
-        Kind::Half => ("F16", 2),
-        Kind::BFloat16 => ("BF16", 2),
-        Kind::Double => ("F64", 8),
-        Kind::Uint8 => ("U8", 1),
-        Kind::Int64 => ("I64", 8),
-        _ => return None,
-    })
+/// Bytes of the little-endian header length that opens a safetensors file.
+const LEN_BYTES: u64 = 8;
+/// Largest header accepted (the safetensors crate's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// The safetensors dtype named `name` (`F32`, `I64`, ...).
+fn parse_dtype(name: &str) -> Option<Dtype> {
+    use serde::de::{value::StrDeserializer, IntoDeserializer};
+    let de: StrDeserializer<'_, serde::de::value::Error> = name.into_deserializer();
+    Dtype::deserialize(de).ok()
 }
 
-fn dtype_kind(name: &str) -> Option<(Kind, usize)> {
-    Some(match name {
-        "F32" => (Kind::Float, 4),
-        "F16" => (Kind::Half, 2),
-        "BF16" => (Kind::BFloat16, 2),
-        "F64" => (Kind::Double, 8),
-        "U8" => (Kind::Uint8, 1),
-        "I64" => (Kind::Int64, 8),
-        _ => return None,
-    })
-}
-
-/// Writes a safetensors file from raw little-endian tensors, streaming each
-/// data block so callers need not concatenate them.
+/// Writes a safetensors file from raw little-endian tensors `(name, dtype,
+/// shape, bytes)`, streaming each data block so callers need not
+/// concatenate them. The header is the safetensors crate's, so it is
+/// checked (offsets, sizes) before anything is written.
 pub(crate) fn write_safetensors(
     path: &Path,
     tensors: &[(&str, &str, Vec<usize>, &[u8])],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).expect("strings"),
-        );
-    }
+    let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for (name, dtype, shape, bytes) in tensors {
-        let entry = TensorEntry {
-            dtype: dtype.to_string(),
-            shape: shape.clone(),
-            data_offsets: [offset, offset + bytes.len()],
-        };
-        offset += bytes.len();
-        header.insert(
+        let dtype = parse_dtype(dtype)
+            .ok_or_else(|| DataError::corrupt(path, format!("`{name}`: unknown dtype {dtype}")))?;
+        infos.push((
             name.to_string(),
-            serde_json::to_value(entry).expect("plain struct"),
-        );
+            TensorInfo {
+                dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + bytes.len()),
+            },
+        ));
+        offset += bytes.len();
     }
+    let meta = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+    let header = Metadata::new(meta, infos)
+        .map_err(|e| DataError::corrupt(path, format!("cannot describe the tensors: {e}")))?;
     let mut json = serde_json::to_vec(&header).expect("plain map");
     // The format pads the header with spaces to a multiple of 8 bytes.
-    json.resize(json.len().next_multiple_of(8), b' ');
+    json.resize(json.len().next_multiple_of(LEN_BYTES as usize), b' ');
     let tmp = path.with_extension("partial");
     let io = |e| DataError::io(&tmp, e);
     let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
@@ -112,52 +107,60 @@ pub(crate) fn write_safetensors(
     std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
 }
 
-/// Reads and checks the header of a safetensors file.
+/// Reads the header of a safetensors file (only its first bytes) and checks
+/// it with the safetensors crate: the JSON, the dtypes, offsets that tile
+/// the data section, and a data section exactly as long as the rest of the
+/// file (so a truncated shard is an error here, not a short read later).
 pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
     let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
-    let mut n = [0u8; 8];
-    file.read_exact_at(&mut n, 0)
-        .map_err(|_| DataError::corrupt(path, "too short for a safetensors file"))?;
+    let mut n = [0u8; LEN_BYTES as usize];
+    file.read_exact_at(&mut n, 0).map_err(|_| {
+        DataError::corrupt(
+            path,
+            format!("{len} bytes: too short for a safetensors file (truncated?)"),
+        )
+    })?;
     let n = u64::from_le_bytes(n);
-    if n > len.saturating_sub(8) || n > 100 << 20 {
+    if n > MAX_HEADER || n > len - LEN_BYTES {
         return Err(DataError::corrupt(
             path,
-            format!("header length {n} does not fit the file ({len} bytes)"),
+            format!("header length {n} does not fit the file ({len} bytes; truncated or not safetensors)"),
         ));
     }
     let mut json = vec![0u8; n as usize];
-    file.read_exact_at(&mut json, 8)
+    file.read_exact_at(&mut json, LEN_BYTES)
         .map_err(|e| DataError::io(path, e))?;
-    let mut raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&json)
+    let meta: Metadata = serde_json::from_slice(&json)
         .map_err(|e| DataError::corrupt(path, format!("bad safetensors header: {e}")))?;
-    let metadata = match raw.remove("__metadata__") {
-        Some(m) => serde_json::from_value(m)
-            .map_err(|e| DataError::corrupt(path, format!("bad metadata: {e}")))?,
-        None => BTreeMap::new(),
-    };
-    let data_start = 8 + n;
-    let mut tensors = BTreeMap::new();
-    for (name, v) in raw {
-        let e: TensorEntry = serde_json::from_value(v)
-            .map_err(|e| DataError::corrupt(path, format!("bad entry `{name}`: {e}")))?;
-        let (_, size) = dtype_kind(&e.dtype).ok_or_else(|| {
-            DataError::corrupt(path, format!("`{name}` has unsupported dtype {}", e.dtype))
-        })?;
-        let bytes = e.shape.iter().product::<usize>() * size;
-        if e.data_offsets[1] < e.data_offsets[0]
-            || e.data_offsets[1] - e.data_offsets[0] != bytes
-            || data_start + e.data_offsets[1] as u64 > len
-        {
-            return Err(DataError::corrupt(
-                path,
-                format!(
-                    "`{name}` {:?} does not fit its offsets or the file (truncated?)",
-                    e.shape
-                ),
-            ));
-        }
-        tensors.insert(name, e);
+    let data_start = LEN_BYTES + n;
+    let data_len = meta.data_len() as u64;
+    if data_start.checked_add(data_len) != Some(len) {
+        return Err(DataError::corrupt(
+            path,
+            format!(
+                "the header describes {data_len} bytes of tensor data but the file holds {} after its header (truncated or corrupt)",
+                len - data_start
+            ),
+        ));
     }
+    let tensors = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let entry = TensorEntry {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data_offsets: [info.data_offsets.0, info.data_offsets.1],
+            };
+            (name, entry)
+        })
+        .collect();
+    let metadata = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     Ok(Header {
         tensors,
         metadata,
@@ -195,19 +198,269 @@ pub struct LatentIndex {
     pub meta: BTreeMap<String, String>,
 }
 
-/// Writes latents to a cache folder in shards of `shard_size` samples.
+/// File name of shard `k` of a cache (samples `k·shard_size ..`).
+pub fn shard_file_name(k: usize) -> String {
+    format!("shard-{k:05}.safetensors")
+}
+
+/// What every sample of a cache shares: dtype, per-sample shape, labelling.
+#[derive(Debug, Clone, PartialEq)]
+struct Layout {
+    kind: Kind,
+    sample_shape: Vec<usize>,
+    has_labels: bool,
+}
+
+/// Writes one shard file, `shard-k`, from batches of latents. Its bytes are
+/// held once (the shard's samples), then written whole under a temporary
+/// name and renamed, so a shard under its final name is always complete:
+/// several processes may each write their own shards of one cache.
+#[derive(Debug)]
+pub struct ShardWriter {
+    path: PathBuf,
+    capacity: usize,
+    layout: Option<Layout>,
+    buffer: Vec<u8>,
+    labels: Vec<i64>,
+    count: usize,
+}
+
+impl ShardWriter {
+    /// A writer of shard `k` in `dir` for at most `capacity` samples.
+    pub fn new(dir: impl AsRef<Path>, k: usize, capacity: usize) -> Self {
+        Self {
+            path: dir.as_ref().join(shard_file_name(k)),
+            capacity,
+            layout: None,
+            buffer: Vec::new(),
+            labels: Vec::new(),
+            count: 0,
+        }
+    }
+
+    fn with_layout(mut self, layout: Option<Layout>) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Samples written so far.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether no sample was written.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether the shard holds `capacity` samples.
+    pub fn is_full(&self) -> bool {
+        self.count >= self.capacity
+    }
+
+    /// Appends latents `(B, ...)` (f32, f16 or bf16, any device) with labels
+    /// `(B)` if the shard is labelled. Every batch must have the per-sample
+    /// shape, dtype and labelling of the first, and fit the capacity.
+    pub fn write(&mut self, latents: &Tensor, labels: Option<&Tensor>) -> Result<()> {
+        let shape = latents.size();
+        let kind = latents.kind();
+        let err = |m: String| DataError::corrupt(&self.path, m);
+        if shape.is_empty() {
+            return Err(err("latents must have a batch dimension".into()));
+        }
+        if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+            return Err(err(format!(
+                "latents must be f32, f16 or bf16, got {kind:?}"
+            )));
+        }
+        let b = shape[0] as usize;
+        if self.count + b > self.capacity {
+            return Err(err(format!(
+                "{b} more samples overflow the shard's {} ({} written)",
+                self.capacity, self.count
+            )));
+        }
+        let layout = Layout {
+            kind,
+            sample_shape: shape[1..].iter().map(|&d| d as usize).collect(),
+            has_labels: labels.is_some(),
+        };
+        let first = self.layout.get_or_insert_with(|| layout.clone());
+        if *first != layout {
+            return Err(err(format!(
+                "batch {layout:?} differs from the first batch {first:?}"
+            )));
+        }
+        let item = kind.elt_size_in_bytes() * layout.sample_shape.iter().product::<usize>();
+        let cpu = latents.to_device(tch::Device::Cpu).contiguous();
+        let at = self.buffer.len();
+        self.buffer.resize(at + b * item, 0);
+        // Raw bytes of the tensor in its own dtype (little-endian on x86/ARM).
+        let flat = cpu.view_dtype(Kind::Uint8).reshape([-1]);
+        flat.f_copy_data(&mut self.buffer[at..], b * item)?;
+        if let Some(y) = labels {
+            if y.size() != [b as i64] {
+                self.buffer.truncate(at);
+                return Err(err(format!(
+                    "labels have shape {:?}, expected [{b}]",
+                    y.size()
+                )));
+            }
+            let y = y
+                .to_device(tch::Device::Cpu)
+                .to_kind(Kind::Int64)
+                .contiguous();
+            let from = self.labels.len();
+            self.labels.resize(from + b, 0);
+            y.f_copy_data(&mut self.labels[from..], b)?;
+        }
+        self.count += b;
+        Ok(())
+    }
+
+    /// Writes the shard (at least one sample) and returns its index entry.
+    pub fn finish(self) -> Result<ShardInfo> {
+        let Some(layout) = &self.layout else {
+            return Err(DataError::corrupt(&self.path, "no latents were written"));
+        };
+        let dtype = dtype_of(layout.kind).expect("checked").to_string();
+        let mut shape = vec![self.count];
+        shape.extend_from_slice(&layout.sample_shape);
+        let label_bytes: Vec<u8> = self.labels.iter().flat_map(|y| y.to_le_bytes()).collect();
+        let mut tensors = vec![("latents", dtype.as_str(), shape, self.buffer.as_slice())];
+        if layout.has_labels {
+            tensors.push(("labels", "I64", vec![self.count], label_bytes.as_slice()));
+        }
+        write_safetensors(&self.path, &tensors, &BTreeMap::new())?;
+        let file = self
+            .path
+            .file_name()
+            .expect("a shard file name")
+            .to_string_lossy()
+            .into_owned();
+        Ok(ShardInfo {
+            file,
+            count: self.count,
+        })
+    }
+}
+
+/// Samples in shard `k` of the cache in `dir`, if that file is there (its
+/// header checked), `None` if not: what a resumed writer may skip.
+pub fn shard_len(dir: impl AsRef<Path>, k: usize) -> Result<Option<usize>> {
+    let path = dir.as_ref().join(shard_file_name(k));
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DataError::io(&path, e)),
+    };
+    let h = read_header(&path, &file)?;
+    let lat = h
+        .tensors
+        .get("latents")
+        .ok_or_else(|| DataError::corrupt(&path, "no `latents` tensor"))?;
+    Ok(lat.shape.first().copied())
+}
+
+/// Begins, or checks before resuming, a cache in `dir` that several writers
+/// fill shard by shard ([`ShardWriter`]): `plan` (shards empty) is recorded
+/// as `progress.json`; if one is there, its `meta` must equal `plan`'s
+/// except for the keys in `may_change`. A finished cache is an error.
+pub fn begin_cache(dir: impl AsRef<Path>, plan: &LatentIndex, may_change: &[&str]) -> Result<()> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    if dir.join(LATENT_INDEX).exists() {
+        return Err(DataError::corrupt(
+            dir,
+            "already holds a latent cache (index.json); remove it first",
+        ));
+    }
+    let ppath = dir.join(LATENT_PROGRESS);
+    if ppath.exists() {
+        let old = read_progress(&ppath)?;
+        let keys: std::collections::BTreeSet<&String> =
+            old.meta.keys().chain(plan.meta.keys()).collect();
+        for k in keys {
+            let (was, now) = (old.meta.get(k), plan.meta.get(k));
+            if was != now && !may_change.contains(&k.as_str()) {
+                return Err(DataError::corrupt(
+                    &ppath,
+                    format!(
+                        "was begun with {k} = {:?}, now {:?}: resume with the same arguments, or write to a new folder",
+                        was.map_or("", String::as_str),
+                        now.map_or("", String::as_str)
+                    ),
+                ));
+            }
+        }
+    }
+    write_json(dir, LATENT_PROGRESS, plan)
+}
+
+/// Finishes a cache written shard by shard: `index` lists every shard; each
+/// is checked ([`LatentDataset::open`]), then `index.json` is written, and
+/// `progress.json` and any other shard file (of an earlier, longer plan) removed.
+pub fn finish_cache(dir: impl AsRef<Path>, index: &LatentIndex) -> Result<LatentDataset> {
+    let dir = dir.as_ref();
+    write_json(dir, LATENT_INDEX, index)?;
+    let ds = match LatentDataset::open(dir) {
+        Ok(ds) => ds,
+        Err(e) => {
+            // Not a cache until every shard is right.
+            let _ = std::fs::remove_file(dir.join(LATENT_INDEX));
+            return Err(e);
+        }
+    };
+    let keep: Vec<&str> = index.shards.iter().map(|s| s.file.as_str()).collect();
+    remove_unlisted_shards(dir, &keep)?;
+    let ppath = dir.join(LATENT_PROGRESS);
+    if ppath.exists() {
+        std::fs::remove_file(&ppath).map_err(|e| DataError::io(&ppath, e))?;
+    }
+    tracing::info!(dir = %dir.display(), count = index.count, shards = index.shards.len(), "latent cache written");
+    Ok(ds)
+}
+
+fn read_progress(ppath: &Path) -> Result<LatentIndex> {
+    let text = std::fs::read(ppath).map_err(|e| DataError::io(ppath, e))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| DataError::corrupt(ppath, format!("bad progress file: {e}")))
+}
+
+/// Writes `dir/name` as JSON through a temporary file and a rename.
+fn write_json(dir: &Path, name: &str, value: &LatentIndex) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let json = serde_json::to_vec_pretty(value).expect("plain struct");
+    std::fs::write(&tmp, json).map_err(|e| DataError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))
+}
+
+/// Removes shard files not in `keep` and half-written `.partial` files.
+fn remove_unlisted_shards(dir: &Path, keep: &[&str]) -> Result<()> {
+    for e in std::fs::read_dir(dir)
+        .map_err(|e| DataError::io(dir, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if (name.starts_with("shard-") && !keep.contains(&name.as_str()))
+            || name.ends_with(".partial")
+        {
+            std::fs::remove_file(e.path()).map_err(|err| DataError::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes latents to a cache folder in shards of `shard_size` samples, in
+/// order, from one process (`dim latents` fills shards from several
+/// processes with [`ShardWriter`], [`begin_cache`] and [`finish_cache`]).
 #[derive(Debug)]
 pub struct LatentWriter {
     dir: PathBuf,
     shard_size: usize,
-    kind: Option<Kind>,
-    sample_shape: Vec<usize>,
-    has_labels: Option<bool>,
-    buffer: Vec<u8>,
-    labels: Vec<i64>,
-    buffered: usize,
+    current: ShardWriter,
     shards: Vec<ShardInfo>,
-    count: usize,
     meta: BTreeMap<String, String>,
 }
 
@@ -226,16 +479,10 @@ impl LatentWriter {
             ));
         }
         Ok(Self {
+            current: ShardWriter::new(&dir, 0, shard_size),
             dir,
             shard_size,
-            kind: None,
-            sample_shape: Vec::new(),
-            has_labels: None,
-            buffer: Vec::new(),
-            labels: Vec::new(),
-            buffered: 0,
             shards: Vec::new(),
-            count: 0,
             meta: BTreeMap::new(),
         })
     }
@@ -252,9 +499,7 @@ impl LatentWriter {
         if dir.join(LATENT_INDEX).exists() || !ppath.exists() {
             return Ok((Self::create(&dir, shard_size)?, 0));
         }
-        let text = std::fs::read(&ppath).map_err(|e| DataError::io(&ppath, e))?;
-        let p: LatentIndex = serde_json::from_slice(&text)
-            .map_err(|e| DataError::corrupt(&ppath, format!("bad progress file: {e}")))?;
+        let p = read_progress(&ppath)?;
         if p.shards.iter().any(|s| s.count != shard_size) {
             return Err(DataError::corrupt(
                 &ppath,
@@ -270,34 +515,24 @@ impl LatentWriter {
             }
         }
         // Shards after the recorded ones were cut off mid-way: drop them.
-        let keep: std::collections::BTreeSet<&str> =
-            p.shards.iter().map(|s| s.file.as_str()).collect();
-        for e in std::fs::read_dir(&dir)
-            .map_err(|e| DataError::io(&dir, e))?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if (name.starts_with("shard-") && !keep.contains(name.as_str()))
-                || name.ends_with(".partial")
-            {
-                std::fs::remove_file(e.path()).map_err(|err| DataError::io(e.path(), err))?;
-            }
-        }
-        let kind = dtype_kind(&p.dtype).map(|(k, _)| k);
+        let keep: Vec<&str> = p.shards.iter().map(|s| s.file.as_str()).collect();
+        remove_unlisted_shards(&dir, &keep)?;
+        let layout = parse_dtype(&p.dtype)
+            .and_then(kind_of)
+            .filter(|_| !p.shards.is_empty())
+            .map(|kind| Layout {
+                kind,
+                sample_shape: p.sample_shape.clone(),
+                has_labels: p.has_labels,
+            });
         let w = Self {
+            current: ShardWriter::new(&dir, p.shards.len(), shard_size).with_layout(layout),
             dir,
             shard_size,
-            kind,
-            sample_shape: p.sample_shape.clone(),
-            has_labels: kind.map(|_| p.has_labels),
-            buffer: Vec::new(),
-            labels: Vec::new(),
-            buffered: 0,
-            count: p.count,
             shards: p.shards,
             meta: p.meta,
         };
-        tracing::info!(dir = %w.dir.display(), kept = w.count, "resuming the latent cache");
+        tracing::info!(dir = %w.dir.display(), kept = p.count, "resuming the latent cache");
         Ok((w, p.count))
     }
 
@@ -313,17 +548,18 @@ impl LatentWriter {
 
     /// Samples written so far (including those of a resumed run).
     pub fn count(&self) -> usize {
-        self.count
+        self.shards.iter().map(|s| s.count).sum::<usize>() + self.current.len()
     }
 
-    /// The index of what is written so far.
+    /// The index of the shards written so far (`None` before the first batch).
     fn index_so_far(&self) -> Option<LatentIndex> {
+        let layout = self.current.layout.as_ref()?;
         Some(LatentIndex {
             version: 1,
             count: self.shards.iter().map(|s| s.count).sum(),
-            sample_shape: self.sample_shape.clone(),
-            dtype: dtype_name(self.kind?)?.0.into(),
-            has_labels: self.has_labels == Some(true),
+            sample_shape: layout.sample_shape.clone(),
+            dtype: dtype_of(layout.kind)?.to_string(),
+            has_labels: layout.has_labels,
             shards: self.shards.clone(),
             meta: self.meta.clone(),
         })
@@ -333,131 +569,54 @@ impl LatentWriter {
     /// with labels `(B)` if the cache is labelled. Every batch must have the
     /// same per-sample shape, dtype and labelling as the first.
     pub fn write(&mut self, latents: &Tensor, labels: Option<&Tensor>) -> Result<()> {
-        let shape = latents.size();
-        let kind = latents.kind();
-        let err = |m: String| DataError::corrupt(&self.dir, m);
-        if shape.is_empty() {
-            return Err(err("latents must have a batch dimension".into()));
-        }
-        if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
-            return Err(err(format!(
-                "latents must be f32, f16 or bf16, got {kind:?}"
-            )));
-        }
-        let sample: Vec<usize> = shape[1..].iter().map(|&d| d as usize).collect();
-        if self.kind.is_none() {
-            self.kind = Some(kind);
-            self.sample_shape = sample.clone();
-            self.has_labels = Some(labels.is_some());
-        }
-        if Some(kind) != self.kind
-            || sample != self.sample_shape
-            || Some(labels.is_some()) != self.has_labels
-        {
-            return Err(err(format!(
-                "batch {kind:?} {sample:?} labels={} differs from the first batch {:?} {:?} labels={:?}",
-                labels.is_some(),
-                self.kind,
-                self.sample_shape,
-                self.has_labels
-            )));
-        }
-        let b = shape[0] as usize;
-        let cpu = latents.to_device(tch::Device::Cpu).contiguous();
-        let item = dtype_name(kind).expect("checked").1 * sample.iter().product::<usize>();
-        let mut bytes = vec![0u8; b * item];
-        // Raw bytes of the tensor in its own dtype (little-endian on x86/ARM).
-        let flat = cpu.view_dtype(Kind::Uint8).reshape([-1]);
-        flat.f_copy_data(&mut bytes, b * item)?;
-        let ys: Vec<i64> = match labels {
-            Some(y) => {
-                if y.size() != [b as i64] {
-                    return Err(err(format!(
-                        "labels have shape {:?}, expected [{b}]",
-                        y.size()
-                    )));
-                }
-                let y = y
-                    .to_device(tch::Device::Cpu)
-                    .to_kind(Kind::Int64)
-                    .contiguous();
-                let mut v = vec![0i64; b];
-                y.f_copy_data(&mut v, b)?;
-                v
+        let b = latents.size().first().copied().unwrap_or(0);
+        if let Some(y) = labels {
+            if y.size() != [b] {
+                return Err(DataError::corrupt(
+                    &self.dir,
+                    format!("labels have shape {:?}, expected [{b}]", y.size()),
+                ));
             }
-            None => Vec::new(),
-        };
-        for i in 0..b {
-            self.buffer
-                .extend_from_slice(&bytes[i * item..(i + 1) * item]);
-            if let Some(&y) = ys.get(i) {
-                self.labels.push(y);
-            }
-            self.buffered += 1;
-            self.count += 1;
-            if self.buffered == self.shard_size {
+        }
+        let mut at = 0;
+        loop {
+            // Split the batch at shard boundaries (one write for an empty batch: its checks).
+            let take = (b - at).min((self.shard_size - self.current.len()) as i64);
+            self.current.write(
+                &latents.narrow(0, at, take),
+                labels.map(|y| y.narrow(0, at, take)).as_ref(),
+            )?;
+            at += take;
+            if self.current.is_full() {
                 self.flush()?;
             }
+            if at >= b {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
-        if self.buffered == 0 {
+        if self.current.is_empty() {
             return Ok(());
         }
-        let file = format!("shard-{:05}.safetensors", self.shards.len());
-        let dtype = dtype_name(self.kind.expect("set on first write"))
-            .expect("checked")
-            .0;
-        let mut shape = vec![self.buffered];
-        shape.extend_from_slice(&self.sample_shape);
-        let label_bytes: Vec<u8> = self.labels.iter().flat_map(|y| y.to_le_bytes()).collect();
-        let mut tensors = vec![("latents", dtype, shape, self.buffer.as_slice())];
-        if self.has_labels == Some(true) {
-            tensors.push(("labels", "I64", vec![self.buffered], label_bytes.as_slice()));
-        }
-        write_safetensors(&self.dir.join(&file), &tensors, &BTreeMap::new())?;
-        self.shards.push(ShardInfo {
-            file,
-            count: self.buffered,
-        });
-        self.buffer.clear();
-        self.labels.clear();
-        self.buffered = 0;
+        let next = ShardWriter::new(&self.dir, self.shards.len() + 1, self.shard_size)
+            .with_layout(self.current.layout.clone());
+        let full = std::mem::replace(&mut self.current, next);
+        self.shards.push(full.finish()?);
         // Progress after the shard is in place: a crash in between only
         // costs the shard, which a resumed run writes again.
         let progress = self.index_so_far().expect("a shard was written");
-        let ppath = self.dir.join(LATENT_PROGRESS);
-        let tmp = self.dir.join(".progress.json.tmp");
-        let json = serde_json::to_vec_pretty(&progress).expect("plain struct");
-        std::fs::write(&tmp, json).map_err(|e| DataError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &ppath).map_err(|e| DataError::io(&ppath, e))
+        write_json(&self.dir, LATENT_PROGRESS, &progress)
     }
 
     /// Writes the last shard and `index.json`; returns the index.
     pub fn finish(mut self) -> Result<LatentIndex> {
         self.flush()?;
-        let Some(kind) = self.kind else {
+        let Some(index) = self.index_so_far() else {
             return Err(DataError::corrupt(&self.dir, "no latents were written"));
         };
-        let index = LatentIndex {
-            version: 1,
-            count: self.count,
-            sample_shape: self.sample_shape.clone(),
-            dtype: dtype_name(kind).expect("checked").0.into(),
-            has_labels: self.has_labels == Some(true),
-            shards: self.shards.clone(),
-            meta: self.meta.clone(),
-        };
-        let path = self.dir.join(LATENT_INDEX);
-        let json = serde_json::to_vec_pretty(&index).expect("plain struct");
-        std::fs::write(&path, json).map_err(|e| DataError::io(&path, e))?;
-        let ppath = self.dir.join(LATENT_PROGRESS);
-        if ppath.exists() {
-            std::fs::remove_file(&ppath).map_err(|e| DataError::io(&ppath, e))?;
-        }
-        tracing::info!(dir = %self.dir.display(), count = index.count, shards = index.shards.len(), "latent cache written");
+        finish_cache(&self.dir, &index)?;
         Ok(index)
     }
 }
@@ -491,12 +650,13 @@ impl LatentDataset {
         let text = std::fs::read(&ipath).map_err(|e| DataError::io(&ipath, e))?;
         let index: LatentIndex = serde_json::from_slice(&text)
             .map_err(|e| DataError::corrupt(&ipath, format!("bad index: {e}")))?;
-        let (kind, size) = dtype_kind(&index.dtype)
-            .filter(|(k, _)| matches!(k, Kind::Float | Kind::Half | Kind::BFloat16))
+        let kind = parse_dtype(&index.dtype)
+            .and_then(kind_of)
+            .filter(|k| matches!(k, Kind::Float | Kind::Half | Kind::BFloat16))
             .ok_or_else(|| {
                 DataError::corrupt(&ipath, format!("unsupported dtype {}", index.dtype))
             })?;
-        let item_bytes = size * index.sample_shape.iter().product::<usize>();
+        let item_bytes = kind.elt_size_in_bytes() * index.sample_shape.iter().product::<usize>();
         let mut shards = Vec::with_capacity(index.shards.len());
         let mut first = 0;
         for s in &index.shards {
@@ -509,7 +669,7 @@ impl LatentDataset {
                 .ok_or_else(|| DataError::corrupt(&path, "no `latents` tensor"))?;
             let mut want = vec![s.count];
             want.extend_from_slice(&index.sample_shape);
-            if lat.dtype != index.dtype || lat.shape != want {
+            if lat.dtype.to_string() != index.dtype || lat.shape != want {
                 return Err(DataError::corrupt(
                     &path,
                     format!(
@@ -522,7 +682,7 @@ impl LatentDataset {
                 let l = h
                     .tensors
                     .get("labels")
-                    .filter(|l| l.dtype == "I64" && l.shape == [s.count])
+                    .filter(|l| l.dtype == Dtype::I64 && l.shape == [s.count])
                     .ok_or_else(|| {
                         DataError::corrupt(&path, format!("no `labels` I64 [{}] tensor", s.count))
                     })?;
@@ -714,5 +874,163 @@ mod tests {
             "{e}"
         );
         assert!(LatentWriter::create(dir.path(), 8).is_err());
+    }
+
+    #[test]
+    fn shard_that_disagrees_with_the_index_names_file_and_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LatentWriter::create(dir.path(), 4).unwrap();
+        let x = Tensor::randn([4, 2, 2], (Kind::Float, tch::Device::Cpu));
+        w.write(&x, Some(&Tensor::from_slice(&[0i64, 1, 2, 3])))
+            .unwrap();
+        w.finish().unwrap();
+        let shard = dir.path().join("shard-00000.safetensors");
+        let good = std::fs::read(&shard).unwrap();
+        // The index says F16: the F32 shard is refused, naming both.
+        let ipath = dir.path().join(LATENT_INDEX);
+        let index = std::fs::read_to_string(&ipath).unwrap();
+        std::fs::write(&ipath, index.replace("\"F32\"", "\"F16\"")).unwrap();
+        let e = LatentDataset::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("shard-00000") && e.contains("F32") && e.contains("F16"),
+            "{e}"
+        );
+        std::fs::write(&ipath, &index).unwrap();
+        // A header length beyond the file.
+        let mut bad = good.clone();
+        bad[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        std::fs::write(&shard, &bad).unwrap();
+        let e = LatentDataset::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("shard-00000") && e.contains("header length"),
+            "{e}"
+        );
+        // Offsets that do not tile the data (the safetensors crate's check).
+        let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let header = String::from_utf8(good[8..8 + n].to_vec()).unwrap();
+        let moved = header.replacen("[0,", "[8,", 1);
+        assert_ne!(moved, header);
+        let mut bad = good[..8].to_vec();
+        bad.extend_from_slice(moved.as_bytes());
+        bad.extend_from_slice(&good[8 + n..]);
+        std::fs::write(&shard, &bad).unwrap();
+        let e = LatentDataset::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("shard-00000") && e.contains("header"), "{e}");
+    }
+
+    #[test]
+    fn shards_written_out_of_order_make_the_same_cache() {
+        let x = Tensor::randn([7, 2, 3], (Kind::Float, tch::Device::Cpu)).to_kind(Kind::Half);
+        let y = Tensor::arange(7, (Kind::Int64, tch::Device::Cpu));
+        let dir = tempfile::tempdir().unwrap();
+        let seq = dir.path().join("seq");
+        let mut w = LatentWriter::create(&seq, 3).unwrap();
+        w.set_meta("seed", "1");
+        w.write(&x, Some(&y)).unwrap();
+        let index = w.finish().unwrap();
+        // The same shards from "other processes", last first, in a resumed folder.
+        let par = dir.path().join("par");
+        let mut plan = index.clone();
+        plan.shards.clear();
+        begin_cache(&par, &plan, &[]).unwrap();
+        let mut changed = plan.clone();
+        changed.meta.insert("seed".into(), "2".into());
+        let e = begin_cache(&par, &changed, &[]).unwrap_err().to_string();
+        assert!(e.contains("progress.json") && e.contains("seed"), "{e}");
+        begin_cache(&par, &changed, &["seed"]).unwrap();
+        begin_cache(&par, &plan, &["seed"]).unwrap();
+        for k in [2usize, 0, 1] {
+            assert_eq!(shard_len(&par, k).unwrap(), None);
+            let n = (7 - 3 * k).min(3);
+            let mut s = ShardWriter::new(&par, k, 3);
+            s.write(
+                &x.narrow(0, 3 * k as i64, n as i64),
+                Some(&y.narrow(0, 3 * k as i64, n as i64)),
+            )
+            .unwrap();
+            assert!(s
+                .write(&x.narrow(0, 0, 3), Some(&y.narrow(0, 0, 3)))
+                .is_err());
+            s.finish().unwrap();
+            assert_eq!(shard_len(&par, k).unwrap(), Some(n));
+        }
+        std::fs::write(par.join("shard-00009.safetensors"), b"stale").unwrap();
+        finish_cache(&par, &index).unwrap();
+        assert!(!par.join("shard-00009.safetensors").exists());
+        assert!(!par.join(LATENT_PROGRESS).exists());
+        for f in [
+            "index.json",
+            "shard-00000.safetensors",
+            "shard-00001.safetensors",
+            "shard-00002.safetensors",
+        ] {
+            assert_eq!(
+                std::fs::read(seq.join(f)).unwrap(),
+                std::fs::read(par.join(f)).unwrap(),
+                "{f}"
+            );
+        }
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn valid_shard() -> Vec<u8> {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s.safetensors");
+            let lat = vec![7u8; 2 * 3 * 2];
+            let lab = vec![1u8; 16];
+            write_safetensors(
+                &p,
+                &[
+                    ("latents", "F16", vec![2, 3], &lat),
+                    ("labels", "I64", vec![2], &lab),
+                ],
+                &BTreeMap::from([("k".to_string(), "v".to_string())]),
+            )
+            .unwrap();
+            std::fs::read(p).unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+            /// Any bytes, or a valid shard with bytes flipped or cut off:
+            /// `read_header` returns (an error or a header whose tensors
+            /// lie inside the file), never panics.
+            #[test]
+            fn read_header_never_panics(
+                raw in proptest::collection::vec(any::<u8>(), 0..96),
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+                cut in any::<usize>(),
+                mutate in any::<bool>(),
+            ) {
+                let bytes = if mutate {
+                    let mut b = valid_shard();
+                    for (at, v) in flips {
+                        let i = at % b.len();
+                        b[i] ^= v;
+                    }
+                    let keep = b.len() - cut % 4;
+                    b.truncate(keep);
+                    b
+                } else {
+                    raw
+                };
+                let dir = tempfile::tempdir().unwrap();
+                let p = dir.path().join("f.safetensors");
+                std::fs::write(&p, &bytes).unwrap();
+                let f = File::open(&p).unwrap();
+                match read_header(&p, &f) {
+                    Ok(h) => {
+                        for e in h.tensors.values() {
+                            prop_assert!(h.data_start + e.data_offsets[1] as u64 <= bytes.len() as u64);
+                        }
+                    }
+                    Err(e) => prop_assert!(e.to_string().contains("f.safetensors"), "{}", e),
+                }
+            }
+        }
     }
 }

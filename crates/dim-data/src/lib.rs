@@ -36,8 +36,8 @@ pub mod video;
 
 pub use arrays::ArrayDataset;
 pub use config::{
-    DataConfig, FashionMnistConfig, IdxConfig, ImageFolderConfig, LatentsConfig,
-    MovingFashionMnistConfig, NpyConfig, SafetensorsConfig, Ucf101Config, VideoFolderConfig,
+    DataConfig, FashionMnistConfig, ImageFileConfig, ImageFolderConfig, LatentsConfig,
+    MovingFashionMnistConfig, SafetensorsConfig, Ucf101Config, VideoFolderConfig,
 };
 pub use dataset::{Dataset, RawSample, Sample, Transformed};
 pub use error::{DataError, Result};
@@ -45,7 +45,8 @@ pub use frames::{Filter, Frames, Transform};
 pub use idx::{fashion_mnist_dir, IdxDataset, Split, FASHION_MNIST_DIR};
 pub use image_folder::{decode_rgb, ImageFolder};
 pub use latents::{
-    LatentDataset, LatentIndex, LatentWriter, ShardInfo, LATENT_INDEX, LATENT_PROGRESS,
+    begin_cache, finish_cache, shard_file_name, shard_len, LatentDataset, LatentIndex,
+    LatentWriter, ShardInfo, ShardWriter, LATENT_INDEX, LATENT_PROGRESS,
 };
 pub use loader::{
     sample_seed, Batch, EpochBatches, ErrorPolicy, Loader, LoaderConfig, LoaderState,

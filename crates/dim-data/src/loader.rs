@@ -80,19 +80,17 @@ impl Default for LoaderConfig {
 impl LoaderConfig {
     /// Checks the settings; errors name the key under `prefix` (e.g. `loader`).
     pub fn validate(&self, prefix: &str) -> Result<()> {
-        let key = |k: &str| format!("{prefix}.{k}");
-        if self.batch_size == 0 {
-            return Err(DataError::config(key("batch_size"), "must be at least 1"));
-        }
-        if self.prefetch == 0 {
-            return Err(DataError::config(key("prefetch"), "must be at least 1"));
-        }
-        if self.world_size == 0 {
-            return Err(DataError::config(key("world_size"), "must be at least 1"));
-        }
+        DataError::require_counts(
+            prefix,
+            &[
+                ("batch_size", self.batch_size),
+                ("prefetch", self.prefetch),
+                ("world_size", self.world_size),
+            ],
+        )?;
         if self.rank >= self.world_size {
             return Err(DataError::config(
-                key("rank"),
+                format!("{prefix}.rank"),
                 format!("{} is not below world_size {}", self.rank, self.world_size),
             ));
         }

@@ -58,15 +58,14 @@ impl MovingConfig {
     /// keys under `prefix`.
     pub fn validate(&self, prefix: &str, item: usize) -> Result<()> {
         let key = |k: &str| format!("{prefix}.{k}");
-        if self.len == 0 {
-            return Err(DataError::config(key("len"), "must be at least 1"));
-        }
-        if self.frames == 0 {
-            return Err(DataError::config(key("frames"), "must be at least 1"));
-        }
-        if self.items == 0 {
-            return Err(DataError::config(key("items"), "must be at least 1"));
-        }
+        DataError::require_counts(
+            prefix,
+            &[
+                ("len", self.len),
+                ("frames", self.frames),
+                ("items", self.items),
+            ],
+        )?;
         if self.canvas < item {
             return Err(DataError::config(
                 key("canvas"),

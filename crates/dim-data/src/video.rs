@@ -80,18 +80,7 @@ impl Default for ClipSampling {
 impl ClipSampling {
     /// Checks the settings; errors name keys under `prefix`.
     pub fn validate(&self, prefix: &str) -> Result<()> {
-        if self.frames == 0 {
-            return Err(DataError::config(
-                format!("{prefix}.frames"),
-                "must be at least 1",
-            ));
-        }
-        if self.stride == 0 {
-            return Err(DataError::config(
-                format!("{prefix}.stride"),
-                "must be at least 1",
-            ));
-        }
+        DataError::require_counts(prefix, &[("frames", self.frames), ("stride", self.stride)])?;
         if let Some(f) = self.fps {
             if !(f > 0.0 && f.is_finite()) {
                 return Err(DataError::config(
@@ -486,25 +475,30 @@ mod tests {
 
     #[test]
     fn clip_sampling_validation_names_keys() {
-        let bad = ClipSampling {
-            fps: Some(8.0),
-            stride: 2,
-            ..Default::default()
-        };
-        assert!(bad
-            .validate("data.clip")
-            .unwrap_err()
-            .to_string()
-            .contains("data.clip.fps"));
-        let zero = ClipSampling {
-            frames: 0,
-            ..Default::default()
-        };
-        assert!(zero
-            .validate("data.clip")
-            .unwrap_err()
-            .to_string()
-            .contains("data.clip.frames"));
+        let d = ClipSampling::default;
+        for (bad, key) in [
+            (
+                ClipSampling {
+                    fps: Some(8.0),
+                    stride: 2,
+                    ..d()
+                },
+                "data.clip.fps",
+            ),
+            (ClipSampling { frames: 0, ..d() }, "data.clip.frames"),
+            (ClipSampling { stride: 0, ..d() }, "data.clip.stride"),
+            (
+                ClipSampling {
+                    frame_folder_fps: f64::NAN,
+                    ..d()
+                },
+                "data.clip.frame_folder_fps",
+            ),
+        ] {
+            let e = bad.validate("data.clip").unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        assert!(d().validate("data.clip").is_ok());
     }
 
     #[test]

@@ -75,33 +75,26 @@ fn moving_fashion_mnist_is_deterministic_bounded_and_cacheable() {
         frames: 10,
         ..MovingConfig::default()
     };
-    let gen = MovingFashionMnist::new(source.clone(), cfg.clone()).unwrap();
+    let generator = |c: MovingConfig| MovingFashionMnist::new(source.clone(), c).unwrap();
+    let gen = generator(cfg.clone());
     let s = gen.get(3, 0).unwrap();
     assert_eq!(s.data.size(), [1, 10, 64, 64]);
     // Same (seed, index): same clip, whatever the per-access seed.
     assert!(s.data.equal(&gen.get(3, 99).unwrap().data));
     assert!(!s.data.equal(&gen.get(4, 0).unwrap().data));
-    let other_seed = MovingFashionMnist::new(
-        source.clone(),
-        MovingConfig {
-            seed: 1,
-            ..cfg.clone()
-        },
-    )
-    .unwrap();
+    let other_seed = generator(MovingConfig {
+        seed: 1,
+        ..cfg.clone()
+    });
     assert!(!s.data.equal(&other_seed.get(3, 0).unwrap().data));
 
     // Independent check of the item drawing: with one item, every frame
     // holds exactly the source image's bytes (pixel multiset) somewhere in the
     // canvas, since items never leave it.
-    let one = MovingFashionMnist::new(
-        source.clone(),
-        MovingConfig {
-            items: 1,
-            ..cfg.clone()
-        },
-    )
-    .unwrap();
+    let one = generator(MovingConfig {
+        items: 1,
+        ..cfg.clone()
+    });
     let (frames, label) = one.generate(5);
     let ink: u64 = frames.data[..64 * 64].iter().map(|&v| v as u64).sum();
     for t in 0..10 {

@@ -123,14 +123,11 @@ fn same_seed_same_batches_for_any_worker_count() {
 
 #[test]
 fn epochs_are_permutations_and_differ() {
-    let mut l = Loader::new(
-        synthetic(103),
-        LoaderConfig {
-            drop_last: false,
-            ..cfg(10, 2, 3)
-        },
-    )
-    .unwrap();
+    let loader = |c: LoaderConfig| Loader::new(synthetic(103), c).unwrap();
+    let mut l = loader(LoaderConfig {
+        drop_last: false,
+        ..cfg(10, 2, 3)
+    });
     assert_eq!(l.batches_per_epoch(), 11);
     let e0: Vec<usize> = l.epoch_batches().flat_map(|b| b.unwrap().indices).collect();
     let e1: Vec<usize> = l.epoch_batches().flat_map(|b| b.unwrap().indices).collect();
@@ -142,14 +139,10 @@ fn epochs_are_permutations_and_differ() {
     }
     assert_eq!(l.position().epoch, 2);
     // drop_last drops the short batch; shuffle = false keeps file order.
-    let mut l = Loader::new(
-        synthetic(103),
-        LoaderConfig {
-            shuffle: false,
-            ..cfg(10, 1, 3)
-        },
-    )
-    .unwrap();
+    let mut l = loader(LoaderConfig {
+        shuffle: false,
+        ..cfg(10, 1, 3)
+    });
     let e: Vec<Vec<usize>> = l.epoch_batches().map(|b| b.unwrap().indices).collect();
     assert_eq!(e.len(), 10);
     assert_eq!(e[3], (30..40).collect::<Vec<_>>());
@@ -217,21 +210,26 @@ fn ranks_partition_each_epoch() {
     assert!(e.to_string().contains("loader.rank"), "{e}");
 }
 
+/// An unshuffled loader (batches of 5, 2 workers) over `n` synthetic
+/// samples of which `bad` fail and `panic_at` panics.
+fn faulty_loader(
+    n: usize,
+    bad: Vec<usize>,
+    panic_at: Option<usize>,
+    on_error: ErrorPolicy,
+) -> Loader {
+    let ds = Arc::new(Synthetic { n, bad, panic_at });
+    let c = LoaderConfig {
+        shuffle: false,
+        on_error,
+        ..cfg(5, 2, 0)
+    };
+    Loader::new(ds, c).unwrap()
+}
+
 #[test]
 fn stop_policy_reports_the_file_and_ends() {
-    let ds = Arc::new(Synthetic {
-        n: 40,
-        bad: vec![13],
-        panic_at: None,
-    });
-    let mut l = Loader::new(
-        ds,
-        LoaderConfig {
-            shuffle: false,
-            ..cfg(5, 2, 0)
-        },
-    )
-    .unwrap();
+    let mut l = faulty_loader(40, vec![13], None, ErrorPolicy::Stop);
     for _ in 0..2 {
         assert!(l.next_batch().unwrap().is_ok());
     }
@@ -245,20 +243,7 @@ fn stop_policy_reports_the_file_and_ends() {
 
 #[test]
 fn skip_policy_drops_and_counts_bad_samples() {
-    let ds = Arc::new(Synthetic {
-        n: 40,
-        bad: vec![3, 4, 17],
-        panic_at: None,
-    });
-    let mut l = Loader::new(
-        ds,
-        LoaderConfig {
-            shuffle: false,
-            on_error: ErrorPolicy::Skip,
-            ..cfg(5, 2, 0)
-        },
-    )
-    .unwrap();
+    let mut l = faulty_loader(40, vec![3, 4, 17], None, ErrorPolicy::Skip);
     let batches: Vec<_> = l.epoch_batches().map(|b| b.unwrap()).collect();
     assert_eq!(batches.len(), 8);
     assert_eq!(batches[0].indices, [0, 1, 2]);
@@ -275,19 +260,7 @@ fn skip_policy_drops_and_counts_bad_samples() {
 
 #[test]
 fn a_panicking_sample_is_an_error_not_a_hang() {
-    let ds = Arc::new(Synthetic {
-        n: 20,
-        bad: vec![],
-        panic_at: Some(7),
-    });
-    let mut l = Loader::new(
-        ds,
-        LoaderConfig {
-            shuffle: false,
-            ..cfg(5, 2, 0)
-        },
-    )
-    .unwrap();
+    let mut l = faulty_loader(20, vec![], Some(7), ErrorPolicy::Stop);
     assert!(l.next_batch().unwrap().is_ok());
     let e = l.next_batch().unwrap().unwrap_err().to_string();
     assert!(e.contains("panic") && e.contains("decoder bug on 7"), "{e}");

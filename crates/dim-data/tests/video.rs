@@ -16,20 +16,7 @@ use dim_data::{
 /// The first `n` frames of `path` as RGB24, decoded by the ffmpeg program
 /// (one output frame per decoded frame: `-fps_mode passthrough`).
 fn ffmpeg_rgb(path: &Path, n: usize) -> Vec<u8> {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-nostdin", "-i"])
-        .arg(path)
-        .args([
-            "-frames:v",
-            &n.to_string(),
-            "-fps_mode",
-            "passthrough",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-",
-        ])
+    let out = common::ffmpeg_rgb24(path, &[], &["-frames:v", &n.to_string()], "-")
         .output()
         .expect("the ffmpeg program is missing: run cargo xtask setup");
     assert!(

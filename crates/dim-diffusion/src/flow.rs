@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use crate::common::{
     call_model, check_input, check_labels, check_output, check_training_inputs, mean_flat,
-    per_sample, time_kind, Losses, Progress, SampleOptions,
+    per_sample, time_kind, Losses, Progress,
 };
 use crate::config::{DiffusionConfig, ProcessKind, SamplerConfig, SamplerKind, TimeSampling};
 use crate::denoiser::Denoiser;
@@ -54,21 +54,6 @@ impl FlowMatching {
                 (n * self.cfg.logit_normal_std + self.cfg.logit_normal_mean).sigmoid()
             }
         }
-    }
-
-    /// Training losses with `t` from the configured distribution and noise from `rng`.
-    pub fn training_losses<M: Denoiser + ?Sized>(
-        &self,
-        model: &M,
-        x0: &Tensor,
-        y: Option<&Tensor>,
-        rng: &mut NoiseRng,
-    ) -> Result<Losses> {
-        check_input(x0, "x0")?;
-        let b = x0.size()[0];
-        let t = self.sample_t(rng, b, x0.device());
-        let noise = rng.randn(&x0.size(), x0.kind(), x0.device());
-        self.training_losses_at(model, x0, y, &t, &noise)
     }
 
     /// Training losses at given `t` (`(B)`, in [0, 1]) and noise:
@@ -122,21 +107,6 @@ impl FlowMatching {
     /// The step to `t = 0` is an Euler step.
     pub fn heun_step(&self, v: &Tensor, x: &Tensor, t: f64, t_next: f64, v2: &Tensor) -> Tensor {
         x + (v + v2) * (0.5 * (t_next - t))
-    }
-
-    /// Draws `shape` samples from seeded noise; see [`FlowMatching::sample_from_noise`].
-    pub fn sample<M: Denoiser + ?Sized>(
-        &self,
-        model: &M,
-        shape: &[i64],
-        y: Option<&Tensor>,
-        cfg: &SamplerConfig,
-        opts: &SampleOptions,
-        progress: impl FnMut(Progress),
-    ) -> Result<Tensor> {
-        let mut rng = NoiseRng::with_first_row(opts.seed, opts.first_row);
-        let noise = rng.randn(shape, opts.kind, opts.device);
-        self.sample_from_noise(model, &noise, y, cfg, progress)
     }
 
     /// Integrates from `x_1 = noise` to `t = 0` with Euler or Heun (the last

@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::common::{
     call_model, check_input, check_labels, check_output, check_training_inputs, mean_flat,
-    time_kind, Losses, Progress, SampleOptions,
+    time_kind, Losses, Progress,
 };
 use crate::config::{
     BetaSchedule, DiffusionConfig, FixedVariance, InitNoise, Prediction, PrevTimestep, ProcessKind,
@@ -648,22 +648,9 @@ impl GaussianDiffusion {
         nll.where_self(&idx.eq(0), &kl)
     }
 
-    /// Training losses with `t ~ U{0..T-1}` and noise drawn from `rng`. No
-    /// host sync: `t` is in range by construction.
-    pub fn training_losses<M: Denoiser + ?Sized>(
-        &self,
-        model: &M,
-        x0: &Tensor,
-        y: Option<&Tensor>,
-        rng: &mut NoiseRng,
-    ) -> Result<Losses> {
-        check_input(x0, "x0")?;
-        let b = x0.size()[0];
-        let t = rng.randint(self.num_timesteps() as i64, b, x0.device());
-        let noise = rng.randn(&x0.size(), x0.kind(), x0.device());
-        check_training_inputs(x0, y, &t, &noise)?;
-        let idx = t.to_kind(Kind::Int64).to_device(x0.device());
-        self.losses_at(model, x0, y, &t, &idx, &noise)
+    /// Draws training timesteps `t ~ U{0..T-1}`, Int64 `(B)`.
+    pub fn sample_t(&self, rng: &mut NoiseRng, b: i64, device: tch::Device) -> Tensor {
+        rng.randint(self.num_timesteps() as i64, b, device)
     }
 
     /// Training losses at given timesteps `t` (Int64 `(B)`) and noise.
@@ -684,7 +671,9 @@ impl GaussianDiffusion {
         self.losses_at(model, x0, y, t, &idx, noise)
     }
 
-    fn losses_at<M: Denoiser + ?Sized>(
+    /// The losses at timesteps `t` whose table index `idx` (Int64, on
+    /// `x0`'s device) is known to be in range; inputs already checked.
+    pub(crate) fn losses_at<M: Denoiser + ?Sized>(
         &self,
         model: &M,
         x0: &Tensor,
@@ -885,22 +874,6 @@ impl GaussianDiffusion {
             variance: self.cfg.variance,
             x0_processing,
         })
-    }
-
-    /// Draws `shape` samples: noise from `NoiseRng::with_first_row(opts.seed,
-    /// opts.first_row)`, then [`GaussianDiffusion::sample_from_noise`].
-    pub fn sample<M: Denoiser + ?Sized>(
-        &self,
-        model: &M,
-        shape: &[i64],
-        y: Option<&Tensor>,
-        cfg: &SamplerConfig,
-        opts: &SampleOptions,
-        progress: impl FnMut(Progress),
-    ) -> Result<Tensor> {
-        let mut rng = NoiseRng::with_first_row(opts.seed, opts.first_row);
-        let noise = rng.randn(shape, opts.kind, opts.device);
-        self.sample_from_noise(model, &noise, y, cfg, &mut rng, progress)
     }
 
     /// Runs the sampler from standard-normal `noise` (the initial state is

@@ -72,7 +72,8 @@ impl Diffusion {
     }
 
     /// Per-sample training losses of one batch `x0` (`(B, C, ...)`), with
-    /// random times and noise from `rng`. Call `losses.loss.mean(kind)` and backprop.
+    /// times from the process's `sample_t` (Gaussian: `t ~ U{0..T-1}`; flow:
+    /// the configured distribution) and noise, both from `rng`. Call `losses.loss.mean(kind)` and backprop.
     pub fn training_losses<M: Denoiser + ?Sized>(
         &self,
         model: &M,
@@ -80,14 +81,29 @@ impl Diffusion {
         y: Option<&Tensor>,
         rng: &mut NoiseRng,
     ) -> Result<Losses> {
+        common::check_input(x0, "x0")?;
+        let (b, device) = (x0.size()[0], x0.device());
+        // Times first, then noise, from the one stream.
+        let t = match self {
+            Self::Gaussian(g) => g.sample_t(rng, b, device),
+            Self::Flow(f) => f.sample_t(rng, b, device),
+        };
+        let noise = rng.randn(&x0.size(), x0.kind(), device);
         match self {
-            Self::Gaussian(g) => g.training_losses(model, x0, y, rng),
-            Self::Flow(f) => f.training_losses(model, x0, y, rng),
+            Self::Gaussian(g) => {
+                // `t` is in range by construction: no host-synchronising check.
+                common::check_training_inputs(x0, y, &t, &noise)?;
+                let idx = t.to_kind(tch::Kind::Int64).to_device(device);
+                g.losses_at(model, x0, y, &t, &idx, &noise)
+            }
+            Self::Flow(f) => f.training_losses_at(model, x0, y, &t, &noise),
         }
     }
 
-    /// Samples a batch of `shape` (`(B, C, ...)`) with `cfg`; same seed, shape,
-    /// device and dtype give the same samples. `progress` is called before each step.
+    /// Samples a batch of `shape` (`(B, C, ...)`) with `cfg`: noise from
+    /// `NoiseRng::with_first_row(opts.seed, opts.first_row)`, then the
+    /// process's `sample_from_noise`. Same seed, shape, device and dtype give
+    /// the same samples. `progress` is called before each step.
     pub fn sample<M: Denoiser + ?Sized>(
         &self,
         model: &M,
@@ -97,9 +113,13 @@ impl Diffusion {
         opts: &SampleOptions,
         progress: impl FnMut(Progress),
     ) -> Result<Tensor> {
+        // One noise stream: its first draw is the initial state, the rest
+        // feeds the stochastic Gaussian samplers (flow sampling is deterministic).
+        let mut rng = NoiseRng::with_first_row(opts.seed, opts.first_row);
+        let noise = rng.randn(shape, opts.kind, opts.device);
         match self {
-            Self::Gaussian(g) => g.sample(model, shape, y, cfg, opts, progress),
-            Self::Flow(f) => f.sample(model, shape, y, cfg, opts, progress),
+            Self::Gaussian(g) => g.sample_from_noise(model, &noise, y, cfg, &mut rng, progress),
+            Self::Flow(f) => f.sample_from_noise(model, &noise, y, cfg, progress),
         }
     }
 }

@@ -89,7 +89,7 @@ impl NoiseRng {
         if kind == Kind::Float {
             // Same values as generating f64 and converting (both round to nearest).
             let buf = self.normals(rows, per_row, |v| v as f32);
-            return Tensor::from_slice(&buf).view(shape).to_device(device);
+            return upload(Tensor::from_slice(&buf).view(shape), device);
         }
         let buf = self.normals(rows, per_row, |v| v);
         to_tensor(&buf, shape, kind, device)
@@ -151,15 +151,25 @@ impl NoiseRng {
             .iter_mut()
             .map(|s| ((s.next_f64() * high as f64) as i64).min(high - 1))
             .collect();
-        Tensor::from_slice(&vals).to_device(device)
+        upload(Tensor::from_slice(&vals), device)
     }
 }
 
 fn to_tensor(buf: &[f64], shape: &[i64], kind: Kind, device: Device) -> Tensor {
-    Tensor::from_slice(buf)
-        .view(shape)
-        .to_kind(kind)
-        .to_device(device)
+    upload(Tensor::from_slice(buf).view(shape).to_kind(kind), device)
+}
+
+/// `host` on `device`. To a GPU through pinned memory, without waiting: a
+/// copy from pageable memory makes the host wait until the GPU has finished
+/// all its queued work, which in a training loop idles the GPU once a step.
+fn upload(host: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) => {
+            host.internal_pin_memory(device)
+                .to_device_(device, host.kind(), true, false)
+        }
+        _ => host.to_device(device),
+    }
 }
 
 /// Where a sampler's per-step noise comes from (ddpm, ddim with eta > 0,

@@ -10,7 +10,7 @@ use dim_diffusion::{
 };
 mod common;
 
-use common::{fixtures, ints, tensor};
+use common::{fixtures, ints, tensor, GAUSSIAN_SAMPLERS};
 use tch::{Device, Kind, Tensor};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -199,7 +199,7 @@ fn guidance_batches_cond_and_uncond_in_one_forward() {
 #[test]
 fn guided_sampling_through_config() {
     // With scale s, an eps model (cond: 0.1 * y, uncond: 0) is guided to 0.1 * s * y.
-    let gd = GaussianDiffusion::new(&DiffusionConfig::default()).unwrap();
+    let gd = Diffusion::new(&DiffusionConfig::default()).unwrap();
     let model = |x: &Tensor, _t: &Tensor, y: Option<&Tensor>| {
         let y = y.unwrap();
         let cond = y.ne(10).to_kind(Kind::Double) * y.to_kind(Kind::Double) * 0.1;
@@ -337,7 +337,7 @@ fn config_parsing_and_validation() {
 
 #[test]
 fn shapes_are_checked_and_any_rank_works() {
-    let gd = GaussianDiffusion::new(&DiffusionConfig::dit()).unwrap();
+    let gd = Diffusion::new(&DiffusionConfig::dit()).unwrap();
     let mut rng = NoiseRng::new(0);
     let x0 = rng.randn(&[2, 3, 2, 4, 4], Kind::Float, Device::Cpu);
     // Wrong channel count (no learned-sigma channels).
@@ -354,13 +354,7 @@ fn shapes_are_checked_and_any_rank_works() {
     assert_eq!(l.loss.size(), vec![2]);
     assert_eq!(l.loss.kind(), Kind::Float);
     let sc = SamplerConfig::new(SamplerKind::Ddpm, 10);
-    for sampler in [
-        SamplerKind::Ddpm,
-        SamplerKind::Ddim,
-        SamplerKind::DpmSolverPp2M,
-        SamplerKind::Euler,
-        SamplerKind::Heun,
-    ] {
+    for sampler in GAUSSIAN_SAMPLERS {
         let sc = SamplerConfig {
             sampler,
             ..sc.clone()

@@ -40,7 +40,7 @@
 //! step starts at t = 68). Mean biases are all below 0.004 s.
 
 use dim_diffusion::{
-    DiffusionConfig, FlowMatching, GaussianDiffusion, Prediction, ProcessKind, SampleOptions,
+    Diffusion, DiffusionConfig, GaussianDiffusion, Prediction, ProcessKind, SampleOptions,
     SamplerConfig, SamplerKind, SigmaSchedule, Spacing,
 };
 use tch::{Kind, Tensor};
@@ -370,16 +370,23 @@ fn run(case: &Case, n: i64, seed: u64) -> Tensor {
         ..SampleOptions::default()
     };
     let shape = [n, 2];
-    if case.diffusion.kind == ProcessKind::Flow {
-        let fm = FlowMatching::new(&case.diffusion).unwrap();
-        fm.sample(&flow_oracle, &shape, None, &case.sampler, &opts, |_| {})
-            .unwrap()
-    } else {
-        let gd = GaussianDiffusion::new(&case.diffusion).unwrap();
-        let model = gaussian_oracle(&gd, case.prediction, case.var_channels);
-        gd.sample(&model, &shape, None, &case.sampler, &opts, |_| {})
-            .unwrap()
+    match Diffusion::new(&case.diffusion).unwrap() {
+        d @ Diffusion::Flow(_) => {
+            d.sample(&flow_oracle, &shape, None, &case.sampler, &opts, |_| {})
+        }
+        Diffusion::Gaussian(gd) => {
+            let model = gaussian_oracle(&gd, case.prediction, case.var_channels);
+            Diffusion::Gaussian(gd.clone()).sample(
+                &model,
+                &shape,
+                None,
+                &case.sampler,
+                &opts,
+                |_| {},
+            )
+        }
     }
+    .unwrap()
 }
 
 #[test]
@@ -438,7 +445,7 @@ fn sampling_is_reproducible() {
         first_row: 32,
         ..SampleOptions::default()
     };
-    let tail = gd
+    let tail = Diffusion::Gaussian(gd.clone())
         .sample(&model, &[32, 2], None, &case.sampler, &opts, |_| {})
         .unwrap();
     assert!(a.narrow(0, 32, 32).allclose(&tail, 1e-12, 1e-12, false));
@@ -466,7 +473,7 @@ fn ddim_bias_matches_recursion() {
         seed: 77,
         ..SampleOptions::default()
     };
-    let x = gd
+    let x = Diffusion::Gaussian(gd.clone())
         .sample(&model, &[N, 2], None, &sampler, &opts, |_| {})
         .unwrap();
     let var = x.var_dim(0, true, false);

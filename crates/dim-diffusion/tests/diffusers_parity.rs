@@ -95,11 +95,7 @@ fn alphas_cumprod_match() {
 
 #[test]
 fn single_steps_match() {
-    let f = fixtures();
-    let cases = f["steps"].as_array().unwrap();
-    assert!(cases.len() >= 30);
-    let mut worst = 0.0f64;
-    for (k, c) in cases.iter().enumerate() {
+    check_cases("steps", 30, |k, c| {
         let kind = c["sampler"].as_str().unwrap();
         let mut cfg = diffusion_cfg(
             c["schedule"].as_str().unwrap(),
@@ -136,34 +132,39 @@ fn single_steps_match() {
             "ddpm" => sched.ddpm_step(&out, &x, i, &noise).unwrap(),
             _ => sched.ddim_step(&out, &x, i, sc.eta, Some(&noise)).unwrap(),
         };
-        let err = tensor_err(&prev, &tensor(&c["prev"]));
+        tensor_err(&prev, &tensor(&c["prev"]))
+    });
+}
+
+/// Runs `check` on every case of the fixture section `section` (at least
+/// `min` of them): it asserts what it can and returns the case's relative
+/// error against diffusers' result, which must stay below [`TOL`].
+fn check_cases(section: &str, min: usize, check: impl Fn(usize, &Value) -> f64) {
+    let f = fixtures();
+    let cases = f[section].as_array().unwrap();
+    assert!(cases.len() >= min, "{section}: only {} cases", cases.len());
+    let mut worst = 0.0f64;
+    for (k, c) in cases.iter().enumerate() {
+        let err = check(k, c);
         worst = worst.max(err);
         assert!(
             err < TOL,
-            "case {k} ({kind}, {c_desc}): step differs by {err:e}",
-            c_desc = describe(c)
+            "{section} case {k} ({}): result differs by {err:e}",
+            describe(
+                c,
+                &["sampler", "schedule", "prediction", "steps", "spacing", "t"]
+            )
         );
     }
     println!(
-        "{} single steps, worst relative error {worst:e}",
+        "{} {section} cases, worst relative error {worst:e}",
         cases.len()
     );
 }
 
-fn describe(c: &Value) -> String {
-    format!(
-        "{} {} steps={} {} t={}",
-        c["schedule"], c["prediction"], c["steps"], c["spacing"], c["t"]
-    )
-}
-
 #[test]
 fn sampling_loops_match() {
-    let f = fixtures();
-    let loops = f["loops"].as_array().unwrap();
-    assert!(loops.len() >= 15);
-    let mut worst = 0.0f64;
-    for (k, c) in loops.iter().enumerate() {
+    check_cases("loops", 15, |k, c| {
         let kind = c["sampler"].as_str().unwrap();
         let steps = c["steps"].as_u64().unwrap() as usize;
         let x_t = tensor(&c["x_T"]);
@@ -228,20 +229,8 @@ fn sampling_loops_match() {
             )
             .unwrap()
         };
-        let err = tensor_err(&got, &want);
-        worst = worst.max(err);
-        assert!(
-            err < TOL,
-            "case {k} ({kind} {} {} {}): final sample differs by {err:e}",
-            c["schedule"],
-            c["prediction"],
-            c["spacing"]
-        );
-    }
-    println!(
-        "{} sampling loops, worst relative error {worst:e}",
-        loops.len()
-    );
+        tensor_err(&got, &want)
+    });
 }
 
 /// Heun repeats interior timesteps/sigmas; keep each once.
@@ -319,7 +308,7 @@ fn random_configurations_match() {
     let mut seen = std::collections::BTreeSet::new();
     for (k, c) in cases.iter().enumerate() {
         let (d, sc) = random_configs(c);
-        let what = format!("case {k}: {c_desc}", c_desc = describe_random(c));
+        let what = format!("case {k}: {c_desc}", c_desc = describe(c, &RANDOM_KEYS));
         seen.insert(sc.sampler.name());
         let gd = GaussianDiffusion::new(&d).unwrap();
         let probe = floats(&c["alphas_cumprod_probe"]);
@@ -444,27 +433,30 @@ fn check_single_step(
     tensor_err(&got, &tensor(&r["result"]))
 }
 
-fn describe_random(c: &Value) -> String {
-    let keys = [
-        "sampler",
-        "T",
-        "steps",
-        "schedule",
-        "prediction",
-        "spacing",
-        "sigma_schedule",
-        "zero_snr",
-        "thresholding",
-        "clip",
-        "steps_offset",
-        "eta",
-        "variance",
-    ];
+/// `key=value` for each of `keys` of fixture case `c`, for failure messages.
+fn describe(c: &Value, keys: &[&str]) -> String {
     keys.iter()
         .map(|k| format!("{k}={}", c[*k]))
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// The keys that tell a random configuration apart.
+const RANDOM_KEYS: [&str; 13] = [
+    "sampler",
+    "T",
+    "steps",
+    "schedule",
+    "prediction",
+    "spacing",
+    "sigma_schedule",
+    "zero_snr",
+    "thresholding",
+    "clip",
+    "steps_offset",
+    "eta",
+    "variance",
+];
 
 /// FlowMatchEuler / FlowMatchHeun on random (T, N, shift): grid, loop and the
 /// public single-step functions.

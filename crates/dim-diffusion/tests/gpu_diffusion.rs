@@ -4,9 +4,12 @@
 
 use std::time::Instant;
 
+mod common;
+
+use common::GAUSSIAN_SAMPLERS;
+
 use dim_diffusion::{
-    DiffusionConfig, FlowMatching, GaussianDiffusion, NoiseRng, SampleOptions, SamplerConfig,
-    SamplerKind,
+    Diffusion, DiffusionConfig, NoiseRng, SampleOptions, SamplerConfig, SamplerKind,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -24,17 +27,11 @@ fn gpu() -> Device {
 #[ignore = "needs CUDA: runs in the GPU bundle"]
 fn gpu_sampling_is_seeded_and_matches_cpu() {
     let dev = gpu();
-    let gd = GaussianDiffusion::new(&DiffusionConfig::dit()).unwrap();
+    let gd = Diffusion::new(&DiffusionConfig::dit()).unwrap();
     let model = |x: &Tensor, _t: &Tensor, _y: Option<&Tensor>| {
         Tensor::cat(&[x.tanh() * 0.5, x.zeros_like()], 1)
     };
-    for sampler in [
-        SamplerKind::Ddpm,
-        SamplerKind::Ddim,
-        SamplerKind::DpmSolverPp2M,
-        SamplerKind::Euler,
-        SamplerKind::Heun,
-    ] {
+    for sampler in GAUSSIAN_SAMPLERS {
         let sc = SamplerConfig::new(sampler, 50);
         let cpu = SampleOptions {
             kind: Kind::Double,
@@ -65,7 +62,7 @@ fn gpu_sampling_is_seeded_and_matches_cpu() {
     let x0 = rng.randn(&[4, 3, 8, 8], Kind::BFloat16, dev);
     let l = gd.training_losses(&model, &x0, None, &mut rng).unwrap();
     assert_eq!(l.loss.device(), dev);
-    let fm = FlowMatching::new(&DiffusionConfig::flow()).unwrap();
+    let fm = Diffusion::new(&DiffusionConfig::flow()).unwrap();
     let v = |x: &Tensor, _t: &Tensor, _y: Option<&Tensor>| x * 0.5;
     let l = fm.training_losses(&v, &x0, None, &mut rng).unwrap();
     assert_eq!(l.loss.device(), dev);
@@ -78,7 +75,7 @@ fn gpu_sampling_is_seeded_and_matches_cpu() {
 #[ignore = "needs CUDA: runs in the GPU bundle"]
 fn gpu_sampler_overhead() {
     let dev = gpu();
-    let gd = GaussianDiffusion::new(&DiffusionConfig::dit()).unwrap();
+    let gd = Diffusion::new(&DiffusionConfig::dit()).unwrap();
     let model =
         |x: &Tensor, _t: &Tensor, _y: Option<&Tensor>| Tensor::cat(&[x * 0.1, x.zeros_like()], 1);
     for (sampler, steps) in [

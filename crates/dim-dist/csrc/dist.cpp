@@ -12,6 +12,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/comm.hpp>
 #include <torch/csrc/distributed/c10d/reducer.hpp>
 #ifdef DIM_WITH_NCCL
 #include <c10/cuda/CUDAFunctions.h>
@@ -40,12 +41,61 @@ struct Group {
   bool shut_down = false;
 };
 
+// Adds a backend for `device` to `pg`, behind its own key prefix in
+// `store`, and makes it the default: Gloo first, NCCL after it when CUDA is
+// used (as torch.distributed's "gloo|nccl" groups do).
+template <typename Backend>
+void add_backend(ProcessGroup& pg, const c10::intrusive_ptr<c10d::Store>& store,
+                 const char* prefix, int rank, int world,
+                 c10::intrusive_ptr<typename Backend::Options> opts,
+                 c10::DeviceType device, ProcessGroup::BackendType type) {
+  opts->group_name = "0";
+  auto backend = c10::make_intrusive<Backend>(
+      c10::make_intrusive<c10d::PrefixStore>(prefix, store), rank, world,
+      opts);
+  backend->setSequenceNumberForGroup();
+  pg.setBackend(device, type, backend);
+  pg.setDefaultBackend(type);
+}
+
 std::vector<at::Tensor> gather(at::Tensor** ts, size_t n) {
   std::vector<at::Tensor> v;
   v.reserve(n);
   for (size_t i = 0; i < n; ++i) v.push_back(*ts[i]);
   return v;
 }
+
+// A communication hook that sends each gradient bucket in a narrower float
+// type (f16 or bf16: half the bytes of f32) and writes the average back into
+// the f32 bucket. The bucket is divided by the world size before the sum, so
+// f16 cannot overflow where f32 would not; bf16 keeps f32's range but 8 bits
+// of mantissa. With a hook the Reducer leaves the averaging to it.
+class CompressHook : public c10d::CommHookInterface {
+ public:
+  CompressHook(c10::intrusive_ptr<ProcessGroup> pg, at::ScalarType wire)
+      : pg_(std::move(pg)), wire_(wire) {}
+
+  c10::intrusive_ptr<c10::ivalue::Future> runHook(
+      c10d::GradBucket& bucket) override {
+    at::Tensor buffer = bucket.getBufferRef();
+    std::vector<at::Tensor> packed{buffer.to(wire_).div_(pg_->getSize())};
+    auto sent = pg_->allreduce(packed)->getFuture();
+    return sent->then(
+        [buffer](c10::ivalue::Future& done) {
+          buffer.copy_(done.value().toTensorVector()[0]);
+          return c10::IValue(buffer);
+        },
+        c10::TensorType::get());
+  }
+
+  at::Tensor parseHookResult(const c10::IValue& result) override {
+    return result.toTensor();
+  }
+
+ private:
+  c10::intrusive_ptr<ProcessGroup> pg_;
+  at::ScalarType wire_;
+};
 
 }  // namespace
 
@@ -81,28 +131,18 @@ int dim_dist_group_new(const char* host, int port, int rank, int world,
 
     // Honours GLOO_SOCKET_IFNAME (the network interface, multi-node), else
     // the interface of this host's name, as torch.distributed does.
-    auto gopts = c10d::ProcessGroupGloo::Options::create_default(timeout);
-    gopts->group_name = "0";
-    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
-        c10::make_intrusive<c10d::PrefixStore>("gloo", store), rank, world,
-        gopts);
-    gloo->setSequenceNumberForGroup();
-    pg->setBackend(c10::DeviceType::CPU, ProcessGroup::BackendType::GLOO,
-                   gloo);
-    pg->setDefaultBackend(ProcessGroup::BackendType::GLOO);
+    add_backend<c10d::ProcessGroupGloo>(
+        *pg, store, "gloo", rank, world,
+        c10d::ProcessGroupGloo::Options::create_default(timeout),
+        c10::DeviceType::CPU, ProcessGroup::BackendType::GLOO);
     if (cuda >= 0) {
 #ifdef DIM_WITH_NCCL
       c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda));
       auto nopts = c10d::ProcessGroupNCCL::Options::create();
       nopts->timeout = timeout;
-      nopts->group_name = "0";
-      auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(
-          c10::make_intrusive<c10d::PrefixStore>("nccl", store), rank, world,
-          nopts);
-      nccl->setSequenceNumberForGroup();
-      pg->setBackend(c10::DeviceType::CUDA, ProcessGroup::BackendType::NCCL,
-                     nccl);
-      pg->setDefaultBackend(ProcessGroup::BackendType::NCCL);
+      add_backend<c10d::ProcessGroupNCCL>(*pg, store, "nccl", rank, world,
+                                          nopts, c10::DeviceType::CUDA,
+                                          ProcessGroup::BackendType::NCCL);
 #else
       TORCH_CHECK(false,
                   "this build of dim has no NCCL (built without CUDA headers): "
@@ -221,10 +261,15 @@ int dim_dist_barrier(void* g, char* err, size_t len) {
 // `first_bucket_bytes` (small, so the first all-reduce starts early), in
 // reverse parameter order: the backward produces the last layers' gradients
 // first. Gradients are averaged over the ranks.
+//
+// `bucket_view` (DDP's gradient_as_bucket_view): after the first step each
+// `.grad` is a view into its bucket, which saves one copy of every gradient
+// per step and the memory of a second set. `compress`: 0 sends f32, 1 f16,
+// 2 bf16 (CompressHook).
 int dim_dist_reducer_new(void* g, at::Tensor** ps, size_t n,
                          const char* const* names, int64_t bucket_bytes,
-                         int64_t first_bucket_bytes, void** out, char* err,
-                         size_t len) {
+                         int64_t first_bucket_bytes, int bucket_view,
+                         int compress, void** out, char* err, size_t len) {
   return dim_shim::guarded(err, len, [&] {
     auto* group = static_cast<Group*>(g);
     auto params = gather(ps, n);
@@ -242,10 +287,16 @@ int dim_dist_reducer_new(void* g, at::Tensor** ps, size_t n,
         params, std::move(buckets), group->pg, std::vector<bool>(n, false),
         bucket_bytes,
         /*find_unused_parameters=*/false,
-        /*gradient_as_bucket_view=*/false, std::move(param_names),
+        /*gradient_as_bucket_view=*/bucket_view != 0, std::move(param_names),
         first_bucket_bytes,
         /*skip_all_reduce_unused_params=*/false,
         /*use_python_reducer=*/false, std::vector<int64_t>{});
+    if (compress != 0) {
+      TORCH_CHECK(compress == 1 || compress == 2, "unknown compression ",
+                  compress);
+      reducer->register_comm_hook(std::make_unique<CompressHook>(
+          group->pg, compress == 1 ? at::kHalf : at::kBFloat16));
+    }
     *out = reducer;
   });
 }

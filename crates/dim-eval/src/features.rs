@@ -62,11 +62,23 @@ where
 
 /// Checks that `images` is `(N, C, H, W)` with `C` in `allowed_channels`.
 pub(crate) fn check_images(images: &Tensor, allowed_channels: &[i64]) -> Result<()> {
-    let s = images.size();
-    if s.len() != 4 || !allowed_channels.contains(&s[1]) {
+    check_layout(images, "images", "(N, C, H, W)", allowed_channels)
+}
+
+/// Checks that `t` has the rank of `layout` (`"(N, C, ...)"`, naming the
+/// axes for the error) and a channel count (axis 1) in `allowed_channels`;
+/// `what` names the tensor.
+pub(crate) fn check_layout(
+    t: &Tensor,
+    what: &'static str,
+    layout: &str,
+    allowed_channels: &[i64],
+) -> Result<()> {
+    let s = t.size();
+    if s.len() != layout.split(',').count() || !allowed_channels.contains(&s[1]) {
         return Err(EvalError::Shape {
-            what: "images",
-            detail: format!("expected (N, C, H, W) with C in {allowed_channels:?}, got {s:?}"),
+            what,
+            detail: format!("expected {layout} with C in {allowed_channels:?}, got {s:?}"),
         });
     }
     Ok(())

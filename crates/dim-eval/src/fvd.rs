@@ -9,7 +9,7 @@
 use tch::{Device, Tensor};
 
 use crate::frechet::{frechet_distance, GaussianStats};
-use crate::{EvalError, Result};
+use crate::Result;
 
 /// A network mapping clips to feature vectors for FVD.
 pub trait VideoFeatureExtractor {
@@ -52,12 +52,5 @@ pub fn fvd(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 /// Checks that `clips` is `(N, C, T, H, W)` with `C` in `allowed_channels`.
 pub(crate) fn check_clips(clips: &Tensor, allowed_channels: &[i64]) -> Result<()> {
-    let s = clips.size();
-    if s.len() != 5 || !allowed_channels.contains(&s[1]) {
-        return Err(EvalError::Shape {
-            what: "clips",
-            detail: format!("expected (N, C, T, H, W) with C in {allowed_channels:?}, got {s:?}"),
-        });
-    }
-    Ok(())
+    crate::features::check_layout(clips, "clips", "(N, C, T, H, W)", allowed_channels)
 }

@@ -20,6 +20,7 @@
 
 pub mod classifier;
 mod error;
+pub mod feature_classifier;
 pub mod features;
 pub mod frechet;
 pub mod fvd;
@@ -30,10 +31,11 @@ pub mod npz;
 pub mod precision_recall;
 pub mod video_classifier;
 
-pub use classifier::{ClassifierTrainConfig, FmnistClassifier};
+pub use classifier::FmnistClassifier;
 /// The one name- and shape-checked weight loader (from `dim-io`).
 pub use dim_io::load_checked;
 pub use error::{EvalError, Result};
+pub use feature_classifier::{Classifier, ClassifierKind, ClassifierTrainConfig};
 pub use features::{extract_features, FeatureExtractor};
 pub use frechet::{frechet_distance, FeatureStats, GaussianStats};
 pub use fvd::{extract_video_features, fvd, VideoFeatureExtractor};

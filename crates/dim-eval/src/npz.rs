@@ -283,16 +283,22 @@ impl NpzReader {
         parse_header(&path, name, &head).map(Some)
     }
 
+    /// [`NpzReader::info`] of an array that must be there; the error lists
+    /// the arrays the file has.
+    fn require(&mut self, name: &str) -> Result<NpyInfo> {
+        self.info(name)?.ok_or_else(|| {
+            bad(
+                &self.path,
+                format!("no array `{name}` (it has: {})", self.names().join(" ")),
+            )
+        })
+    }
+
     /// Rows `first .. first + n` of array `name` (along its first axis) as a
     /// tensor of its dtype on the CPU.
     pub fn rows(&mut self, name: &str, first: i64, n: i64) -> Result<Tensor> {
         let path = self.path.clone();
-        let info = self.info(name)?.ok_or_else(|| {
-            bad(
-                &path,
-                format!("no array `{name}` (it has: {})", self.names().join(" ")),
-            )
-        })?;
+        let info = self.require(name)?;
         let total = info.shape.first().copied().unwrap_or(1);
         if first < 0 || n < 0 || first + n > total {
             return Err(bad(
@@ -328,13 +334,7 @@ impl NpzReader {
 
     /// The whole array `name`.
     pub fn array(&mut self, name: &str) -> Result<Tensor> {
-        let path = self.path.clone();
-        let info = self.info(name)?.ok_or_else(|| {
-            bad(
-                &path,
-                format!("no array `{name}` (it has: {})", self.names().join(" ")),
-            )
-        })?;
+        let info = self.require(name)?;
         let n = info.shape.first().copied().unwrap_or(1);
         let t = self.rows(name, 0, n)?;
         Ok(if info.shape.is_empty() {

@@ -13,16 +13,15 @@
 //! 64, 128 channels, ReLU; stride 1×2×2 then 2×2×2), global average pool, a
 //! 128-d hidden layer (the features, after ReLU) and a 12-way linear head.
 
-use std::path::Path;
-
-use tch::nn::{self, Module, OptimizerConfig, VarStore};
+use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use crate::feature_classifier::{Classifier, ClassifierKind, HIDDEN_DIM};
 use crate::fvd::{check_clips, VideoFeatureExtractor};
-use crate::{load_checked, ClassifierTrainConfig, EvalError, Result};
+use crate::Result;
 
 /// Width of the features.
-pub const VIDEO_FEATURE_DIM: i64 = 128;
+pub const VIDEO_FEATURE_DIM: i64 = HIDDEN_DIM;
 /// Garment classes of real clips.
 pub const GARMENT_CLASSES: i64 = 10;
 /// Label of a frozen clip (one frame repeated).
@@ -32,22 +31,26 @@ pub const SHUFFLED_CLASS: i64 = 11;
 /// Frames and side the clips are pooled to before the convolutions.
 pub const CLIP_SHAPE: [i64; 3] = [16, 32, 32];
 
-/// The classifier. Clips `(N, 1, T, H, W)` in `[-1, 1]`.
-#[derive(Debug)]
-pub struct VideoClassifier {
-    vs: VarStore,
-    convs: Vec<nn::Conv<[i64; 3]>>,
-    hidden: nn::Linear,
-    head: nn::Linear,
-}
+/// The Moving Fashion-MNIST clip classifier. Clips `(N, 1, T, H, W)` in
+/// `[-1, 1]`; trained on garment labels 0..10 of real clips
+/// ([`Classifier::train`]), to which it adds frozen and shuffled clips on the
+/// fly ([`VideoClassifier::corrupt`]); [`VideoClassifier::prepare`]d clips
+/// save memory. Logits `(N, 12)`: garments 0–9, frozen, shuffled.
+pub type VideoClassifier = Classifier<MovingClips>;
 
-impl VideoClassifier {
-    /// A freshly initialised classifier (tch's global RNG).
-    pub fn new(device: Device) -> Self {
-        let vs = VarStore::new(device);
-        let r = vs.root();
+/// The [`ClassifierKind`] of [`VideoClassifier`].
+#[derive(Debug)]
+pub struct MovingClips;
+
+impl ClassifierKind for MovingClips {
+    const NAME: &'static str = "video classifier";
+    const TRAINING: &'static str =
+        "video classifier training (clips, batch_size and epochs must be positive)";
+    const CLASSES: i64 = SHUFFLED_CLASS + 1;
+
+    fn convs(r: &nn::Path<'_>) -> Vec<Box<dyn Module>> {
         let d = nn::ConvConfig::default();
-        let conv = |name: &str, i: i64, o: i64, stride: [i64; 3]| {
+        let conv = |name: &str, i: i64, o: i64, stride: [i64; 3]| -> Box<dyn Module> {
             let cfg = nn::ConvConfigND::<[i64; 3]> {
                 stride,
                 padding: [1, 1, 1],
@@ -59,42 +62,31 @@ impl VideoClassifier {
                 bs_init: d.bs_init,
                 padding_mode: nn::PaddingMode::Zeros,
             };
-            nn::conv(&r / name, i, o, [3, 3, 3], cfg)
+            Box::new(nn::conv(r / name, i, o, [3, 3, 3], cfg))
         };
-        let convs = vec![
+        vec![
             conv("conv1", 1, 16, [1, 2, 2]),
             conv("conv2", 16, 32, [2, 2, 2]),
             conv("conv3", 32, 64, [2, 2, 2]),
-            conv("conv4", 64, 128, [2, 2, 2]),
-        ];
-        let hidden = nn::linear(&r / "hidden", 128, VIDEO_FEATURE_DIM, Default::default());
-        let head = nn::linear(
-            &r / "head",
-            VIDEO_FEATURE_DIM,
-            SHUFFLED_CLASS + 1,
-            Default::default(),
-        );
-        Self {
-            vs,
-            convs,
-            hidden,
-            head,
-        }
+            conv("conv4", 64, HIDDEN_DIM, [2, 2, 2]),
+        ]
     }
 
-    /// Loads weights written by [`VideoClassifier::save`], checking every name and shape.
-    pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let net = Self::new(device);
-        load_checked(&net.vs, path, &|_| false)?;
-        Ok(net)
+    fn check_inputs(clips: &Tensor) -> Result<()> {
+        check_clips(clips, &[1])
     }
 
-    /// Writes the weights as safetensors.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        self.vs.save(path)?;
-        Ok(())
+    fn prepare(clips: &Tensor) -> Result<Tensor> {
+        VideoClassifier::prepare(clips)
     }
 
+    /// Real clips become frozen or shuffled ones on the fly.
+    fn training_batch(clips: Tensor, labels: Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(VideoClassifier::corrupt(&clips, &labels))
+    }
+}
+
+impl VideoClassifier {
     /// Clips `(N, 1, T, H, W)` average-pooled to `(N, 1, 16, 32, 32)` f32
     /// (idempotent), what the network sees: callers holding many clips in
     /// memory may store them prepared.
@@ -106,21 +98,6 @@ impl VideoClassifier {
         } else {
             x.adaptive_avg_pool3d(CLIP_SHAPE)
         })
-    }
-
-    fn hidden_features(&self, clips: &Tensor) -> Result<Tensor> {
-        let mut x = Self::prepare(&clips.to_device(self.vs.device()))?;
-        for c in &self.convs {
-            x = c.forward(&x).relu();
-        }
-        Ok(x.mean_dim(&[2i64, 3, 4][..], false, Kind::Float)
-            .apply(&self.hidden)
-            .relu())
-    }
-
-    /// Class logits `(N, 12)`: garments 0–9, frozen, shuffled.
-    pub fn logits(&self, clips: &Tensor) -> Result<Tensor> {
-        Ok(self.hidden_features(clips)?.apply(&self.head))
     }
 
     /// Real clips `(B, 1, T, H, W)` with labels `(B)` turned, each with
@@ -156,80 +133,6 @@ impl VideoClassifier {
         );
         (x, y)
     }
-
-    /// Trains on real `clips` `(N, 1, T, H, W)` in `[-1, 1]` (any device;
-    /// [`VideoClassifier::prepare`]d ones save memory) with garment `labels`
-    /// `(N)` in `0..10`, adding frozen and shuffled clips on the fly
-    /// ([`VideoClassifier::corrupt`]). Adam and cross-entropy; `on_step(epoch,
-    /// step, loss)` after every step. Returns the mean loss of the last epoch.
-    pub fn train(
-        &mut self,
-        clips: &Tensor,
-        labels: &Tensor,
-        cfg: &ClassifierTrainConfig,
-        on_step: &mut dyn FnMut(usize, usize, f64),
-    ) -> Result<f64> {
-        check_clips(clips, &[1])?;
-        let n = clips.size()[0];
-        if labels.size() != [n] {
-            return Err(EvalError::Shape {
-                what: "labels",
-                detail: format!("expected ({n}), got {:?}", labels.size()),
-            });
-        }
-        if n == 0 || cfg.batch_size == 0 || cfg.epochs == 0 {
-            return Err(EvalError::TooFewSamples {
-                what: "video classifier training (clips, batch_size and epochs must be positive)",
-                need: 1,
-                got: 0,
-            });
-        }
-        tch::manual_seed(cfg.seed as i64);
-        *self = Self::new(self.vs.device());
-        let mut opt = nn::Adam::default().build(&self.vs, cfg.lr)?;
-        let device = self.vs.device();
-        let bs = cfg.batch_size as i64;
-        let mut last = 0.0;
-        for epoch in 0..cfg.epochs {
-            let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
-            let (mut sum, mut count) = (0.0, 0);
-            for (step, s) in (0..n).step_by(bs as usize).enumerate() {
-                let idx = perm.narrow(0, s, bs.min(n - s));
-                let x = clips
-                    .index_select(0, &idx.to_device(clips.device()))
-                    .to_device(device);
-                let y = labels.index_select(0, &idx.to_device(labels.device()));
-                let (x, y) = Self::corrupt(&Self::prepare(&x)?, &y);
-                let loss = self.logits(&x)?.cross_entropy_for_logits(&y);
-                opt.backward_step(&loss);
-                let l = loss.double_value(&[]);
-                sum += l;
-                count += 1;
-                on_step(epoch, step, l);
-            }
-            last = sum / count as f64;
-            tracing::info!(epoch, loss = last, "video classifier epoch done");
-        }
-        Ok(last)
-    }
-
-    /// Top-1 garment accuracy on real `clips` `(N, 1, T, H, W)` with `labels` `(N)`.
-    pub fn accuracy(&self, clips: &Tensor, labels: &Tensor, batch: usize) -> Result<f64> {
-        check_clips(clips, &[1])?;
-        let _guard = tch::no_grad_guard();
-        let n = clips.size()[0];
-        let mut correct = 0i64;
-        for s in (0..n).step_by(batch.max(1)) {
-            let len = (batch as i64).min(n - s);
-            let pred = self.logits(&clips.narrow(0, s, len))?.argmax(1, false);
-            let y = labels
-                .narrow(0, s, len)
-                .to_device(pred.device())
-                .to_kind(Kind::Int64);
-            correct += pred.eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-        }
-        Ok(correct as f64 / n.max(1) as f64)
-    }
 }
 
 impl VideoFeatureExtractor for VideoClassifier {
@@ -242,7 +145,7 @@ impl VideoFeatureExtractor for VideoClassifier {
     }
 
     fn device(&self) -> Device {
-        self.vs.device()
+        Classifier::device(self)
     }
 
     fn features(&self, clips: &Tensor) -> Result<Tensor> {

@@ -12,6 +12,16 @@ fn stats(mu: Tensor, sigma: Tensor) -> GaussianStats {
     GaussianStats { mu, sigma, n: 100 }
 }
 
+/// Checks the Fréchet distance of two Gaussians `(mu, sigma)` against
+/// `expected` to `rel` relative (absolute below 1).
+fn assert_fd(a: (Tensor, Tensor), b: (Tensor, Tensor), expected: f64, rel: f64) {
+    let got = frechet_distance(&stats(a.0, a.1), &stats(b.0, b.1)).unwrap();
+    assert!(
+        (got - expected).abs() < rel * expected.max(1.0),
+        "{got} vs {expected}"
+    );
+}
+
 fn random_rotation(f: i64) -> Tensor {
     let (q, _) = Tensor::linalg_qr(&Tensor::randn([f, f], F64), "reduced");
     q
@@ -41,11 +51,7 @@ fn commuting_covariances_match_closed_form() {
             .zip(&bv)
             .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
             .sum::<f64>();
-    let got = frechet_distance(&stats(mu1, s1), &stats(mu2, s2)).unwrap();
-    assert!(
-        (got - expected).abs() < 1e-9 * expected.max(1.0),
-        "{got} vs {expected}"
-    );
+    assert_fd((mu1, s1), (mu2, s2), expected, 1e-9);
 }
 
 #[test]
@@ -62,11 +68,7 @@ fn general_covariances_match_denman_beavers_sqrtm() {
     let (m1, m2) = (to_mat(&s1), to_mat(&s2));
     let expected = diff.iter().map(|d| d * d).sum::<f64>() + trace(&m1) + trace(&m2)
         - 2.0 * trace(&sqrtm_db(&matmul(&m1, &m2)));
-    let got = frechet_distance(&stats(mu1, s1), &stats(mu2, s2)).unwrap();
-    assert!(
-        (got - expected).abs() < 1e-8 * expected.max(1.0),
-        "{got} vs {expected}"
-    );
+    assert_fd((mu1, s1), (mu2, s2), expected, 1e-8);
 }
 
 #[test]

@@ -6,6 +6,18 @@ use dim_io::{load_checked, load_into, save, Group, TensorFile};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+/// The error of `r`, which must name every one of `parts`; `what` labels the case.
+#[track_caller]
+fn fails_naming<T, E: std::fmt::Display>(r: Result<T, E>, parts: &[&str], what: &str) {
+    let e = match r {
+        Ok(_) => panic!("{what}: no error"),
+        Err(e) => e.to_string(),
+    };
+    for p in parts {
+        assert!(e.contains(p), "{what}: `{p}` not in: {e}");
+    }
+}
+
 fn named(seed: i64) -> Vec<(String, Tensor)> {
     tch::manual_seed(seed);
     vec![
@@ -85,12 +97,10 @@ fn checked_loader_names_missing_unexpected_and_misshaped_tensors() {
         &BTreeMap::new(),
     )
     .unwrap();
-    let e = load_checked(&vs, &path, &|_| false)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("w.safetensors") && e.contains("unexpected `head`"),
-        "{e}"
+    fails_naming(
+        load_checked(&vs, &path, &|_| false),
+        &["w.safetensors", "unexpected `head`"],
+        "extra tensor",
     );
     load_checked(&vs, &path, &|k| k == "head").unwrap();
     // Converted to the variable's dtype.
@@ -99,16 +109,14 @@ fn checked_loader_names_missing_unexpected_and_misshaped_tensors() {
     let vs2 = VarStore::new(Device::Cpu);
     let _w = vs2.root().var("w", &[4, 7], tch::nn::Init::Const(0.0));
     let _u = vs2.root().var("u", &[1], tch::nn::Init::Const(0.0));
-    let e = load_checked(&vs2, &path, &|k| k != "v")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("`w` has shape [4, 6] in the file, the network needs [4, 7]"),
-        "{e}"
-    );
-    assert!(
-        e.contains("missing `u` [1]") && e.contains("unexpected `v`"),
-        "{e}"
+    fails_naming(
+        load_checked(&vs2, &path, &|k| k != "v"),
+        &[
+            "`w` has shape [4, 6] in the file, the network needs [4, 7]",
+            "missing `u` [1]",
+            "unexpected `v`",
+        ],
+        "shape, missing and unexpected",
     );
 }
 
@@ -126,23 +134,19 @@ fn groups_strip_their_prefix_and_fall_back() {
     save(&path, file, &BTreeMap::new()).unwrap();
     let f = TensorFile::open(&path).unwrap();
     let mut targets = BTreeMap::new();
-    targets.insert(
-        "a".to_string(),
-        Tensor::zeros([3], (Kind::Float, Device::Cpu)),
-    );
-    targets.insert(
-        "buf".to_string(),
-        Tensor::zeros([3], (Kind::Float, Device::Cpu)),
-    );
+    for name in ["a", "buf"] {
+        targets.insert(
+            name.to_string(),
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        );
+    }
     load_into(&f, &targets, Group::new("ema/").or("model/")).unwrap();
     assert_eq!(targets["a"].double_value(&[0]), 3.0);
     assert_eq!(targets["buf"].double_value(&[0]), 2.0);
-    let e = load_into(&f, &targets, Group::new("ema/"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("missing `buf`") && e.contains("group `ema/`"),
-        "{e}"
+    fails_naming(
+        load_into(&f, &targets, Group::new("ema/")),
+        &["missing `buf`", "group `ema/`"],
+        "group without fallback",
     );
 }
 
@@ -173,17 +177,15 @@ fn truncated_and_corrupt_files_are_errors_naming_the_file() {
     for (name, data, want) in cases {
         let p = dir.path().join(format!("{name}.safetensors"));
         std::fs::write(&p, data).unwrap();
-        let e = TensorFile::open(&p).unwrap_err().to_string();
-        assert!(
-            e.contains(&format!("{name}.safetensors")) && e.contains(want),
-            "{name}: {e}"
+        fails_naming(
+            TensorFile::open(&p),
+            &[&format!("{name}.safetensors"), want],
+            name,
         );
     }
-    let e = TensorFile::open(&dir.path().join("nope.safetensors"))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("nope.safetensors") && e.contains("No such file"),
-        "{e}"
+    fails_naming(
+        TensorFile::open(&dir.path().join("nope.safetensors")),
+        &["nope.safetensors", "No such file"],
+        "missing file",
     );
 }

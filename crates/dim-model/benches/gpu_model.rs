@@ -32,7 +32,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use dim_build::bench_json::{median_spread, record};
-use dim_model::network::{Block, Mixer, ScanOperands};
+use dim_model::network::{attend, Block, Mixer, ScanOperands};
 use dim_model::optim::{AdamW, AdamWConfig};
 use dim_model::{Arch, Model, ModelConfig};
 use tch::nn;
@@ -515,18 +515,7 @@ fn breakdown(model: &Model, block: &Block, batch: i64, reps: usize, device: Devi
             let l = l as f64;
             parts.push(Piece::new(
                 "scaled_dot_product_attention",
-                fwd_bwd_ms(device, reps, || {
-                    Tensor::scaled_dot_product_attention(
-                        &q,
-                        &k,
-                        &v,
-                        None::<Tensor>,
-                        0.0,
-                        false,
-                        None::<f64>,
-                        false,
-                    )
-                }),
+                fwd_bwd_ms(device, reps, || attend(&q, &k, &v)),
                 14.0 * batch as f64 * l * l * wd,
                 12.0 * t * wd * el,
                 0.0,
@@ -584,11 +573,25 @@ fn card_name() -> String {
 
 /// The first line of a caught panic's message.
 /// A table row for a size whose run panicked (out of memory, say).
-fn print_failure(label: &str, tokens: i64, batch: i64, e: &(dyn std::any::Any + Send)) {
-    println!(
-        "{label:<10} {tokens:>7} {batch:>6}   FAILED: {}",
-        panic_line(e)
-    );
+/// The first columns of a result row: model, tokens, batch.
+fn row(label: &str, tokens: i64, batch: i64) -> String {
+    format!("{label:<10} {tokens:>7} {batch:>6}")
+}
+
+/// Runs one measurement, catching a panic (CUDA out of memory, say) and
+/// printing it as a FAILED row instead.
+fn guarded<R>(label: &str, tokens: i64, batch: i64, f: impl FnOnce() -> R) -> Option<R> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            println!(
+                "{}   FAILED: {}",
+                row(label, tokens, batch),
+                panic_line(e.as_ref())
+            );
+            None
+        }
+    }
 }
 
 fn panic_line(e: &(dyn std::any::Any + Send)) -> String {
@@ -709,7 +712,7 @@ fn main() {
             let cfg = config(&args, arch, tokens);
             let label = model_name(&args, arch);
             let args_ref = &args;
-            let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let run = guarded(&label, tokens, batch, || {
                 let (r, model, vs) = train_step_bench(args_ref, &cfg, batch, device);
                 let parts = if args_ref.breakdown {
                     Some(breakdown(
@@ -724,47 +727,40 @@ fn main() {
                 };
                 drop(vs);
                 (r, parts)
-            }));
-            match run {
-                Ok((r, parts)) => {
-                    record(
-                        &format!("gpu_model/train step/{label}/{tokens} tokens x{batch}"),
-                        "ms",
-                        r.ms,
-                        r.spread,
-                        args.steps,
-                        None,
-                        false,
-                    );
-                    println!(
-                        "{:<10} {:>7} {:>6} {:>10.1} {:>10.2} {:>9} {:>10.1} {:>8.1}",
-                        label,
+            });
+            let run = run.map(|(r, parts)| {
+                record(
+                    &format!("gpu_model/train step/{label}/{tokens} tokens x{batch}"),
+                    "ms",
+                    r.ms,
+                    r.spread,
+                    args.steps,
+                    None,
+                    false,
+                );
+                println!(
+                    "{} {:>10.1} {:>10.2} {:>9} {:>10.1} {:>8.1}",
+                    row(&label, tokens, batch),
+                    r.ms,
+                    r.images_per_s,
+                    gib(r.peak_gib),
+                    r.params as f64 / 1e6,
+                    r.tflops
+                );
+                if let Some(parts) = parts {
+                    breakdowns.push(Breakdown {
+                        arch,
+                        label: label.clone(),
                         tokens,
                         batch,
-                        r.ms,
-                        r.images_per_s,
-                        gib(r.peak_gib),
-                        r.params as f64 / 1e6,
-                        r.tflops
-                    );
-                    if let Some(parts) = parts {
-                        breakdowns.push(Breakdown {
-                            arch,
-                            label: label.clone(),
-                            tokens,
-                            batch,
-                            depth: cfg.depth,
-                            step_ms: r.ms,
-                            parts,
-                        });
-                    }
-                    results.push((arch, tokens, Some(r)));
+                        depth: cfg.depth,
+                        step_ms: r.ms,
+                        parts,
+                    });
                 }
-                Err(e) => {
-                    print_failure(&label, tokens, batch, e.as_ref());
-                    results.push((arch, tokens, None));
-                }
-            }
+                r
+            });
+            results.push((arch, tokens, run));
         }
     }
 
@@ -779,42 +775,34 @@ fn main() {
             for &arch in &args.archs {
                 let cfg = config(&args, arch, tokens);
                 let label = model_name(&args, arch);
-                let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let run = guarded(&label, tokens, batch, || {
                     sample_bench(&args, &cfg, batch, device)
-                }));
-                match run {
-                    Ok(r) => {
-                        let [h, w] = cfg.input_size;
-                        let floor = cfg
-                            .flops(&[batch, cfg.in_channels, h, w])
-                            .map(|f| f.gflops() * 1e9 / rates.matmul * 1e3)
-                            .unwrap_or(0.0);
-                        record(
-                            &format!("gpu_model/sample eval/{label}/{tokens} tokens x{batch}"),
-                            "ms",
-                            r.ms,
-                            r.spread,
-                            args.steps.max(args.reps),
-                            (floor > 0.0).then_some(floor),
-                            false,
-                        );
-                        println!(
-                            "{:<10} {:>7} {:>6} {:>10.2} {:>10.2} {:>9} {:>9.2}",
-                            label,
-                            tokens,
-                            batch,
-                            r.ms,
-                            r.images_per_s,
-                            gib(r.peak_gib),
-                            floor
-                        );
-                        samples.push((arch, tokens, Some(r)));
-                    }
-                    Err(e) => {
-                        print_failure(&label, tokens, batch, e.as_ref());
-                        samples.push((arch, tokens, None));
-                    }
+                });
+                if let Some(r) = &run {
+                    let [h, w] = cfg.input_size;
+                    let floor = cfg
+                        .flops(&[batch, cfg.in_channels, h, w])
+                        .map(|f| f.gflops() * 1e9 / rates.matmul * 1e3)
+                        .unwrap_or(0.0);
+                    record(
+                        &format!("gpu_model/sample eval/{label}/{tokens} tokens x{batch}"),
+                        "ms",
+                        r.ms,
+                        r.spread,
+                        args.steps.max(args.reps),
+                        (floor > 0.0).then_some(floor),
+                        false,
+                    );
+                    println!(
+                        "{} {:>10.2} {:>10.2} {:>9} {:>9.2}",
+                        row(&label, tokens, batch),
+                        r.ms,
+                        r.images_per_s,
+                        gib(r.peak_gib),
+                        floor
+                    );
                 }
+                samples.push((arch, tokens, run));
             }
         }
     }

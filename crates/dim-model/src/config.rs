@@ -477,11 +477,15 @@ impl ModelConfig {
                 ));
             }
         }
-        if self.frames < 0 {
-            return err(format!(
-                "`frames` = {}, must be 0 (images) or positive",
-                self.frames
-            ));
+        // Keys where 0 switches a feature off: (key, value, what 0 means).
+        let zero_or_positive = [
+            ("frames", self.frames, "images"),
+            ("num_classes", self.num_classes, "unconditional"),
+        ];
+        for (key, v, zero) in zero_or_positive {
+            if v < 0 {
+                return err(format!("`{key}` = {v}, must be 0 ({zero}) or positive"));
+            }
         }
         if self.frames == 0 && self.temporal_patch != 1 {
             return err(format!(
@@ -510,12 +514,6 @@ impl ModelConfig {
             return err(format!(
                 "`frames` = {} is not a multiple of `temporal_patch` = {}",
                 self.frames, self.temporal_patch
-            ));
-        }
-        if self.num_classes < 0 {
-            return err(format!(
-                "`num_classes` = {}, must be 0 (unconditional) or positive",
-                self.num_classes
             ));
         }
         if !(0.0..1.0).contains(&self.class_dropout_prob) {

@@ -697,6 +697,13 @@ pub fn add_gated(
     (x5 + gate5 * hv).reshape([s[0], s[1], s[2]])
 }
 
+/// Softmax attention of `q`, `k`, `v` `(N, heads, L, hd)` → `(N, heads, L, hd)`
+/// with the `1/sqrt(hd)` scale, no mask and no dropout, through libtorch's
+/// fused `scaled_dot_product_attention` (flash or memory-efficient kernels on CUDA).
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, None::<f64>, false)
+}
+
 /// Multi-head self-attention (DiT's mixer) through libtorch's
 /// `scaled_dot_product_attention`: `(B, L, W)` → `(B, L, W)`.
 #[derive(Debug)]
@@ -734,18 +741,9 @@ impl Attention {
             .permute([3, 0, 1, 4, 2, 5]) // (3, B, groups, heads, seq, hd)
             .reshape([3, b * groups, heads, seq, hd]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None::<f64>,
-            false,
-        ) // (B·groups, heads, seq, hd)
-        .view([b, groups, heads, seq, hd])
-        .permute([0, 1, 3, 2, 4]); // (B, groups, seq, heads, hd)
+        let o = attend(&q, &k, &v) // (B·groups, heads, seq, hd)
+            .view([b, groups, heads, seq, hd])
+            .permute([0, 1, 3, 2, 4]); // (B, groups, seq, heads, hd)
         let o = if span == AttentionSpan::Time {
             o.transpose(1, 2)
         } else {

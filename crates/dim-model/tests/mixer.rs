@@ -176,6 +176,32 @@ fn mixer_matches_reference_bidirectional() {
     check("bidirectional", None);
 }
 
+/// Checks the mixer in `order` on tokens `x` `(B, L, W)` of `grid` against
+/// the reference run on the tokens in scan order (`scan[i]` is the token at
+/// scan position `i`), output put back; and that the order really differs
+/// from the frame-major scan.
+fn check_scan_order(
+    m: &BiMamba,
+    cfg: &ModelConfig,
+    x: &Tensor,
+    grid: &TokenGrid,
+    order: LayerOrder,
+    scan: &[i64],
+    case: &str,
+) {
+    let got = m.forward(x, grid, order).unwrap();
+    let perm = Tensor::from_slice(scan);
+    let y = mixer_ref(m, &x.index_select(1, &perm), cfg);
+    let want = Tensor::zeros_like(&y).index_copy(1, &perm, &y);
+    let err = max_rel_err(&got, &want);
+    assert!(err < 1e-10, "{case}: relative error {err:e}");
+    let frame_major = m.forward(x, grid, LayerOrder::FrameMajor).unwrap();
+    assert!(
+        max_rel_err(&frame_major, &want) > 1e-6,
+        "{case}: orders should give different outputs"
+    );
+}
+
 /// Interleaved order: the mixer must equal the reference run on tokens
 /// permuted to (spatial, frame) order, with the output permuted back.
 #[test]
@@ -191,22 +217,18 @@ fn interleaved_order_matches_reference_on_permuted_tokens() {
     };
     let (t, s, w) = (grid.frames, grid.spatial(), cfg.width);
     let x = Tensor::randn([1, t * s, w], (Kind::Double, Device::Cpu));
-    let got = m.forward(&x, &grid, LayerOrder::Interleaved).unwrap();
     // Token (t, s) sits at t·S + s in frame-major order and at s·T + t interleaved.
-    let idx: Vec<i64> = (0..s)
+    let scan: Vec<i64> = (0..s)
         .flat_map(|si| (0..t).map(move |ti| ti * s + si))
         .collect();
-    let perm = Tensor::from_slice(&idx);
-    let x_int = x.index_select(1, &perm);
-    let y_int = mixer_ref(m, &x_int, &cfg);
-    let want = Tensor::zeros_like(&y_int).index_copy(1, &perm, &y_int);
-    let err = max_rel_err(&got, &want);
-    assert!(err < 1e-10, "interleaved: relative error {err:e}");
-    // And it really differs from the frame-major scan.
-    let fm = m.forward(&x, &grid, LayerOrder::FrameMajor).unwrap();
-    assert!(
-        max_rel_err(&fm, &want) > 1e-6,
-        "orders should give different outputs"
+    check_scan_order(
+        m,
+        &cfg,
+        &x,
+        &grid,
+        LayerOrder::Interleaved,
+        &scan,
+        "interleaved",
     );
 }
 
@@ -229,24 +251,12 @@ fn column_major_order_matches_reference_on_transposed_tokens() {
         };
         let (t, h, w) = (grid.frames, grid.rows, grid.cols);
         let x = Tensor::randn([2, grid.len(), cfg.width], (Kind::Double, Device::Cpu));
-        let got = m.forward(&x, &grid, LayerOrder::ColumnMajor).unwrap();
         // Scan position (f, c, r) holds token f·H·W + r·W + c.
-        let idx: Vec<i64> = (0..t)
+        let scan: Vec<i64> = (0..t)
             .flat_map(|f| (0..w).flat_map(move |c| (0..h).map(move |r| f * h * w + r * w + c)))
             .collect();
-        let perm = Tensor::from_slice(&idx);
-        let y_col = mixer_ref(m, &x.index_select(1, &perm), &cfg);
-        let want = Tensor::zeros_like(&y_col).index_copy(1, &perm, &y_col);
-        let err = max_rel_err(&got, &want);
-        assert!(
-            err < 1e-10,
-            "column-major, {frames} frame(s): relative error {err:e}"
-        );
-        let rows = m.forward(&x, &grid, LayerOrder::FrameMajor).unwrap();
-        assert!(
-            max_rel_err(&rows, &want) > 1e-6,
-            "orders should give different outputs"
-        );
+        let case = format!("column-major, {frames} frame(s)");
+        check_scan_order(m, &cfg, &x, &grid, LayerOrder::ColumnMajor, &scan, &case);
     }
 }
 

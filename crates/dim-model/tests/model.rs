@@ -422,6 +422,14 @@ fn configs_parse_validate_and_match_presets() {
             "preset = \"DiM-S/2\"\nnum_classes = 0",
             "class_dropout_prob",
         ),
+        (
+            "preset = \"DiM-S/2\"\nframes = -1",
+            "`frames` = -1, must be 0 (images) or positive",
+        ),
+        (
+            "preset = \"DiM-S/2\"\nnum_classes = -2",
+            "`num_classes` = -2, must be 0 (unconditional) or positive",
+        ),
     ] {
         let msg = ModelConfig::from_toml_str(text).unwrap_err().to_string();
         assert!(msg.contains(needle), "{text:?}: {msg}");
@@ -459,19 +467,10 @@ fn bad_inputs_are_errors_naming_the_argument() {
     let model = Model::new(vs.root(), &cfg).unwrap();
     let (x, t, y) = inputs(&cfg, &[2, 3, 8, 8]);
     let err = |r: dim_model::Result<Tensor>| r.unwrap_err().to_string();
-    let m = err(model.forward(
-        &Tensor::zeros([2, 4, 8, 8], (Kind::Float, Device::Cpu)),
-        &t,
-        Some(&y),
-        false,
-    ));
+    let zeros = |shape: [i64; 4]| Tensor::zeros(shape, (Kind::Float, Device::Cpu));
+    let m = err(model.forward(&zeros([2, 4, 8, 8]), &t, Some(&y), false));
     assert!(m.contains("`x`") && m.contains("4 channels"), "{m}");
-    let m = err(model.forward(
-        &Tensor::zeros([2, 3, 7, 8], (Kind::Float, Device::Cpu)),
-        &t,
-        Some(&y),
-        false,
-    ));
+    let m = err(model.forward(&zeros([2, 3, 7, 8]), &t, Some(&y), false));
     assert!(m.contains("`x`") && m.contains("patch 2"), "{m}");
     let m = err(model.forward(&x.unsqueeze(2), &t, Some(&y), false));
     assert!(m.contains("image model"), "{m}");

@@ -127,7 +127,7 @@ extern "C" {
 }
 
 /// Calls a native function that reports failure through an error buffer.
-fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), ScanError> {
+pub(crate) fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), ScanError> {
     let mut err = [0 as c_char; 1024];
     if call(err.as_mut_ptr(), err.len()) == 0 {
         return Ok(());

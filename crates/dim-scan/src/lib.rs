@@ -32,6 +32,7 @@ pub mod device;
 mod error;
 mod ffi;
 mod op;
+pub mod profiler;
 pub mod reference;
 pub mod testing;
 

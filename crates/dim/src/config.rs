@@ -187,6 +187,15 @@ pub struct LoopConfig {
     pub keep_last: usize,
     /// CPU threads for libtorch (0 = libtorch's default).
     pub threads: i32,
+    /// Record this many steps with libtorch's profiler (0 = none) into
+    /// `<out_dir>/trace.json`, a Chrome trace of rank 0's host operators
+    /// and GPU kernels, copies and collectives.
+    pub profile_steps: u64,
+    /// The first profiled step (after warm-up).
+    pub profile_from: u64,
+    /// Whether the profile records the host's operators too (they slow the
+    /// host down; false keeps only the GPU's activity, for a truer timeline).
+    pub profile_host: bool,
 }
 
 impl Default for LoopConfig {
@@ -206,6 +215,9 @@ impl Default for LoopConfig {
             ckpt_every: 1000,
             keep_last: 3,
             threads: 0,
+            profile_steps: 0,
+            profile_from: 10,
+            profile_host: true,
         }
     }
 }
@@ -222,14 +234,24 @@ pub struct DistConfig {
     pub bucket_mib: f64,
     /// The first bucket (the last layers' gradients, ready first), MiB.
     pub first_bucket_mib: f64,
+    /// DDP's `gradient_as_bucket_view` (default true): gradients live in
+    /// the buckets, one copy of every gradient less per step.
+    pub grad_as_bucket_view: bool,
+    /// Wire type of the gradient all-reduce: `none` (f32, equal to one
+    /// process to rounding), `f16` or `bf16` (half the bytes).
+    pub compress: dim_dist::Compress,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
+        // The reducer's knobs default as in dim-dist (DDP's defaults).
+        let r = dim_dist::ReducerOptions::default();
         Self {
             timeout_s: 300.0,
-            bucket_mib: 25.0,
-            first_bucket_mib: 1.0,
+            bucket_mib: r.bucket_mib,
+            first_bucket_mib: r.first_bucket_mib,
+            grad_as_bucket_view: r.grad_as_bucket_view,
+            compress: r.compress,
         }
     }
 }

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use dim_dist::{DistEnv, DistError, Heartbeat, ProcessGroup, Reducer};
+use dim_dist::{DistEnv, DistError, Heartbeat, ProcessGroup, Reducer, ReducerOptions};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::DistConfig;
@@ -126,16 +126,18 @@ impl World {
         if device.is_cuda() && !dim_dist::has_nccl() {
             bail!("this dim was built without NCCL (no CUDA headers at build time): it cannot train on several GPUs; rebuild it with the CUDA toolkit (cargo xtask setup)");
         }
-        if device == Device::Cpu {
-            // Ranks on one machine share its cores (torchrun sets LOCAL_WORLD_SIZE).
-            let local_world = std::env::var("LOCAL_WORLD_SIZE")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(env.world_size)
-                .max(1);
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            tch::set_num_threads((cores / local_world).max(1) as i32);
-        }
+        // Ranks on one machine share its cores (torchrun sets
+        // LOCAL_WORLD_SIZE). On GPUs too: each rank's libtorch would
+        // otherwise start a pool of all the cores, and the ranks' pools
+        // (OpenMP threads spin after each parallel region) crowd out the
+        // threads that launch the GPU work.
+        let local_world = std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(env.world_size)
+            .max(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tch::set_num_threads((cores / local_world).max(1) as i32);
         let timeout = Duration::from_secs_f64(cfg.timeout_s);
         let cuda = match device {
             Device::Cuda(i) => Some(i),
@@ -225,7 +227,13 @@ impl World {
         let Some(g) = &mut self.group else {
             return Ok(());
         };
-        let r = Reducer::new(&g.pg, params, cfg.bucket_mib, cfg.first_bucket_mib)
+        let opts = ReducerOptions {
+            bucket_mib: cfg.bucket_mib,
+            first_bucket_mib: cfg.first_bucket_mib,
+            grad_as_bucket_view: cfg.grad_as_bucket_view,
+            compress: cfg.compress,
+        };
+        let r = Reducer::new(&g.pg, params, &opts)
             .context("the gradient reducer (are the models the same on every rank?)")?;
         g.reducer = Some(r);
         Ok(())

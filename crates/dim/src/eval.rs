@@ -10,11 +10,11 @@ use dim_eval::{
     extract_features, frechet_distance, precision_recall, ClassifierTrainConfig, FeatureExtractor,
     FmnistClassifier, GaussianStats, InceptionV3,
 };
-use indicatif::{ProgressBar, ProgressStyle};
+
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::runtime::resolve_device;
+use crate::runtime::{progress_bar, resolve_device};
 
 /// Where a set of images comes from.
 pub enum Source {
@@ -148,13 +148,10 @@ impl Source {
             self.len()
         };
         let name = self.name();
-        let bar = ProgressBar::new(n as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} features {msg} [{bar:30}] {pos}/{len}, ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        let bar = progress_bar(
+            n as u64,
+            true,
+            "{spinner} features {msg} [{bar:30}] {pos}/{len}, ETA {eta}",
         );
         bar.set_message(name);
         let mut batches = Vec::new();
@@ -264,11 +261,10 @@ fn adm_features(
     } else {
         src.len()
     };
-    let bar = ProgressBar::new(n as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} inception {msg} [{bar:30}] {pos}/{len}, ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = progress_bar(
+        n as u64,
+        true,
+        "{spinner} inception {msg} [{bar:30}] {pos}/{len}, ETA {eta}",
     );
     bar.set_message(src.name());
     let (mut pool, mut spatial, mut logits) = (Vec::new(), Vec::new(), Vec::new());
@@ -386,13 +382,10 @@ pub fn train_features(out: &Path, cfg: &ClassifierTrainConfig, device: &str) -> 
     let (tx, ty) = load(Split::Test)?;
     let mut net = FmnistClassifier::new(device);
     let steps = cfg.epochs as u64 * (x.size()[0] as u64).div_ceil(cfg.batch_size as u64);
-    let bar = ProgressBar::new(steps);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} train-features [{bar:30}] {pos}/{len}, ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+    let bar = progress_bar(
+        steps,
+        true,
+        "{spinner} train-features [{bar:30}] {pos}/{len}, ETA {eta} {msg}",
     );
     net.train(&x, &y.to_kind(Kind::Int64), cfg, &mut |_, _, loss| {
         bar.inc(1);

@@ -94,34 +94,34 @@ pub fn save_grid(x: &Tensor, ncol: i64, path: &Path) -> Result<()> {
 /// Writes a video `(C, T, H, W)` in `[-1, 1]` as an endlessly looping GIF.
 pub fn save_gif(video: &Tensor, fps: u32, path: &Path) -> Result<()> {
     let frames = to_rgba(&video.transpose(0, 1))?;
-    let f = fs::File::create(path)
-        .with_context(|| format!("cannot write {} (is the folder writable?)", path.display()))?;
-    let mut enc = GifEncoder::new_with_speed(f, 10);
-    enc.set_repeat(Repeat::Infinite)?;
-    let delay = Delay::from_numer_denom_ms(1000, fps.max(1));
-    for t in 0..frames.size()[0] {
-        enc.encode_frame(Frame::from_parts(image_from(&frames.get(t)), 0, 0, delay))
-            .with_context(|| format!("encoding {}", path.display()))?;
-    }
-    Ok(())
+    write_gif(path, fps, frames.size()[0], |t| {
+        Ok(image_from(&frames.get(t)))
+    })
 }
 
 /// Writes clips `(N, C, T, H, W)` in `[-1, 1]` as one looping GIF whose
 /// frame `t` tiles every clip's frame `t`, `ncol` clips wide.
 pub fn save_gif_grid(clips: &Tensor, ncol: i64, fps: u32, path: &Path) -> Result<()> {
+    write_gif(path, fps, clips.size()[2], |t| {
+        grid(&clips.select(2, t), ncol)
+    })
+}
+
+/// Writes the `n` frames `frame(0..n)` as an endlessly looping GIF at `fps`.
+fn write_gif(
+    path: &Path,
+    fps: u32,
+    n: i64,
+    mut frame: impl FnMut(i64) -> Result<RgbaImage>,
+) -> Result<()> {
     let f = fs::File::create(path)
         .with_context(|| format!("cannot write {} (is the folder writable?)", path.display()))?;
     let mut enc = GifEncoder::new_with_speed(f, 10);
     enc.set_repeat(Repeat::Infinite)?;
     let delay = Delay::from_numer_denom_ms(1000, fps.max(1));
-    for t in 0..clips.size()[2] {
-        enc.encode_frame(Frame::from_parts(
-            grid(&clips.select(2, t), ncol)?,
-            0,
-            0,
-            delay,
-        ))
-        .with_context(|| format!("encoding {}", path.display()))?;
+    for t in 0..n {
+        enc.encode_frame(Frame::from_parts(frame(t)?, 0, 0, delay))
+            .with_context(|| format!("encoding {}", path.display()))?;
     }
     Ok(())
 }

@@ -7,19 +7,26 @@
 //! are a draw from the VAE posterior (DiT's `latent_dist.sample()`) whose
 //! noise depends only on `(seed, sample index)`, times the scale factor,
 //! stored as f16 with the class labels. The cache is written shard by shard;
-//! an interrupted run started again with the same arguments resumes after
-//! the last complete shard, without duplicates.
+//! an interrupted run started again with the same arguments (and any number
+//! of processes) keeps the complete shards and encodes the rest, without
+//! duplicates. With `--gpus N` / `--nproc N` each of N processes encodes a
+//! contiguous block of shards; the cache is byte for byte the one a single
+//! process writes.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dim_data::{Dataset, ImageFolder, LatentWriter, Transform, Transformed};
+use dim_data::{
+    begin_cache, finish_cache, shard_file_name, Dataset, ImageFolder, LatentIndex, ShardInfo,
+    ShardWriter, Transform, Transformed,
+};
 use dim_vae::VaeConfig;
 use indicatif::{ProgressBar, ProgressStyle};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use crate::runtime::resolve_device;
+use crate::launch::Placement;
 use crate::vae::VaeSection;
 
 #[derive(Args, Debug, Clone)]
@@ -61,9 +68,58 @@ pub struct LatentsArgs {
     /// Stop with an error after this many batches (tests use it to interrupt a run).
     #[arg(long, hide = true)]
     pub fail_after_batches: Option<usize>,
+    /// Encode on N GPUs of this machine, one process each with its share of the shards.
+    #[arg(long, conflicts_with = "nproc")]
+    pub gpus: Option<usize>,
+    /// Encode in N processes on --device, each with its share of the shards.
+    #[arg(long)]
+    pub nproc: Option<usize>,
 }
 
-/// Runs `dim latents`; returns the number of latents in the finished cache.
+impl LatentsArgs {
+    /// The command line of one rank under `placement` (`--gpus/--nproc`
+    /// dropped; `--gpus` ranks take device `cuda`, i.e. GPU `LOCAL_RANK`).
+    pub fn rank_args(&self, placement: Placement) -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec!["latents".into()];
+        let mut opt = |k: &str, val: String| v.extend([k.into(), val.into()]);
+        opt("--data", self.data.display().to_string());
+        opt("--vae", self.vae.display().to_string());
+        if let Some(c) = &self.vae_config {
+            opt("--vae-config", c.display().to_string());
+        }
+        opt("--out", self.out.display().to_string());
+        opt("--image-size", self.image_size.to_string());
+        opt("--batch", self.batch.to_string());
+        opt("--shard-size", self.shard_size.to_string());
+        opt("--seed", self.seed.to_string());
+        opt("--limit", self.limit.to_string());
+        let device = match placement {
+            Placement::Gpus(_) => "cuda".to_string(),
+            Placement::Procs(_) => self.device.clone(),
+        };
+        opt("--device", device);
+        if let Some(n) = self.fail_after_batches {
+            opt("--fail-after-batches", n.to_string());
+        }
+        for (on, flag) in [(self.flip, "--flip"), (self.mean, "--mean")] {
+            if on {
+                v.push(flag.into());
+            }
+        }
+        v
+    }
+}
+
+/// Runs `dim latents` (one rank of it under `--gpus/--nproc`); returns the
+/// number of latents in the finished cache.
+///
+/// The unit of work is the shard: shard `k` holds latents
+/// `k·shard_size ..` (images `k·shard_size / copies ..`), and rank `r` of
+/// `W` encodes a contiguous block of shards, each written whole and then
+/// renamed. Noise is keyed by latent index and batches start at shard
+/// starts, so the cache is the same bytes whatever `W`; a shard already on
+/// disk with its full length is skipped, which makes any run resumable with
+/// any number of processes. Rank 0 writes the index once all are done.
 pub fn run(a: &LatentsArgs) -> Result<usize> {
     let copies = if a.flip { 2 } else { 1 };
     if a.shard_size == 0 || !a.shard_size.is_multiple_of(copies) {
@@ -75,24 +131,17 @@ pub fn run(a: &LatentsArgs) -> Result<usize> {
     if a.image_size == 0 || a.batch == 0 {
         bail!("--image-size and --batch must be positive");
     }
-    let device = resolve_device(&a.device)?;
     let config = match &a.vae_config {
         Some(p) => VaeConfig::from_diffusers_json(p)?,
         None => VaeConfig::default(),
     };
-    if a.image_size as i64 % config.downsample() != 0 {
+    let down = config.downsample();
+    if a.image_size as i64 % down != 0 {
         bail!(
-            "--image-size {}: must be a multiple of the VAE's downsampling factor {}",
+            "--image-size {}: must be a multiple of the VAE's downsampling factor {down}",
             a.image_size,
-            config.downsample()
         );
     }
-    let section = VaeSection {
-        weights: a.vae.clone(),
-        config,
-        slice: a.batch as i64,
-    };
-    let vae = section.load(device)?;
     let folder = ImageFolder::with_classes(&a.data).with_context(|| {
         format!(
             "--data {}: expected one sub-folder of images per class",
@@ -112,11 +161,14 @@ pub fn run(a: &LatentsArgs) -> Result<usize> {
     if n_images == 0 {
         bail!("--data {}: no images found", a.data.display());
     }
+    let count = n_images * copies;
+    let n_shards = count.div_ceil(a.shard_size);
+    let rows = |k: usize| a.shard_size.min(count - k * a.shard_size);
 
-    let (mut w, done) = LatentWriter::resume(&a.out, a.shard_size)
-        .with_context(|| format!("--out {}", a.out.display()))?;
+    let place = crate::dist::SampleShard::from_env(n_shards as i64, &a.device)?;
+    let side = a.image_size / down as usize;
     let meta = [
-        ("scaling_factor", vae.config().scaling_factor.to_string()),
+        ("scaling_factor", config.scaling_factor.to_string()),
         ("vae", a.vae.display().to_string()),
         ("image_size", a.image_size.to_string()),
         ("flip", a.flip.to_string()),
@@ -128,24 +180,50 @@ pub fn run(a: &LatentsArgs) -> Result<usize> {
         ("source", a.data.display().to_string()),
         ("classes", classes.to_string()),
         ("images", n_images.to_string()),
+        ("shard_size", a.shard_size.to_string()),
     ];
-    for (k, v) in &meta {
+    let mut index = LatentIndex {
+        version: 1,
+        count,
+        sample_shape: vec![config.latent_channels as usize, side, side],
+        dtype: "F16".into(),
+        has_labels: true,
+        shards: Vec::new(),
+        meta: meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    };
+    if place.rank == 0 {
         // `images` may grow between runs (--limit); everything else must match.
-        if done > 0 && *k != "images" {
-            // A resumed cache must continue exactly as it began.
-            let old = w.meta().get(*k).cloned().unwrap_or_default();
-            if old != *v {
-                bail!(
-                    "--out {} was begun with {k} = {old:?}, now {v:?}: resume with the same arguments, or write to a new folder",
-                    a.out.display()
-                );
-            }
-        }
-        w.set_meta(k, v.clone());
+        begin_cache(&a.out, &index, &["images"])
+            .with_context(|| format!("--out {}", a.out.display()))?;
     }
-    let first_image = done / copies;
-    tracing::info!(images = n_images, classes, resumed_at = first_image, out = %a.out.display(), "encoding");
-    let bar = ProgressBar::new(n_images as u64);
+    // The others look at the folder once rank 0 has checked and claimed it.
+    place.barrier()?;
+    let device = place.device;
+    let vae = VaeSection {
+        weights: a.vae.clone(),
+        config,
+        slice: a.batch as i64,
+    }
+    .load(device)?;
+
+    let mine = place.start as usize..(place.start + place.count) as usize;
+    let mut todo = Vec::new();
+    for k in mine.clone() {
+        if dim_data::shard_len(&a.out, k)? != Some(rows(k)) {
+            todo.push(k);
+        }
+    }
+    let images_of = |ks: &mut dyn Iterator<Item = usize>| ks.map(rows).sum::<usize>() / copies;
+    let total = images_of(&mut mine.clone());
+    let done = total - images_of(&mut todo.iter().copied());
+    tracing::info!(images = n_images, classes, shards = n_shards, rank = place.rank, mine = ?mine, resumed_with = done, out = %a.out.display(), "encoding");
+    let bar = match place.rank {
+        0 => ProgressBar::new(total as u64),
+        _ => ProgressBar::hidden(),
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} latents [{bar:30}] {pos}/{len} images, {per_sec}, ETA {eta}",
@@ -153,73 +231,80 @@ pub fn run(a: &LatentsArgs) -> Result<usize> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    bar.set_position(first_image as u64);
+    bar.set_position(done as u64);
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(16);
-    let mut first = first_image;
     let mut batches = 0usize;
-    while first < n_images {
-        if a.fail_after_batches == Some(batches) {
-            bail!("stopped after {batches} batches (--fail-after-batches)");
+    for k in todo {
+        let mut shard = ShardWriter::new(&a.out, k, rows(k));
+        let (mut first, end) = (
+            k * a.shard_size / copies,
+            (k * a.shard_size + rows(k)) / copies,
+        );
+        while first < end {
+            if a.fail_after_batches == Some(batches) {
+                bail!("stopped after {batches} batches (--fail-after-batches)");
+            }
+            batches += 1;
+            let b = a.batch.min(end - first);
+            let (x, y) = load_parallel(&ds, first, b, threads, a.flip)?;
+            let post = vae.encode(&x.to_device(device))?;
+            let z = if a.mean {
+                post.mean
+            } else {
+                post.sample_with(&posterior_noise(
+                    &post.mean,
+                    a.seed,
+                    (first * copies) as u64,
+                ))
+            };
+            let z = vae.scale(&z).to_kind(Kind::Half);
+            shard.write(&z, Some(&Tensor::from_slice(&y)))?;
+            first += b;
+            bar.inc(b as u64);
         }
-        batches += 1;
-        let b = a.batch.min(n_images - first);
-        let samples = load_parallel(&ds, first, b, threads)?;
-        let x = Tensor::stack(&samples.iter().map(|s| &s.0).collect::<Vec<_>>(), 0);
-        let y: Vec<i64> = samples.iter().map(|s| s.1).collect();
-        let (x, y) = if a.flip {
-            // (orig_0, flip_0, orig_1, flip_1, ...)
-            let xf = x.flip([3]);
-            let s = x.size();
-            let both = Tensor::stack(&[x, xf], 1).reshape([2 * s[0], s[1], s[2], s[3]]);
-            let yy: Vec<i64> = y.iter().flat_map(|&v| [v, v]).collect();
-            (both, yy)
-        } else {
-            (x, y)
-        };
-        let post = vae.encode(&x.to_device(device))?;
-        let z = if a.mean {
-            post.mean
-        } else {
-            post.sample_with(&posterior_noise(
-                &post.mean,
-                a.seed,
-                (first * copies) as u64,
-            ))
-        };
-        let z = vae.scale(&z).to_kind(Kind::Half);
-        w.write(&z, Some(&Tensor::from_slice(&y)))?;
-        first += b;
-        bar.set_position(first as u64);
+        shard.finish()?;
     }
     bar.finish_and_clear();
-    let index = w.finish()?;
-    Ok(index.count)
+    // Rank 0 indexes the cache once every rank's shards are in place.
+    place.barrier()?;
+    if place.rank == 0 {
+        index.shards = (0..n_shards)
+            .map(|k| ShardInfo {
+                file: shard_file_name(k),
+                count: rows(k),
+            })
+            .collect();
+        finish_cache(&a.out, &index).with_context(|| format!("--out {}", a.out.display()))?;
+    }
+    Ok(count)
 }
 
 /// Standard-normal noise shaped like `like` `(B, C, h, w)` whose row `i`
-/// depends only on `(seed, first + i)`, so a resumed run draws the same
-/// latents as an uninterrupted one whatever the batch boundaries.
+/// is the dim-rng stream of latent `first + i` (no global generator is
+/// touched), so the draw depends only on `(seed, latent index)`: not on
+/// batch boundaries, resumption, the device or the number of processes.
 fn posterior_noise(like: &Tensor, seed: u64, first: u64) -> Tensor {
-    let s = like.size();
-    let rows: Vec<Tensor> = (0..s[0] as u64)
-        .map(|i| {
-            tch::manual_seed(dim_rng::derive(seed, &[first + i]) as i64);
-            Tensor::randn(&s[1..], (Kind::Float, Device::Cpu))
-        })
-        .collect();
-    Tensor::stack(&rows, 0).to_device(like.device())
+    // A stream family of its own, apart from the training noise of the same seed.
+    let seed = dim_rng::derive(seed, &[u64::from_le_bytes(*b"vae-post")]);
+    dim_diffusion::NoiseRng::with_first_row(seed, first).randn(
+        &like.size(),
+        Kind::Float,
+        like.device(),
+    )
 }
 
-/// Images `first..first + n` as `(3, S, S)` tensors with their labels,
-/// decoded on up to `threads` threads.
+/// Images `first..first + n` as a batch `(n, 3, S, S)` with their labels,
+/// decoded on up to `threads` threads; with `flip` each image is followed by
+/// its mirror image `(2n, 3, S, S)` (DiT's order: orig_0, flip_0, orig_1, ...).
 fn load_parallel(
     ds: &Transformed<ImageFolder>,
     first: usize,
     n: usize,
     threads: usize,
-) -> Result<Vec<(Tensor, i64)>> {
+    flip: bool,
+) -> Result<(Tensor, Vec<i64>)> {
     let per = n.div_ceil(threads.max(1));
     let chunks: Vec<Result<Vec<(Tensor, i64)>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (first..first + n)
@@ -245,9 +330,19 @@ fn load_parallel(
             })
             .collect()
     });
-    let mut out = Vec::with_capacity(n);
+    let mut xs = Vec::with_capacity(n);
+    let mut ys = Vec::with_capacity(n);
     for c in chunks {
-        out.extend(c?);
+        for (x, y) in c? {
+            xs.push(x);
+            ys.push(y);
+        }
     }
-    Ok(out)
+    let x = Tensor::stack(&xs, 0);
+    if !flip {
+        return Ok((x, ys));
+    }
+    let s = x.size();
+    let both = Tensor::stack(&[&x, &x.flip([3])], 1).reshape([2 * s[0], s[1], s[2], s[3]]);
+    Ok((both, ys.iter().flat_map(|&y| [y, y]).collect()))
 }

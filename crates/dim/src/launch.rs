@@ -46,10 +46,29 @@ fn fixed_env() -> Vec<(&'static str, String)> {
 }
 
 /// A free TCP port on this machine for rank 0's store (unless `MASTER_PORT`
-/// is set).
+/// is set). Below Linux's ephemeral range (32768–60999), as torchrun's
+/// 29500: a port the kernel hands out for bind(0) can be taken by any
+/// outgoing connection (the ranks' own, a previous run's) between this check
+/// and rank 0's listen, which then fails with EADDRINUSE.
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+    const LO: u16 = 20000;
+    const SPAN: u16 = 12000;
+    // A start that differs between launches (several jobs on one machine).
+    let start = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        (h.finish() % u64::from(SPAN)) as u16
+    };
+    (0..SPAN)
+        .map(|i| LO + (start + i) % SPAN)
+        .find(|&p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
+        .with_context(|| {
+            format!(
+                "no free TCP port in {LO}..{} for the rendezvous: set MASTER_PORT",
+                LO + SPAN
+            )
+        })
 }
 
 fn describe(status: ExitStatus) -> String {

@@ -69,38 +69,8 @@ enum Command {
     },
     /// Sample images or videos from a training checkpoint.
     Sample {
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// Output folder (PNG files and grid.png; GIFs and strips for video).
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 64)]
-        num: i64,
-        /// Samples per batch.
-        #[arg(long, default_value_t = 64)]
-        batch: i64,
-        /// Sampling steps (default: the config's [sampler] steps).
-        #[arg(long)]
-        steps: Option<usize>,
-        /// ddpm, ddim, dpm++, euler or heun (default: the config's).
-        #[arg(long)]
-        sampler: Option<String>,
-        /// Classifier-free guidance scale (1 = off).
-        #[arg(long)]
-        cfg: Option<f64>,
-        /// Sample only this class (default: classes cycle 0, 1, ...).
-        #[arg(long)]
-        class: Option<i64>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Use the raw training weights instead of their EMA.
-        #[arg(long)]
-        no_ema: bool,
-        /// Frames per second of video GIFs.
-        #[arg(long, default_value_t = 8)]
-        fps: u32,
+        #[command(flatten)]
+        args: sample::SampleArgs,
         /// Sample on N GPUs of this machine, one process each with its share.
         #[arg(long, conflicts_with = "nproc")]
         gpus: Option<usize>,
@@ -238,68 +208,17 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", out.checkpoint.display());
             Ok(())
         }
-        Command::Sample {
-            checkpoint,
-            out,
-            num,
-            batch,
-            steps,
-            sampler,
-            cfg,
-            class,
-            seed,
-            device,
-            no_ema,
-            fps,
-            gpus,
-            nproc,
-        } => {
+        Command::Sample { args, gpus, nproc } => {
             if let Some(placement) = launch::placement(gpus, nproc) {
-                let mut args: Vec<std::ffi::OsString> = vec!["sample".into()];
-                let mut opt = |k: &str, v: String| args.extend([k.into(), v.into()]);
-                opt("--checkpoint", checkpoint.display().to_string());
-                opt("--out", out.display().to_string());
-                opt("--num", num.to_string());
-                opt("--batch", batch.to_string());
-                opt("--seed", seed.to_string());
-                opt("--fps", fps.to_string());
                 let device = match placement {
-                    launch::Placement::Gpus(_) => "cuda".to_string(),
-                    launch::Placement::Procs(_) => device,
+                    launch::Placement::Gpus(_) => "cuda",
+                    launch::Placement::Procs(_) => &args.device,
                 };
-                opt("--device", device);
-                if let Some(v) = steps {
-                    opt("--steps", v.to_string());
-                }
-                if let Some(v) = sampler {
-                    opt("--sampler", v);
-                }
-                if let Some(v) = cfg {
-                    opt("--cfg", v.to_string());
-                }
-                if let Some(v) = class {
-                    opt("--class", v.to_string());
-                }
-                if no_ema {
-                    args.push("--no-ema".into());
-                }
-                return launch::run(placement, &args, stop_flag()?);
+                let argv = args.to_command_line(device);
+                return launch::run(placement, &argv, stop_flag()?);
             }
             let primary = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
-            let grid = sample::run(&sample::SampleArgs {
-                checkpoint,
-                num,
-                batch,
-                steps,
-                sampler,
-                cfg,
-                class,
-                seed,
-                out,
-                device,
-                no_ema,
-                fps,
-            })?;
+            let grid = sample::run(&args)?;
             if primary {
                 println!("{}", grid.display());
             }
@@ -377,8 +296,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(&args, stop_flag()?),
         Command::Ops(args) => ops::run(args),
         Command::Latents(args) => {
+            if let Some(placement) = launch::placement(args.gpus, args.nproc) {
+                return launch::run(placement, &args.rank_args(placement), stop_flag()?);
+            }
             let n = latents::run(&args)?;
-            println!("{} ({n} latents)", args.out.display());
+            if std::env::var("RANK").map_or(true, |r| r.trim() == "0") {
+                println!("{} ({n} latents)", args.out.display());
+            }
             Ok(())
         }
     }

@@ -42,10 +42,20 @@ pub struct OpsArgs {
 #[derive(Subcommand, Debug)]
 pub enum OpsCommand {
     /// The selective scan (one direction, or fused bidirectional) from a safetensors file.
+    ///
+    /// Reads u delta A B C [D z delta_bias dy] (and the *_b tensors with
+    /// --bidirectional); writes y and, when dy is given, the gradients d<name>.
     Scan(ScanArgs),
     /// The SD VAE (AutoencoderKL): encode images or decode latents.
+    ///
+    /// Encode reads `images` (N, 3, H, W) f32 in [-1, 1] and writes `mean` and
+    /// `logvar`; decode reads `latents` and writes `images`. Both raw: no
+    /// scale factor.
     Vae(VaeArgs),
     /// Inception-v3 FID features (pool, spatial, logits) of images.
+    ///
+    /// Reads `images` (N, 3, H, W) f32 in [0, 1]; writes `pool` (N, 2048),
+    /// `spatial` (N, 2023) and, with the fc head, `logits` (N, 1008).
     Inception(InceptionArgs),
 }
 
@@ -55,6 +65,21 @@ pub enum VaeOp {
     Encode,
     /// `latents` → `images`.
     Decode,
+}
+
+// Where every op reads its inputs, writes its outputs and runs (plain
+// comments on these argument structs: a doc comment would replace the
+// subcommand's help text).
+#[derive(Args, Debug)]
+pub struct OpFiles {
+    /// The op's input tensors by name (safetensors; `--help` lists them).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write the op's output tensors (safetensors; written whole or not at all).
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
 }
 
 #[derive(Args, Debug)]
@@ -67,12 +92,8 @@ pub struct VaeArgs {
     /// A diffusers `config.json` for the architecture (default: the SD VAE).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    #[arg(long)]
-    pub input: PathBuf,
-    #[arg(long)]
-    pub output: PathBuf,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub files: OpFiles,
     /// Run in bf16 (outputs are still written as f32).
     #[arg(long)]
     pub bf16: bool,
@@ -86,24 +107,14 @@ pub struct InceptionArgs {
     /// Inception-v3 FID weights (safetensors, PyTorch names; see docs/eval.md).
     #[arg(long)]
     pub weights: PathBuf,
-    #[arg(long)]
-    pub input: PathBuf,
-    #[arg(long)]
-    pub output: PathBuf,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub files: OpFiles,
 }
 
 #[derive(Args, Debug)]
 pub struct ScanArgs {
-    /// Input tensors by name: u delta A B C [D z delta_bias dy] (+ *_b with --bidirectional).
-    #[arg(long)]
-    pub input: PathBuf,
-    /// Where to write y and the gradients d<name>.
-    #[arg(long)]
-    pub output: PathBuf,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub files: OpFiles,
     /// Fused bidirectional scan: the *_b tensors run in reverse.
     #[arg(long)]
     pub bidirectional: bool,
@@ -140,35 +151,62 @@ fn device_of(d: DeviceArg) -> Result<Device> {
     }
 }
 
-/// The one tensor `name` of a safetensors file, f32, with a message naming
-/// the file and what it holds when it is not there.
-fn read_one(path: &Path, name: &str, what: &str) -> Result<Tensor> {
-    let loaded = Tensor::read_safetensors(path)
-        .map_err(|e| anyhow!("{}: cannot read as safetensors: {e}", path.display()))?;
-    let names: Vec<String> = loaded.iter().map(|(n, _)| n.clone()).collect();
-    let t = loaded
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, t)| t)
-        .with_context(|| {
-            format!(
-                "{}: no tensor `{name}` ({what}); it holds: {}",
-                path.display(),
-                names.join(" ")
-            )
-        })?;
-    if !t.is_floating_point() {
-        bail!(
-            "{}: `{name}` must be floating point, got {:?}",
-            path.display(),
-            t.kind()
-        );
+/// The tensors of an op's input file, by name.
+struct Inputs {
+    path: PathBuf,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+impl Inputs {
+    fn open(path: &Path) -> Result<Self> {
+        let tensors = Tensor::read_safetensors(path)
+            .map_err(|e| anyhow!("{}: cannot read as safetensors: {e}", path.display()))?
+            .into_iter()
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+        })
     }
-    Ok(t.to_kind(tch::Kind::Float))
+
+    /// The error for a missing tensor `name` (`what` it should be), naming
+    /// the file and what it holds.
+    fn missing(&self, name: &str, what: &str) -> anyhow::Error {
+        let names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        anyhow!(
+            "{}: no tensor `{name}` ({what}); it holds: {}",
+            self.path.display(),
+            names.join(" ")
+        )
+    }
+
+    /// Takes the tensor `name` (`what` it should be, for the error), as f32.
+    fn take_float(&mut self, name: &str, what: &str) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| self.missing(name, what))?;
+        if !t.is_floating_point() {
+            bail!(
+                "{}: `{name}` must be floating point, got {:?}",
+                self.path.display(),
+                t.kind()
+            );
+        }
+        Ok(t.to_kind(tch::Kind::Float))
+    }
+}
+
+/// Writes an op's outputs to `path` (whole or not at all) and says which.
+fn write_outputs(path: &Path, out: &[(String, Tensor)]) -> Result<()> {
+    write_atomically(path, out)?;
+    let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
+    println!("wrote {} to {}", names.join(" "), path.display());
+    Ok(())
 }
 
 fn vae(a: &VaeArgs) -> Result<()> {
-    let device = device_of(a.device)?;
+    let device = device_of(a.files.device)?;
     let cfg = match &a.config {
         Some(p) => dim_vae::VaeConfig::from_diffusers_json(p)?,
         None => dim_vae::VaeConfig::default(),
@@ -177,10 +215,11 @@ fn vae(a: &VaeArgs) -> Result<()> {
     if a.bf16 {
         net = net.to_kind(tch::Kind::BFloat16);
     }
-    let file = a.input.display();
+    let mut inputs = Inputs::open(&a.files.input)?;
+    let file = a.files.input.display();
     let out: Vec<(String, Tensor)> = match a.op {
         VaeOp::Encode => {
-            let x = read_one(&a.input, "images", "(N, 3, H, W) f32 in [-1, 1]")?;
+            let x = inputs.take_float("images", "(N, 3, H, W) f32 in [-1, 1]")?;
             let post = net
                 .encode(&x)
                 .with_context(|| format!("{file}: `images`"))?;
@@ -190,30 +229,23 @@ fn vae(a: &VaeArgs) -> Result<()> {
             ]
         }
         VaeOp::Decode => {
-            let z = read_one(
-                &a.input,
-                "latents",
-                "(N, 4, h, w) raw latents, no scale factor",
-            )?;
+            let z = inputs.take_float("latents", "(N, 4, h, w) raw latents, no scale factor")?;
             let x = net
                 .decode(&z)
                 .with_context(|| format!("{file}: `latents`"))?;
             vec![("images".into(), x.to_device(Device::Cpu))]
         }
     };
-    write_atomically(&a.output, &out)?;
-    let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
-    println!("wrote {} to {}", names.join(" "), a.output.display());
-    Ok(())
+    write_outputs(&a.files.output, &out)
 }
 
 fn inception(a: &InceptionArgs) -> Result<()> {
-    let device = device_of(a.device)?;
+    let device = device_of(a.files.device)?;
     let net = dim_eval::InceptionV3::load(&a.weights, device)?;
-    let x = read_one(&a.input, "images", "(N, 3, H, W) f32 in [0, 1]")?;
+    let x = Inputs::open(&a.files.input)?.take_float("images", "(N, 3, H, W) f32 in [0, 1]")?;
     let f = net
         .all_features(&(x * 2.0 - 1.0))
-        .with_context(|| format!("{}: `images`", a.input.display()))?;
+        .with_context(|| format!("{}: `images`", a.files.input.display()))?;
     let mut out: Vec<(String, Tensor)> = vec![
         ("pool".into(), f.pool.to_device(Device::Cpu)),
         ("spatial".into(), f.spatial.to_device(Device::Cpu)),
@@ -221,32 +253,23 @@ fn inception(a: &InceptionArgs) -> Result<()> {
     if let Some(l) = f.logits {
         out.push(("logits".into(), l.to_device(Device::Cpu)));
     }
-    write_atomically(&a.output, &out)?;
-    let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
-    println!("wrote {} to {}", names.join(" "), a.output.display());
-    Ok(())
+    write_outputs(&a.files.output, &out)
 }
 
 const DIR_NAMES: [&str; 7] = ["u", "delta", "A", "B", "C", "D", "delta_bias"];
 const REQUIRED: [&str; 5] = ["u", "delta", "A", "B", "C"];
 
 fn scan(args: &ScanArgs) -> Result<()> {
-    let device = match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-        DeviceArg::Cuda => bail!("--device cuda was given, but libtorch sees no CUDA device"),
-    };
-    let file = args.input.display();
-    let loaded = Tensor::read_safetensors(&args.input)
-        .map_err(|e| anyhow!("{file}: cannot read as safetensors: {e}"))?;
+    let device = device_of(args.files.device)?;
+    let file = args.files.input.display();
+    let loaded = Inputs::open(&args.files.input)?;
     let ndirs = if args.bidirectional { 2 } else { 1 };
     let mut allowed: Vec<String> = vec!["z".into(), "dy".into()];
     for k in 0..ndirs {
         allowed.extend(DIR_NAMES.iter().map(|n| name(n, k)));
     }
-    let mut tensors = BTreeMap::new();
-    for (n, t) in loaded {
-        if !allowed.contains(&n) {
+    for n in loaded.tensors.keys() {
+        if !allowed.contains(n) {
             bail!(
                 "{file}: unexpected tensor `{n}`; expected some of: {}{}",
                 allowed.join(" "),
@@ -257,16 +280,20 @@ fn scan(args: &ScanArgs) -> Result<()> {
                 }
             );
         }
-        tensors.insert(n, t.to_device(device));
     }
     for k in 0..ndirs {
         for n in REQUIRED {
             let n = name(n, k);
-            if !tensors.contains_key(&n) {
-                bail!("{file}: missing the required tensor `{n}`");
+            if !loaded.tensors.contains_key(&n) {
+                return Err(loaded.missing(&n, "required"));
             }
         }
     }
+    let tensors: BTreeMap<String, Tensor> = loaded
+        .tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(device)))
+        .collect();
     let want_grad = tensors.contains_key("dy");
     let leaves: BTreeMap<String, Tensor> = tensors
         .iter()
@@ -318,10 +345,7 @@ fn scan(args: &ScanArgs) -> Result<()> {
             }
         }
     }
-    write_atomically(&args.output, &out)?;
-    let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
-    println!("wrote {} to {}", names.join(" "), args.output.display());
-    Ok(())
+    write_outputs(&args.files.output, &out)
 }
 
 /// A direction's tensor name: `u` for the first, `u_b` for the reverse one.

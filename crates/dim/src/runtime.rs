@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use dim_model::{Model, ModelConfig};
+use indicatif::{ProgressBar, ProgressStyle};
 use tch::nn::VarStore;
 use tch::Device;
 
@@ -128,6 +129,22 @@ pub fn set_precision(precision: &str, device: Device) -> Result<bool> {
         dim_scan::device::set_cuda_autocast_dtype(tch::Kind::BFloat16)?;
     }
     Ok(amp)
+}
+
+/// A progress bar over `len` items drawn with the indicatif `template`;
+/// hidden where `shown` is false (on every rank but the first).
+pub fn progress_bar(len: u64, shown: bool, template: &str) -> ProgressBar {
+    let bar = if shown {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use dim_diffusion::{Diffusion, SampleOptions, SamplerConfig, SamplerKind};
 use dim_model::ModelConfig;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use tch::{Device, Kind, Tensor};
 
 use dim_io::Group;
@@ -22,7 +22,7 @@ use dim_io::Group;
 use crate::checkpoint;
 use crate::config::{section, LoopConfig};
 use crate::images;
-use crate::runtime::{diffusion_config_of, set_precision, Net};
+use crate::runtime::{diffusion_config_of, progress_bar, set_precision, Net};
 use crate::vae::{Output, VaeSection};
 
 /// A network restored from a training checkpoint, with its diffusion setup.
@@ -167,21 +167,74 @@ pub fn write_grid(x: &Tensor, cfg: &ModelConfig, output: &Output, path: &Path) -
     Ok(path.to_path_buf())
 }
 
-/// Options of `dim sample`.
-#[derive(Debug, Clone)]
+// Options of `dim sample` (a plain comment: a doc comment here would
+// replace the subcommand's help text).
+#[derive(clap::Args, Debug, Clone)]
 pub struct SampleArgs {
+    #[arg(long)]
     pub checkpoint: PathBuf,
-    pub num: i64,
-    pub batch: i64,
-    pub steps: Option<usize>,
-    pub sampler: Option<String>,
-    pub cfg: Option<f64>,
-    pub class: Option<i64>,
-    pub seed: u64,
+    /// Output folder (PNG files and grid.png; GIFs and strips for video).
+    #[arg(long)]
     pub out: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub num: i64,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch: i64,
+    /// Sampling steps (default: the config's [sampler] steps).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// ddpm, ddim, dpm++, euler or heun (default: the config's).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Classifier-free guidance scale (1 = off).
+    #[arg(long)]
+    pub cfg: Option<f64>,
+    /// Sample only this class (default: classes cycle 0, 1, ...).
+    #[arg(long)]
+    pub class: Option<i64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Use the raw training weights instead of their EMA.
+    #[arg(long)]
     pub no_ema: bool,
+    /// Frames per second of video GIFs.
+    #[arg(long, default_value_t = 8)]
     pub fps: u32,
+}
+
+impl SampleArgs {
+    /// The `dim sample ...` arguments that give these options, on `device`:
+    /// what the launcher starts each rank with.
+    pub fn to_command_line(&self, device: &str) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["sample".into()];
+        let mut opt = |k: &str, v: String| args.extend([k.into(), v.into()]);
+        opt("--checkpoint", self.checkpoint.display().to_string());
+        opt("--out", self.out.display().to_string());
+        opt("--num", self.num.to_string());
+        opt("--batch", self.batch.to_string());
+        opt("--seed", self.seed.to_string());
+        opt("--fps", self.fps.to_string());
+        opt("--device", device.to_string());
+        if let Some(v) = self.steps {
+            opt("--steps", v.to_string());
+        }
+        if let Some(v) = &self.sampler {
+            opt("--sampler", v.clone());
+        }
+        if let Some(v) = self.cfg {
+            opt("--cfg", v.to_string());
+        }
+        if let Some(v) = self.class {
+            opt("--class", v.to_string());
+        }
+        if self.no_ema {
+            args.push("--no-ema".into());
+        }
+        args
+    }
 }
 
 /// Runs `dim sample`; returns the grid's path.
@@ -258,14 +311,10 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
             parts.display()
         );
     }
-    let bar = match shard.rank {
-        0 => ProgressBar::new(mine.iter().map(|(_, b)| *b as u64).sum()),
-        _ => ProgressBar::hidden(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} sample [{bar:30}] {pos}/{len}, ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = progress_bar(
+        mine.iter().map(|(_, b)| *b as u64).sum(),
+        shard.rank == 0,
+        "{spinner} sample [{bar:30}] {pos}/{len}, ETA {eta}",
     );
     bar.set_position(done as u64);
     for (first, b) in todo {

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use dim_diffusion::{Diffusion, FallibleFn, NoiseRng, SamplerConfig};
 use dim_io::Group;
 use dim_rng::derive;
-use indicatif::{ProgressBar, ProgressStyle};
+
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -28,7 +28,12 @@ use crate::dist::{self, World};
 use crate::images;
 use crate::metrics::{rss_mib, JsonlWriter, StepRecord};
 use crate::optim::{AdamW, Ema};
-use crate::runtime::{diffusion_config, model_config, named_params, set_precision, Net};
+use crate::runtime::{
+    diffusion_config, model_config, named_params, progress_bar, set_precision, Net,
+};
+
+/// Steps between the ranks' agreements on stopping (Ctrl-C, time limit).
+const STOP_CHECK_EVERY: u64 = 10;
 
 /// Where to resume from.
 #[derive(Debug, Clone)]
@@ -172,16 +177,10 @@ pub fn train(
         "training {}",
         cfg.file
     );
-    let bar = match world.is_primary() {
-        true => ProgressBar::new(t.steps),
-        false => ProgressBar::hidden(),
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} train [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+    let bar = progress_bar(
+        t.steps,
+        world.is_primary(),
+        "{spinner} train [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta} {msg}",
     );
     bar.set_position(step);
     let start = Instant::now();
@@ -231,10 +230,25 @@ pub fn train(
     };
 
     let mut interrupted = false;
+    let mut profiler = None;
+    let profile_end = t.profile_from + t.profile_steps;
     while step < t.steps {
+        if t.profile_steps > 0 && step == t.profile_from && world.is_primary() {
+            profiler = Some(dim_scan::profiler::Profiler::start(
+                t.profile_host || !device.is_cuda(),
+                device.is_cuda(),
+            )?);
+        }
         let timed_out = t.time_limit_s > 0.0 && start.elapsed().as_secs_f64() >= t.time_limit_s;
-        // Ranks agree, so that they stop at the same step.
-        let [stopping, timed_out] = world.any([stop.load(Ordering::SeqCst), timed_out])?;
+        // Ranks agree, so that they stop at the same step; with several ranks
+        // only every STOP_CHECK_EVERY steps, as the agreement makes each
+        // rank's host wait for the slowest one's.
+        let (stopping, timed_out) = if world.size() == 1 || step.is_multiple_of(STOP_CHECK_EVERY) {
+            let [s, t] = world.any([stop.load(Ordering::SeqCst), timed_out])?;
+            (s, t)
+        } else {
+            (false, false)
+        };
         if stopping {
             interrupted = true;
             break;
@@ -262,6 +276,11 @@ pub fn train(
                     emb.check_labels(&y).context("a batch from the dataset")?;
                 }
                 let y = drop_labels(&y, &world, derive(t.seed, &[2]), g, micro, &mcfg);
+                // Pinned, so that the copy does not wait for the GPU.
+                let y = match device {
+                    Device::Cuda(_) => y.f_internal_pin_memory(device)?,
+                    _ => y,
+                };
                 Some(y.to_device_(device, y.kind(), true, false))
             } else {
                 None
@@ -292,6 +311,17 @@ pub fn train(
         opt.zero_grad()?;
         step += 1;
         ema.update(&params, step)?;
+        if step == profile_end {
+            if let Some(p) = profiler.take() {
+                if let Device::Cuda(i) = device {
+                    tch::Cuda::synchronize(i as i64);
+                }
+                let path = t.out_dir.join("trace.json");
+                p.finish(&path)
+                    .with_context(|| format!("writing the profile {}", path.display()))?;
+                tracing::info!(path = %path.display(), steps = t.profile_steps, "profile written");
+            }
+        }
         window.1 += t.batch_size;
         bar.set_position(step);
 

@@ -210,3 +210,73 @@ pub fn check_latent_setup(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-sample latent cache of `shape` labelled `label`.
+    fn cache(dir: &Path, shape: [i64; 3], label: i64) -> dim_data::DataConfig {
+        let mut w = dim_data::LatentWriter::create(dir, 4).unwrap();
+        w.set_meta("scaling_factor", "0.18215");
+        let x = Tensor::zeros([2, shape[0], shape[1], shape[2]], (Kind::Half, Device::Cpu));
+        w.write(&x, Some(&Tensor::from_slice(&[0i64, label])))
+            .unwrap();
+        w.finish().unwrap();
+        dim_data::DataConfig::Latents(dim_data::LatentsConfig {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The shipped ImageNet config loads, and a cache that does not fit its
+    /// DiM-XL/2 (latent channels, spatial size, class count) or its VAE is
+    /// refused before training with the config file, the cache and the key.
+    #[test]
+    fn latent_setup_mismatches_name_file_cache_and_key() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let cfg =
+            crate::config::TrainConfig::load(&root.join("imagenet256_dim_xl2.toml"), &[]).unwrap();
+        let model = crate::runtime::model_config(&cfg).unwrap();
+        assert_eq!(
+            (model.in_channels, model.input_size, model.num_classes),
+            (4, [32, 32], 1000)
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let weights = tmp.path().join("vae.safetensors");
+        std::fs::write(&weights, b"x").unwrap();
+        let vae = |channels: i64| VaeSection {
+            weights: weights.clone(),
+            config: VaeConfig {
+                latent_channels: channels,
+                ..VaeConfig::default()
+            },
+            slice: 1,
+        };
+        let check = |name: &str, shape: [i64; 3], label: i64, channels: i64| {
+            let dir = tmp.path().join(name);
+            let data = cache(&dir, shape, label);
+            let ds = data.build().unwrap();
+            check_latent_setup(
+                "imagenet.toml",
+                &data,
+                ds.as_ref(),
+                Some(&vae(channels)),
+                &model,
+            )
+            .map_err(|e| format!("{e:#}"))
+        };
+        check("good", [4, 32, 32], 999, 4).unwrap();
+        for (name, shape, label, channels, key) in [
+            ("channels", [8, 32, 32], 0, 4, "model.in_channels"),
+            ("spatial", [4, 16, 16], 0, 4, "model.input_size"),
+            ("classes", [4, 32, 32], 1000, 4, "model.num_classes"),
+            ("vae", [4, 32, 32], 0, 8, "[vae] has 8 latent channels"),
+        ] {
+            let e = check(name, shape, label, channels).unwrap_err();
+            assert!(
+                e.contains("imagenet.toml") && e.contains(name) && e.contains(key),
+                "{name}: {e}"
+            );
+        }
+    }
+}

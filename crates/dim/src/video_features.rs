@@ -10,11 +10,11 @@ use dim_data::{DataConfig, Dataset, MovingConfig, MovingFashionMnistConfig};
 use dim_eval::{
     extract_video_features, fvd, ClassifierTrainConfig, I3d, VideoClassifier, VideoFeatureExtractor,
 };
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::runtime::resolve_device;
+use crate::runtime::{progress_bar, resolve_device};
 
 /// Default weights of the video classifier.
 pub const DEFAULT_VIDEO_FEATURES: &str = "runs/features/mfmnist_video_classifier.safetensors";
@@ -55,15 +55,11 @@ fn moving_config(data: Option<&Path>) -> Result<MovingFashionMnistConfig> {
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}}, ETA {{eta}} {{msg}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar
+    progress_bar(
+        len,
+        true,
+        &format!("{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}}, ETA {{eta}} {{msg}}"),
+    )
 }
 
 /// The first `n` clips of `ds`, pooled to the classifier's input size, and their labels.

@@ -2,107 +2,42 @@
 //! checkpoints, resumes exactly, samples and evaluates; and the errors a
 //! user meets say what to do.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-const DIM: &str = env!("CARGO_BIN_EXE_dim");
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{
+    checkpoints, dim_cmd, err, image_size, logged_lines, losses, ok, s, sample_cpu, send_signal,
+    succeeded, wait_until, Config,
+};
 
 /// A tiny class-conditional DiM on Fashion-MNIST: 16 tokens, 2 blocks.
 fn tiny_config(dir: &Path, out: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-preset = "DiM-S/2"
-depth = 2
-width = 32
-heads = 2
-patch = 8
-in_channels = 1
-input_size = [32, 32]
-num_classes = 10
-class_dropout_prob = 0.1
-learn_sigma = true
-dt_rank = 4
-
-[diffusion]
-learn_sigma = true
-
-[sampler]
-sampler = "ddim"
-steps = 3
-
-[data]
-kind = "fashion_mnist"
-transforms = [{{ op = "pad", size = 32 }}]
-
-[loader]
-workers = 1
-
-[optim]
-lr = 1e-3
-warmup_steps = 2
-ema_decay = 0.9
-
-[train]
-steps = 6
-batch_size = 8
-grad_accum = 2
-seed = 3
-device = "cpu"
-log_every = 1
-ckpt_every = 3
-keep_last = 2
-threads = 1
-out_dir = "{}"
-"#,
-        dir.join(out).display()
-    );
-    let p = dir.join(format!("{out}.toml"));
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn dim(args: &[&str]) -> Output {
-    Command::new(DIM)
-        .args(args)
-        .env("DIM_LOG", "warn")
-        .output()
-        .expect("run dim")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = dim(args);
-    assert!(
-        o.status.success(),
-        "dim {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn err(args: &[&str]) -> String {
-    let o = dim(args);
-    assert!(!o.status.success(), "dim {args:?} should have failed");
-    String::from_utf8(o.stderr).unwrap()
-}
-
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
+    Config::tiny()
+        .set("model.depth", 2)
+        .classes(10, 0.1)
+        .learn_sigma(true)
+        .ddim(3)
+        .set("optim.lr", 1e-3)
+        .set("optim.warmup_steps", 2)
+        .set("optim.ema_decay", 0.9)
+        .set_all(&[
+            ("train.steps", 6),
+            ("train.batch_size", 8),
+            ("train.grad_accum", 2),
+            ("train.seed", 3),
+            ("train.log_every", 1),
+            ("train.ckpt_every", 3),
+            ("train.keep_last", 2),
+        ])
+        .run_named(dir, out)
 }
 
 #[test]
 fn train_resume_sample_eval() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let s = |p: &Path| p.display().to_string();
 
     // Uninterrupted: 6 steps.
     let full = tiny_config(d, "full");
@@ -115,15 +50,10 @@ fn train_resume_sample_eval() {
     );
     assert!(a.iter().all(|x| x.1.is_finite() && x.1 > 0.0));
     // keep_last = 2: the step-3 and step-6 checkpoints remain.
-    let mut kept: Vec<String> = std::fs::read_dir(d.join("full"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("ckpt-"))
-        .collect();
-    kept.sort();
     assert_eq!(
-        kept,
+        checkpoints(&d.join("full")),
         ["ckpt-000000003.safetensors", "ckpt-000000006.safetensors"]
+            .map(|n| d.join("full").join(n))
     );
 
     // Interrupted after 3 steps (an override), then resumed to 6.
@@ -231,55 +161,22 @@ fn train_resume_sample_eval() {
 #[cfg(feature = "video")]
 #[test]
 fn video_model_samples_gif_mp4_and_strip() {
-    let s = |p: &Path| p.display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let cfg = d.join("video.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[model]
-preset = "DiM-S/2"
-depth = 1
-width = 32
-heads = 2
-patch = 8
-temporal_patch = 2
-in_channels = 1
-input_size = [32, 32]
-frames = 4
-num_classes = 0
-class_dropout_prob = 0.0
-learn_sigma = false
-dt_rank = 4
-token_order = "alternating"
-
-[diffusion]
-learn_sigma = false
-
-[sampler]
-sampler = "ddim"
-steps = 2
-
-[data]
-kind = "moving_fashion_mnist"
-moving = {{ len = 16, frames = 4, canvas = 32, items = 1, seed = 0, min_speed = 1.0, max_speed = 2.0 }}
-
-[loader]
-workers = 1
-
-[train]
-steps = 2
-batch_size = 2
-device = "cpu"
-threads = 1
-out_dir = "{}"
-"#,
-            d.join("run").display()
-        ),
-    )
-    .unwrap();
+    let cfg = Config::tiny()
+        .set_all(&[
+            ("model.depth", 1),
+            ("model.temporal_patch", 2),
+            ("model.frames", 4),
+        ])
+        .classes(0, 0.0)
+        .learn_sigma(false)
+        .set("model.token_order", "alternating")
+        .ddim(2)
+        .set("data", common::moving_fmnist(16, 4, 0, 2.0))
+        .set_all(&[("train.steps", 2), ("train.batch_size", 2)])
+        .set_path("train.out_dir", &d.join("run"))
+        .save(&d.join("video.toml"));
     let ckpt = ok(&["train", "--config", &s(&cfg)]);
     let out = d.join("clips");
     sample_cpu(ckpt.trim(), &out, &["--num", "2", "--fps", "5"]);
@@ -300,37 +197,12 @@ out_dir = "{}"
     );
 }
 
-/// `dim sample --checkpoint ckpt --out out --device cpu` plus `extra`; its stdout.
-fn sample_cpu(ckpt: &str, out: &Path, extra: &[&str]) -> String {
-    let out = out.display().to_string();
-    let mut args = vec![
-        "sample",
-        "--checkpoint",
-        ckpt,
-        "--out",
-        &out,
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra);
-    ok(&args)
-}
-
-fn image_size(p: &Path) -> (u32, u32) {
-    // PNG IHDR: width and height are big-endian at bytes 16..24.
-    let b = std::fs::read(p).unwrap();
-    (
-        u32::from_be_bytes(b[16..20].try_into().unwrap()),
-        u32::from_be_bytes(b[20..24].try_into().unwrap()),
-    )
-}
-
 #[test]
 fn errors_say_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = tiny_config(d, "e");
-    let c = cfg.display().to_string();
+    let c = s(&cfg);
 
     let e = err(&["train", "--config", &c, "optim.lrr=1"]);
     assert!(
@@ -341,11 +213,7 @@ fn errors_say_what_to_do() {
     assert!(e.contains("[train]") && e.contains(&c), "{e}");
     let e = err(&["train", "--config", &c, "optim.lr=-1"]);
     assert!(e.contains("optim.lr"), "{e}");
-    let e = err(&[
-        "train",
-        "--config",
-        &d.join("nope.toml").display().to_string(),
-    ]);
+    let e = err(&["train", "--config", &s(&d.join("nope.toml"))]);
     assert!(
         e.contains("cannot read config") && e.contains("nope.toml"),
         "{e}"
@@ -363,13 +231,7 @@ fn errors_say_what_to_do() {
         &format!("train.out_dir=\"{}/sub\"", file.display()),
     ]);
     assert!(e.contains("cannot create output folder"), "{e}");
-    let e = err(&[
-        "sample",
-        "--checkpoint",
-        &c,
-        "--out",
-        &d.join("s").display().to_string(),
-    ]);
+    let e = err(&["sample", "--checkpoint", &c, "--out", &s(&d.join("s"))]);
     assert!(
         e.contains("not a readable tensor file") && e.contains("e.toml"),
         "{e}"
@@ -381,41 +243,24 @@ fn ctrl_c_saves_and_exits_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = tiny_config(d, "int");
-    let child = Command::new(DIM)
-        .args([
-            "train",
-            "--config",
-            &cfg.display().to_string(),
-            "train.steps=100000",
-            "train.ckpt_every=100000",
-        ])
-        .env("DIM_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let metrics = d.join("int").join("metrics.jsonl");
-    let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(t0.elapsed().as_secs() < 120, "training did not start");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let child = dim_cmd(&[
+        "train",
+        "--config",
+        &s(&cfg),
+        "train.steps=100000",
+        "train.ckpt_every=100000",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let run = d.join("int");
+    wait_until(Duration::from_secs(120), "training did not start", || {
+        logged_lines(&run) >= 2
+    });
+    send_signal(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ckpt = String::from_utf8(out.stdout).unwrap();
+    let ckpt = succeeded(&out, "dim train after Ctrl-C");
     let ckpt = Path::new(ckpt.trim());
     assert!(
         ckpt.is_file(),
@@ -428,7 +273,7 @@ fn ctrl_c_saves_and_exits_cleanly() {
     ok(&[
         "train",
         "--config",
-        &cfg.display().to_string(),
+        &s(&cfg),
         "--resume",
         "auto",
         &format!("train.steps={}", steps + 1),

@@ -3,100 +3,40 @@
 //! world size), sharded sampling, Ctrl-C, and a killed rank making the
 //! other exit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{
+    checkpoints, dim_cmd, losses, names_in, ok, ok_env, read_tensor, s, send_signal, wait_for,
+    Config,
+};
 use tch::Tensor;
-
-const DIM: &str = env!("CARGO_BIN_EXE_dim");
 
 /// A tiny class-conditional DiM (label dropout on, so the per-sample
 /// dropout draws are compared too) on Fashion-MNIST, f32 on CPU.
 fn config(dir: &Path, name: &str, steps: u64, batch: i64, accum: i64, ckpt_every: u64) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-preset = "DiM-S/2"
-depth = 2
-width = 32
-heads = 2
-patch = 8
-in_channels = 1
-input_size = [32, 32]
-num_classes = 10
-class_dropout_prob = 0.3
-learn_sigma = true
-dt_rank = 4
-
-[diffusion]
-learn_sigma = true
-
-[data]
-kind = "fashion_mnist"
-transforms = [{{ op = "pad", size = 32 }}]
-
-[loader]
-workers = 1
-
-[optim]
-lr = 1e-3
-warmup_steps = 2
-ema_decay = 0.9
-
-[train]
-steps = {steps}
-batch_size = {batch}
-grad_accum = {accum}
-seed = 5
-device = "cpu"
-precision = "f32"
-log_every = 1
-ckpt_every = {ckpt_every}
-keep_last = 3
-threads = 1
-out_dir = "{}"
-
-[dist]
-timeout_s = 15
-"#,
-        dir.join(name).display()
-    );
-    let p = dir.join(format!("{name}.toml"));
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    Command::new(DIM)
-        .args(args)
-        .env("DIM_LOG", "warn")
-        .envs(envs.iter().copied())
-        .output()
-        .expect("run dim")
-}
-
-fn ok(args: &[&str], envs: &[(&str, &str)]) -> String {
-    let o = run(args, envs);
-    assert!(
-        o.status.success(),
-        "dim {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// `(step, loss)` of a run's metrics.jsonl.
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
+    Config::tiny()
+        .set("model.depth", 2)
+        .classes(10, 0.3)
+        .learn_sigma(true)
+        .set("optim.lr", 1e-3)
+        .set("optim.warmup_steps", 2)
+        .set("optim.ema_decay", 0.9)
+        .set_all(&[
+            ("train.steps", steps as i64),
+            ("train.batch_size", batch),
+            ("train.grad_accum", accum),
+            ("train.seed", 5),
+            ("train.log_every", 1),
+            ("train.ckpt_every", ckpt_every as i64),
+            ("train.keep_last", 3),
+            ("dist.timeout_s", 15),
+        ])
+        .set("train.precision", "f32")
+        .run_named(dir, name)
 }
 
 fn assert_same_losses(a: &[(u64, f64)], b: &[(u64, f64)], tol: f64, what: &str) {
@@ -128,11 +68,11 @@ fn two_ranks_match_one_process_and_resume() {
     );
     let g1s = g1.to_str().unwrap();
     let g2s = g2.to_str().unwrap();
-    ok(
+    ok_env(
         &["train", "--config", one.to_str().unwrap()],
         &[("DIM_DEBUG_DUMP_GRADS", g1s)],
     );
-    let out = ok(
+    let out = ok_env(
         &["train", "--config", two.to_str().unwrap(), "--nproc", "2"],
         &[("DIM_DEBUG_DUMP_GRADS", g2s)],
     );
@@ -165,18 +105,15 @@ fn two_ranks_match_one_process_and_resume() {
     assert!(ckpt10.exists());
     for (name, nproc) in [("resumed2", "2"), ("resumed1", "1")] {
         let cfg = config(dir.path(), name, 20, 8, 2, 10);
-        ok(
-            &[
-                "train",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--resume",
-                ckpt10.to_str().unwrap(),
-                "--nproc",
-                nproc,
-            ],
-            &[],
-        );
+        ok(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--resume",
+            ckpt10.to_str().unwrap(),
+            "--nproc",
+            nproc,
+        ]);
         let l = losses(&dir.path().join(name));
         assert_same_losses(&l, &l2[10..], 1e-5, &format!("resumed on {nproc} rank(s)"));
     }
@@ -187,35 +124,17 @@ fn two_ranks_match_one_process_and_resume() {
     let mut outs = Vec::new();
     for nproc in ["1", "3"] {
         let o = dir.path().join(format!("samples{nproc}"));
-        let printed = ok(
+        let printed = common::sample_cpu(
+            ckpt,
+            &o,
             &[
-                "sample",
-                "--checkpoint",
-                ckpt,
-                "--num",
-                "11",
-                "--batch",
-                "4",
-                "--steps",
-                "3",
-                "--device",
-                "cpu",
-                "--out",
-                o.to_str().unwrap(),
-                "--nproc",
-                nproc,
+                "--num", "11", "--batch", "4", "--steps", "3", "--nproc", nproc,
             ],
-            &[],
         );
         assert_eq!(printed.lines().count(), 1, "{printed}");
-        let pngs = std::fs::read_dir(&o)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".png"))
-            .count();
+        let pngs = names_in(&o, |n| n.ends_with(".png")).len();
         assert_eq!(pngs, 12, "11 samples and the grid");
-        let t = Tensor::read_safetensors(o.join("samples.safetensors")).unwrap();
-        outs.push(t.into_iter().find(|(n, _)| n == "samples").unwrap().1);
+        outs.push(read_tensor(&o.join("samples.safetensors"), "samples"));
     }
     assert_eq!(outs[0].size(), outs[1].size());
     let diff = (&outs[0] - &outs[1]).abs().max().double_value(&[]);
@@ -224,25 +143,36 @@ fn two_ranks_match_one_process_and_resume() {
 
 /// Every checkpoint in `run` loads (none torn by the crash).
 fn checkpoints_intact(run: &Path) -> usize {
-    let mut n = 0;
-    for e in std::fs::read_dir(run).unwrap().flatten() {
-        let p = e.path();
-        let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("ckpt-") && name.ends_with(".safetensors") {
-            let t = Tensor::read_safetensors(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert!(!t.is_empty());
-            n += 1;
-        }
+    let all = checkpoints(run);
+    for p in &all {
+        let t = Tensor::read_safetensors(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(!t.is_empty());
     }
-    n
+    all.len()
 }
 
-fn wait_for(p: &Path, limit: Duration) {
-    let t0 = Instant::now();
-    while !p.exists() {
-        assert!(t0.elapsed() < limit, "{} never appeared", p.display());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// `dim train --config cfg --nproc 2` started, its stdout to `stdout`, its
+/// stderr piped.
+fn launch_2_ranks(cfg: &Path, stdout: Stdio) -> Child {
+    dim_cmd(&["train", "--config", &s(cfg), "--nproc", "2"])
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// An endless run `name` (8 samples a step, a checkpoint every 5 steps)
+/// that `start` starts from its config; returns what `start` returned and
+/// the run folder once step 5's checkpoint is there.
+fn endless_run<T>(dir: &Path, name: &str, start: impl FnOnce(&Path) -> T) -> (T, PathBuf) {
+    let cfg = config(dir, name, 1_000_000, 8, 1, 5);
+    let started = start(&cfg);
+    let run = dir.join(name);
+    wait_for(
+        &run.join("ckpt-000000005.safetensors"),
+        Duration::from_secs(120),
+    );
+    (started, run)
 }
 
 fn free_port() -> u16 {
@@ -261,29 +191,22 @@ fn free_port() -> u16 {
 #[test]
 fn killed_rank_stops_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "crash", 1_000_000, 8, 1, 5);
     let port = free_port().to_string();
-    let spawn = |rank: &str| {
-        Command::new(DIM)
-            .args(["train", "--config", cfg.to_str().unwrap()])
-            .env("DIM_LOG", "warn")
-            .env("RANK", rank)
-            .env("WORLD_SIZE", "2")
-            .env("LOCAL_RANK", rank)
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", &port)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let rank0 = spawn("0");
-    let mut rank1 = spawn("1");
-    let run = dir.path().join("crash");
-    wait_for(
-        &run.join("ckpt-000000005.safetensors"),
-        Duration::from_secs(120),
-    );
+    let ((rank0, mut rank1), run) = endless_run(dir.path(), "crash", |cfg| {
+        let spawn = |rank: &str| {
+            dim_cmd(&["train", "--config", &s(cfg)])
+                .env("RANK", rank)
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_RANK", rank)
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        (spawn("0"), spawn("1"))
+    });
     rank1.kill().unwrap();
     rank1.wait().unwrap();
     let t0 = Instant::now();
@@ -306,19 +229,9 @@ fn killed_rank_stops_the_others() {
     assert!(checkpoints_intact(&run) >= 1);
 
     // Through the launcher.
-    let cfg = config(dir.path(), "crash2", 1_000_000, 8, 1, 5);
-    let launcher = Command::new(DIM)
-        .args(["train", "--config", cfg.to_str().unwrap(), "--nproc", "2"])
-        .env("DIM_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let run = dir.path().join("crash2");
-    wait_for(
-        &run.join("ckpt-000000005.safetensors"),
-        Duration::from_secs(120),
-    );
+    let (launcher, run) = endless_run(dir.path(), "crash2", |cfg| {
+        launch_2_ranks(cfg, Stdio::null())
+    });
     let lpid = launcher.id();
     let children: Vec<i32> = std::fs::read_to_string(format!("/proc/{lpid}/task/{lpid}/children"))
         .unwrap()
@@ -341,10 +254,7 @@ fn killed_rank_stops_the_others() {
         .copied()
         .find(|&p| rank_of(p) == "1")
         .unwrap();
-    Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap();
+    send_signal(victim as u32, "9");
     let out = launcher.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -366,23 +276,8 @@ fn killed_rank_stops_the_others() {
 #[test]
 fn ctrl_c_stops_all_ranks_at_one_step() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "int", 1_000_000, 8, 1, 5);
-    let launcher = Command::new(DIM)
-        .args(["train", "--config", cfg.to_str().unwrap(), "--nproc", "2"])
-        .env("DIM_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let run = dir.path().join("int");
-    wait_for(
-        &run.join("ckpt-000000005.safetensors"),
-        Duration::from_secs(120),
-    );
-    Command::new("kill")
-        .args(["-INT", &launcher.id().to_string()])
-        .status()
-        .unwrap();
+    let (launcher, run) = endless_run(dir.path(), "int", |cfg| launch_2_ranks(cfg, Stdio::piped()));
+    send_signal(launcher.id(), "INT");
     let out = launcher.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

@@ -3,76 +3,41 @@
 //! checkpoint. After each fault the newest checkpoint is intact, and a
 //! resumed run continues the exact loss sequence of an uninterrupted one.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DIM: &str = env!("CARGO_BIN_EXE_dim");
+use common::{checkpoints, dim_cmd, names_in, s, Config};
+
 /// Steps of the run; a checkpoint every step, so kills often land in a write.
 const STEPS: u64 = 30;
 const KILLS: usize = 20;
 
-/// A tiny unconditional DiM on Fashion-MNIST (16 tokens, 1 block).
-fn config(dir: &Path, out: &Path, extra: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-preset = "DiM-S/2"
-depth = 1
-width = 32
-heads = 2
-patch = 8
-in_channels = 1
-input_size = [32, 32]
-num_classes = 0
-class_dropout_prob = 0.0
-learn_sigma = false
-dt_rank = 4
-
-[sampler]
-sampler = "ddim"
-steps = 2
-
-[data]
-kind = "fashion_mnist"
-transforms = [{{ op = "pad", size = 32 }}]
-
-[loader]
-workers = 1
-
-[optim]
-lr = 1e-3
-
-[train]
-steps = {STEPS}
-batch_size = 4
-seed = 11
-device = "cpu"
-log_every = 1
-ckpt_every = 1
-keep_last = 2
-threads = 1
-out_dir = "{}"
-{extra}
-"#,
-        out.display()
-    );
-    let p = dir.join(format!(
-        "{}.toml",
-        out.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&p, text).unwrap();
-    p
+/// A tiny unconditional DiM on Fashion-MNIST (16 tokens, 1 block), writing to `out`.
+fn config(dir: &Path, out: &Path) -> PathBuf {
+    Config::tiny()
+        .set("model.depth", 1)
+        .classes(0, 0.0)
+        .learn_sigma(false)
+        .ddim(2)
+        .set("optim.lr", 1e-3)
+        .set_all(&[
+            ("train.steps", STEPS as i64),
+            ("train.batch_size", 4),
+            ("train.seed", 11),
+            ("train.log_every", 1),
+            ("train.ckpt_every", 1),
+            ("train.keep_last", 2),
+        ])
+        .run_in(dir, out)
 }
 
 fn train(cfg: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(DIM);
-    c.args(["train", "--config", &cfg.display().to_string()])
-        .args(extra)
-        .env("DIM_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut c = dim_cmd(&["train", "--config", &s(cfg)]);
+    c.args(extra).stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
@@ -80,11 +45,7 @@ fn train(cfg: &Path, extra: &[&str]) -> Command {
 /// must carry the same loss both times.
 fn losses(run: &Path) -> BTreeMap<u64, f64> {
     let mut out = BTreeMap::new();
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("torn metrics line {line:?}: {e}"));
-        let (step, loss) = (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap());
+    for (step, loss) in common::losses(run) {
         if let Some(before) = out.insert(step, loss) {
             assert_eq!(before, loss, "step {step} redone with another loss");
         }
@@ -93,30 +54,7 @@ fn losses(run: &Path) -> BTreeMap<u64, f64> {
 }
 
 fn temp_files(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.ends_with(".tmp"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn checkpoints(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    let n = p.file_name().unwrap().to_string_lossy();
-                    n.starts_with("ckpt-") && n.ends_with(".safetensors")
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
+    names_in(dir, |n| n.ends_with(".tmp"))
 }
 
 /// Reads a checkpoint whole: header, every tensor, the config and step.
@@ -139,13 +77,13 @@ fn sigkill_twenty_times_then_resume_repeats_the_loss_sequence() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let reference = d.join("reference");
-    let st = train(&config(d, &reference, ""), &[]).status().unwrap();
+    let st = train(&config(d, &reference), &[]).status().unwrap();
     assert!(st.success());
     let want = losses(&reference);
     assert_eq!(want.len() as u64, STEPS);
 
     let run = d.join("killed");
-    let cfg = config(d, &run, "");
+    let cfg = config(d, &run);
     let mut state = 0x5eed_u64;
     let mut mid_write = 0;
     for i in 0..KILLS {
@@ -230,7 +168,7 @@ fn a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_last_one() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let first = d.join("first");
-    let st = train(&config(d, &first, ""), &["train.steps=2"])
+    let st = train(&config(d, &first), &["train.steps=2"])
         .status()
         .unwrap();
     assert!(st.success());
@@ -255,7 +193,7 @@ fn a_full_disk_during_a_checkpoint_is_a_clear_error_and_keeps_the_last_one() {
     std::fs::copy(&ck, &kept).unwrap();
     std::fs::copy(first.join("metrics.jsonl"), out_dir.join("metrics.jsonl")).unwrap();
 
-    let cfg = config(d, &out_dir, "");
+    let cfg = config(d, &out_dir);
     let mut cmd = train(&cfg, &["--resume", "auto", "train.steps=4"]);
     if !mounted {
         eprintln!("mount not permitted: simulating the full disk with RLIMIT_FSIZE");

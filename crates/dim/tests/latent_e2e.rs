@@ -4,7 +4,8 @@
 //! through the VAE, `dim sample` (PNGs + the ADM `.npz`), and `dim eval`
 //! with random Inception weights (FID, sFID, IS, precision/recall).
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use dim_vae::{AutoencoderKL, VaeConfig};
@@ -117,10 +118,8 @@ out_dir = "{out}"
     p
 }
 
-#[test]
-fn images_to_latents_to_training_to_samples_to_metrics() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// The generated ImageFolder, a tiny random VAE and its diffusers config.
+fn inputs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let data = dir.join("images");
     image_folder(&data);
     tch::manual_seed(5);
@@ -129,6 +128,169 @@ fn images_to_latents_to_training_to_samples_to_metrics() {
     vae.var_store().save(&vae_path).unwrap();
     let vae_json = dir.join("vae.json");
     std::fs::write(&vae_json, r#"{"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, "scaling_factor": 0.18215}"#).unwrap();
+    (data, vae_path, vae_json)
+}
+
+/// Every file of a finished cache (index and shards), by name.
+fn cache_files(d: &Path) -> BTreeMap<String, Vec<u8>> {
+    assert!(
+        d.join("index.json").is_file(),
+        "{} is not finished",
+        d.display()
+    );
+    std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `dim latents` on the generated folder into `out` (posterior draws, not
+/// the mean), with extra flags.
+fn latents_cmd(dir: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "latents",
+        "--data",
+        dir.join("images").to_str().unwrap(),
+        "--vae",
+        dir.join("vae.safetensors").to_str().unwrap(),
+        "--vae-config",
+        dir.join("vae.json").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--image-size",
+        "16",
+        "--shard-size",
+        "4",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The posterior noise is keyed by (seed, latent index) alone: batches of 3
+/// and of 5 images give the same bytes; another seed does not.
+#[test]
+fn latents_do_not_depend_on_the_batch_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    inputs(dir);
+    let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
+    ok(&strs(&latents_cmd(dir, &a, &["--batch", "3"])));
+    ok(&strs(&latents_cmd(dir, &b, &["--batch", "5"])));
+    assert_eq!(
+        cache_files(&a),
+        cache_files(&b),
+        "--batch 3 and --batch 5 differ"
+    );
+    let mut other = latents_cmd(dir, &c, &["--batch", "3"]);
+    let at = other.iter().position(|s| s == "--seed").unwrap();
+    other[at + 1] = "4".into();
+    ok(&strs(&other));
+    assert_ne!(
+        cache_files(&a)["shard-00000.safetensors"],
+        cache_files(&c)["shard-00000.safetensors"]
+    );
+}
+
+/// `dim latents --nproc 2` (Gloo ranks on the CPU) writes the cache of one
+/// process byte for byte, and a 2-process run interrupted after its first
+/// shards resumes, with 3 and then 2 processes, into that same cache.
+#[test]
+fn latents_over_processes_match_one_process_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    inputs(dir);
+    // 7 images + mirror images = 14 latents: shards of 4, 4, 4, 2.
+    let flags = ["--flip", "--batch", "2"];
+    let with = |out: &Path, more: &[&str]| {
+        let mut f = flags.to_vec();
+        f.extend(more);
+        latents_cmd(dir, out, &f)
+    };
+    let one = dir.join("one");
+    ok(&strs(&with(&one, &["--nproc", "1"])));
+    let want = cache_files(&one);
+    assert_eq!(
+        want.keys().cloned().collect::<Vec<_>>(),
+        [
+            "index.json",
+            "shard-00000.safetensors",
+            "shard-00001.safetensors",
+            "shard-00002.safetensors",
+            "shard-00003.safetensors"
+        ]
+    );
+    let two = dir.join("two");
+    ok(&strs(&with(&two, &["--nproc", "2"])));
+    assert_eq!(
+        cache_files(&two),
+        want,
+        "--nproc 2 differs from one process"
+    );
+
+    // Each rank stops after one batch (one shard of 2 images): rank 0 has
+    // shard 0 on disk, rank 1 shard 2, unless it was stopped first.
+    let cut = dir.join("cut");
+    let e = dim(&strs(&with(
+        &cut,
+        &["--nproc", "2", "--fail-after-batches", "1"],
+    )));
+    assert!(!e.status.success());
+    assert!(!cut.join("index.json").exists());
+    // Shard files present, by inode: a kept shard is the same file afterwards.
+    let inode = |f: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(cut.join(f)).ok().map(|m| m.ino())
+    };
+    let kept: BTreeMap<String, u64> = (0..4)
+        .map(|k| format!("shard-{k:05}.safetensors"))
+        .filter_map(|f| Some((f.clone(), inode(&f)?)))
+        .collect();
+    assert!(!kept.is_empty() && kept.len() <= 2, "{:?}", kept.keys());
+    // Resumed with 3 ranks, each stopped before its first batch; then with 2.
+    let e = dim(&strs(&with(
+        &cut,
+        &["--nproc", "3", "--fail-after-batches", "0"],
+    )));
+    assert!(!e.status.success());
+    ok(&strs(&with(&cut, &["--nproc", "2"])));
+    let got = cache_files(&cut);
+    assert_eq!(
+        got, want,
+        "a resumed 2-process run differs from one process"
+    );
+    for (f, ino) in &kept {
+        assert_eq!(inode(f), Some(*ino), "{f} was written again");
+    }
+    let ds = dim_data::LatentDataset::open(&two).unwrap();
+    use dim_data::Dataset;
+    let labels: Vec<i64> = (0..ds.len())
+        .map(|i| ds.get(i, 0).unwrap().label.unwrap())
+        .collect();
+    assert_eq!(labels, [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]);
+}
+
+#[test]
+fn images_to_latents_to_training_to_samples_to_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (data, vae_path, vae_json) = inputs(dir);
 
     // dim latents, interrupted after 2 batches of 2 images (8 latents with flips, shards of 4).
     let cache = dir.join("cache");

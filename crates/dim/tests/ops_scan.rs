@@ -1,17 +1,22 @@
 //! `dim ops scan` driven as a user would: tensors in a safetensors file, the
 //! binary, the result file; checked against the f64 plain-tch reference.
+mod common;
+
 use std::path::Path;
-use std::process::Command;
+use std::process::Output;
+
+use common::{failed, read_tensors, s, succeeded};
 
 use dim_scan::reference::selective_scan_bidirectional_ref;
 use dim_scan::testing::{DirTensors, INPUT_NAMES};
 use tch::{Device, Kind, Tensor};
 
-fn dim(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dim"))
-        .args(args)
-        .output()
-        .expect("the dim binary runs")
+/// Runs `dim ops scan --input input --output output` plus `extra`.
+fn ops_scan(input: &Path, output: &Path, extra: &[&str]) -> Output {
+    let (input, output) = (s(input), s(output));
+    let mut args = vec!["ops", "scan", "--input", &input, "--output", &output];
+    args.extend_from_slice(extra);
+    common::run(&args)
 }
 
 fn write(path: &Path, tensors: &[(&str, &Tensor)]) {
@@ -47,24 +52,11 @@ fn bidirectional_forward_and_backward_match_the_reference() {
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), *t)).collect();
     write(&input, &refs);
 
-    let out = dim(&[
-        "ops",
-        "scan",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--bidirectional",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeded(
+        &ops_scan(&input, &output, &["--bidirectional"]),
+        "dim ops scan",
     );
-    let got: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&output)
-        .unwrap()
-        .into_iter()
-        .collect();
+    let got = read_tensors(&output);
 
     // The reference in f64 with libtorch's own autograd.
     let leaf = |t: &Tensor| t.to_kind(Kind::Double).set_requires_grad(true);
@@ -96,68 +88,23 @@ fn bad_inputs_get_a_message_naming_file_and_tensor() {
     let a = Tensor::randn([2, 4], f);
     let b = Tensor::randn([1, 1, 4, 5], f);
     let bad_c = Tensor::randn([1, 1, 4, 6], f);
-    let run = |tensors: &[(&str, &Tensor)], extra: &[&str]| {
-        write(&input, tensors);
-        let mut args = vec![
-            "ops",
-            "scan",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let out = dim(&args);
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
+    // `u delta A B` and `more`, which must be refused; the message.
+    let refused = |more: &[(&str, &Tensor)]| {
+        let mut tensors = vec![("u", &u), ("delta", &u), ("A", &a), ("B", &b)];
+        tensors.extend_from_slice(more);
+        write(&input, &tensors);
+        failed(&ops_scan(&input, &output, &[]), "dim ops scan")
     };
-    let e = run(&[("u", &u), ("delta", &u), ("A", &a), ("B", &b)], &[]);
+    let e = refused(&[]);
     assert!(e.contains("in.safetensors") && e.contains("`C`"), "{e}");
-    let e = run(
-        &[
-            ("u", &u),
-            ("delta", &u),
-            ("A", &a),
-            ("B", &b),
-            ("C", &bad_c),
-        ],
-        &[],
-    );
+    let e = refused(&[("C", &bad_c)]);
     assert!(e.contains("`C`") && e.contains("[1, 1, 4, 6]"), "{e}");
-    let e = run(
-        &[
-            ("u", &u),
-            ("delta", &u),
-            ("A", &a),
-            ("B", &b),
-            ("C", &b),
-            ("u_b", &u),
-        ],
-        &[],
-    );
+    let e = refused(&[("C", &b), ("u_b", &u)]);
     assert!(e.contains("`u_b`") && e.contains("--bidirectional"), "{e}");
-    let e = run(
-        &[
-            ("u", &u),
-            ("delta", &u),
-            ("A", &a),
-            ("B", &b),
-            ("C", &b),
-            ("dy", &bad_c),
-        ],
-        &[],
-    );
+    let e = refused(&[("C", &b), ("dy", &bad_c)]);
     assert!(e.contains("dy"), "{e}");
     std::fs::write(&input, b"not a safetensors file").unwrap();
-    let out = dim(&[
-        "ops",
-        "scan",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        "x",
-    ]);
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && e.contains("in.safetensors"), "{e}");
+    let e = failed(&ops_scan(&input, Path::new("x"), &[]), "dim ops scan");
+    assert!(e.contains("in.safetensors"), "{e}");
     assert!(!output.exists(), "no output file is left behind on failure");
 }

@@ -4,37 +4,18 @@
 //! (clips of the training distribution score far below noise and frozen
 //! frames).
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::{logged_lines, moving_fmnist, ok, read_tensor, s, sample_cpu, Config};
 use tch::{Device, Kind, Tensor};
 
-const DIM: &str = env!("CARGO_BIN_EXE_dim");
-
-fn ok(args: &[&str]) -> String {
-    let o = Command::new(DIM)
-        .args(args)
-        .env("DIM_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "dim {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
-
-/// A tiny Moving Fashion-MNIST `[data]` table: `len` clips of 8 frames, 32×32.
-fn moving_data(len: usize, seed: u64) -> String {
-    format!(
-        "[data]\nkind = \"moving_fashion_mnist\"\nmoving = {{ len = {len}, frames = 8, canvas = 32, items = 1, seed = {seed}, min_speed = 1.0, max_speed = 3.0 }}\n"
-    )
+/// Writes `cfg` as just the `[data]` table of `len` clips of 8 frames.
+fn data_only(cfg: &Path, len: usize, seed: u64) {
+    Config::parse("")
+        .set("data", moving_fmnist(len, 8, seed, 3.0))
+        .save(cfg);
 }
 
 #[cfg(feature = "video")]
@@ -42,73 +23,33 @@ fn moving_data(len: usize, seed: u64) -> String {
 fn video_dim_and_dit_train_a_few_steps_and_sample_clips() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (name, model) in [
-        (
-            "dim",
-            "preset = \"DiM-S/2\"\ntoken_order = \"row_column_time\"",
-        ),
-        ("dit", "preset = \"DiT-S/2\"\nattention = \"full\""),
-        ("latte", "preset = \"DiT-S/2\"\nattention = \"factorised\""),
+    for (name, preset, key, value) in [
+        ("dim", "DiM-S/2", "token_order", "row_column_time"),
+        ("dit", "DiT-S/2", "attention", "full"),
+        ("latte", "DiT-S/2", "attention", "factorised"),
     ] {
-        let cfg = d.join(format!("{name}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                r#"
-[model]
-{model}
-depth = 3
-width = 32
-heads = 2
-patch = 8
-temporal_patch = 2
-in_channels = 1
-input_size = [32, 32]
-frames = 8
-num_classes = 0
-class_dropout_prob = 0.0
-learn_sigma = false
-dt_rank = 4
-
-[diffusion]
-learn_sigma = false
-
-[sampler]
-sampler = "ddim"
-steps = 2
-
-{}
-[loader]
-workers = 1
-
-[train]
-steps = 3
-batch_size = 2
-device = "cpu"
-threads = 1
-log_every = 1
-out_dir = "{}"
-"#,
-                moving_data(16, 0),
-                s(&d.join(name))
-            ),
-        )
-        .unwrap();
+        let cfg = Config::tiny()
+            .set("model.preset", preset)
+            .set(&format!("model.{key}"), value)
+            .set_all(&[
+                ("model.depth", 3),
+                ("model.temporal_patch", 2),
+                ("model.frames", 8),
+            ])
+            .classes(0, 0.0)
+            .learn_sigma(false)
+            .ddim(2)
+            .set("data", moving_fmnist(16, 8, 0, 3.0))
+            .set_all(&[
+                ("train.steps", 3),
+                ("train.batch_size", 2),
+                ("train.log_every", 1),
+            ])
+            .run_named(d, name);
         let ckpt = ok(&["train", "--config", &s(&cfg)]);
-        let metrics = std::fs::read_to_string(d.join(name).join("metrics.jsonl")).unwrap();
-        assert_eq!(metrics.lines().count(), 3, "{name}: {metrics}");
+        assert_eq!(logged_lines(&d.join(name)), 3, "{name}");
         let out = d.join(format!("{name}-clips"));
-        ok(&[
-            "sample",
-            "--checkpoint",
-            ckpt.trim(),
-            "--out",
-            &s(&out),
-            "--num",
-            "2",
-            "--device",
-            "cpu",
-        ]);
+        sample_cpu(ckpt.trim(), &out, &["--num", "2"]);
         for i in 0..2 {
             for ext in ["gif", "mp4"] {
                 let f = out.join(format!("00000{i}.{ext}"));
@@ -132,8 +73,8 @@ fn fvd_negative_control_with_the_video_classifier() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (train, held) = (d.join("train.toml"), d.join("held.toml"));
-    std::fs::write(&train, moving_data(800, 0)).unwrap();
-    std::fs::write(&held, moving_data(300, 7)).unwrap();
+    data_only(&train, 800, 0);
+    data_only(&held, 300, 7);
     let weights = d.join("video_features.safetensors");
     let out = ok(&[
         "train-features",
@@ -276,26 +217,13 @@ fn ucf101_config_trains_on_a_tiny_ucf101_folder_and_samples() {
         "loader.workers=1",
         &format!("train.out_dir=\"{}\"", s(&run)),
     ]);
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    assert_eq!(logged_lines(&run), 2);
     let out = d.join("clips");
-    ok(&[
-        "sample",
-        "--checkpoint",
+    sample_cpu(
         ckpt.trim(),
-        "--out",
-        &s(&out),
-        "--num",
-        "2",
-        "--class",
-        "9",
-        "--cfg",
-        "1.5",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-    ]);
+        &out,
+        &["--num", "2", "--class", "9", "--cfg", "1.5", "--steps", "2"],
+    );
     for f in [
         "000000.gif",
         "000001.mp4",
@@ -304,6 +232,6 @@ fn ucf101_config_trains_on_a_tiny_ucf101_folder_and_samples() {
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    let x = Tensor::read_safetensors(out.join("samples.safetensors")).unwrap();
-    assert_eq!(x[0].1.size(), [2, 3, 4, 32, 32]);
+    let x = read_tensor(&out.join("samples.safetensors"), "samples");
+    assert_eq!(x.size(), [2, 3, 4, 32, 32]);
 }

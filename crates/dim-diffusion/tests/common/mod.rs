@@ -1,6 +1,7 @@
 //! Shared by the integration tests: the diffusers fixture file and its tensors.
 #![allow(dead_code)]
 
+use dim_diffusion::SamplerKind;
 use serde_json::Value;
 use tch::Tensor;
 
@@ -32,3 +33,13 @@ pub fn floats(v: &Value) -> Vec<f64> {
 pub fn tensor(v: &Value) -> Tensor {
     Tensor::from_slice(&floats(&v["data"])).view(ints(&v["shape"]).as_slice())
 }
+
+/// The Gaussian samplers that need no extra settings, for tests that run
+/// every one of them.
+pub const GAUSSIAN_SAMPLERS: [SamplerKind; 5] = [
+    SamplerKind::Ddpm,
+    SamplerKind::Ddim,
+    SamplerKind::DpmSolverPp2M,
+    SamplerKind::Euler,
+    SamplerKind::Heun,
+];
