@@ -22,7 +22,7 @@ use serde_json::Value;
 /// The bundle must stay small enough to copy around (and to carry to the device machine).
 const MAX_BUNDLE_BYTES: u64 = 48 << 20;
 
-pub fn run(root: &Path, dir: &Path) -> Result<()> {
+pub fn run(root: &Path, dir: &Path, history: &Path) -> Result<()> {
     crate::setup::ensure(root)?;
     let targets = gpu_targets()?;
     if targets.is_empty() {
@@ -40,7 +40,7 @@ pub fn run(root: &Path, dir: &Path) -> Result<()> {
         total += copy_stripped(&exe, &dir.join(t.folder()).join(&t.name))?;
     }
     total += portable_tools(root, dir)?;
-    copy_tree(&root.join(crate::bench::HISTORY), &dir.join("history"))?;
+    copy_tree(history, &dir.join("history"))?;
     let run_sh = dir.join("run.sh");
     fs::write(&run_sh, RUN_SH)?;
     fs::set_permissions(&run_sh, fs::Permissions::from_mode(0o755))?;
@@ -133,7 +133,7 @@ const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 /// Copies an executable and strips it; returns its size.
 fn copy_stripped(exe: &Path, dest: &Path) -> Result<u64> {
     fs::copy(exe, dest).with_context(|| format!("copying {}", exe.display()))?;
-    crate::step(
+    crate::cmd::step(
         &format!("strip {}", dest.display()),
         Command::new("strip").arg("--strip-unneeded").arg(dest),
     )?;
@@ -171,7 +171,7 @@ impl Target {
 
 /// Test and bench targets named `gpu*`, from `cargo metadata`.
 fn gpu_targets() -> Result<Vec<Target>> {
-    let out = crate::cargo()
+    let out = crate::cmd::cargo()
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .stderr(Stdio::inherit())
         .output()
@@ -209,7 +209,7 @@ fn gpu_targets() -> Result<Vec<Target>> {
 
 /// Builds one target in release and returns its executable.
 fn build(t: &Target) -> Result<PathBuf> {
-    let mut cmd = crate::cargo();
+    let mut cmd = crate::cmd::cargo();
     match t.kind {
         TargetKind::Bench => cmd.args(["bench", "--no-run", "--bench", &t.name]),
         TargetKind::Test => cmd.args(["test", "--release", "--no-run", "--test", &t.name]),

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::bench::{compare, new_run, render, BenchRun, Case, Verdict};
+use crate::history::{compare, new_run, render, BenchRun, Case, Verdict};
 
 /// The committed baseline, relative to the workspace root.
 pub const BASELINE: &str = "docs/benchmarks/icount_baseline.json";
@@ -35,7 +35,7 @@ struct Target {
 /// and the dependencies CI built for the tests are reused.
 fn targets() -> Result<Vec<Target>> {
     println!("icount: building the icount_* benches");
-    let out = crate::cargo()
+    let out = crate::cmd::cargo()
         .args([
             "build",
             "--workspace",

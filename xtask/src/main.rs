@@ -16,7 +16,9 @@
 
 mod bench;
 mod bundle;
+mod cmd;
 mod experiment;
+mod history;
 mod icount;
 mod modcycles;
 mod plot;
@@ -24,9 +26,8 @@ mod repro;
 mod setup;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -104,7 +105,7 @@ fn main() -> Result<()> {
         Task::Setup { check } => setup::run(&root, check),
         Task::Test { args } => test(&root, &args),
         Task::Demo { args } => demo(&root, &args),
-        Task::GpuBundle { dir } => bundle::run(&root, &dir),
+        Task::GpuBundle { dir } => bundle::run(&root, &dir, &root.join(history::HISTORY)),
         Task::ExperimentBundle { dir } => bundle::experiments(&root, &dir),
         Task::Repro {
             experiment,
@@ -142,13 +143,13 @@ fn project_root() -> PathBuf {
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
     setup::ensure(root)?;
-    step(
+    cmd::step(
         "cargo fmt --check",
-        cargo().args(["fmt", "--all", "--", "--check"]),
+        cmd::cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
-    step(
+    cmd::step(
         "cargo clippy",
-        cargo().args([
+        cmd::cargo().args([
             "clippy",
             "--workspace",
             "--all-targets",
@@ -158,9 +159,9 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         ]),
     )?;
     // The GPU experiment bundle builds `dim` without FFmpeg: keep that build working.
-    step(
+    cmd::step(
         "cargo clippy (dim without the video feature)",
-        cargo().args([
+        cmd::cargo().args([
             "clippy",
             "--package",
             "dim",
@@ -170,15 +171,18 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
             "warnings",
         ]),
     )?;
-    step(
+    cmd::step(
         "cargo test",
-        cargo().args(["test", "--workspace"]).arg("--").args(args),
+        cmd::cargo()
+            .args(["test", "--workspace"])
+            .arg("--")
+            .args(args),
     )?;
     // Ignored tests are the GPU ones (`#[ignore = "needs CUDA: ..."]`): list
     // them, so the output says what was skipped here and runs in the GPU bundle.
-    step(
+    cmd::step(
         "skipped here (ignored: GPU tests, run by the GPU bundle)",
-        cargo().args([
+        cmd::cargo().args([
             "test",
             "--workspace",
             "--",
@@ -194,9 +198,9 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
 
 fn demo(root: &Path, args: &[String]) -> Result<()> {
     setup::ensure(root)?;
-    step(
+    cmd::step(
         "dim demo",
-        cargo()
+        cmd::cargo()
             .args(["run", "--release", "--package", "dim", "--", "demo"])
             .args(args),
     )
@@ -204,25 +208,9 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
 
 /// Builds `dim` in release here and returns its path.
 fn build_dim() -> Result<PathBuf> {
-    step(
+    cmd::step(
         "cargo build --release -p dim",
-        cargo().args(["build", "--release", "--package", "dim"]),
+        cmd::cargo().args(["build", "--release", "--package", "dim"]),
     )?;
     Ok(PathBuf::from("target/release/dim"))
-}
-
-pub(crate) fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-}
-
-/// Runs a command, echoing it, and fails with its name when it fails.
-pub(crate) fn step(name: &str, cmd: &mut Command) -> Result<()> {
-    println!("xtask: {name}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start {name}"))?;
-    if !status.success() {
-        bail!("{name} failed ({status})");
-    }
-    Ok(())
 }

