@@ -7,6 +7,7 @@
 //! but the logic does live here once.
 
 pub mod bench_json;
+pub mod gpu_bench;
 pub mod icount;
 
 use std::env;

@@ -648,13 +648,16 @@ fn main() {
         args.reps = args.reps.min(2);
         args.steps = args.steps.min(2);
         Device::Cpu
-    } else if !tch::Cuda::is_available() {
-        println!(
-            "gpu_model: skipped: no CUDA (libtorch sees no GPU); `--cpu` runs a tiny smoke version"
-        );
-        return;
-    } else if !dim_scan::cuda_kernels_built() {
-        println!("gpu_model: skipped: dim-scan was built without its CUDA kernels (nvcc not found at build time)");
+    } else if !dim_build::gpu_bench::runs(
+        "gpu_model",
+        if !tch::Cuda::is_available() {
+            Some("no CUDA (libtorch sees no GPU); `--cpu` runs a tiny smoke version")
+        } else if !dim_scan::cuda_kernels_built() {
+            Some("dim-scan was built without its CUDA kernels (nvcc not found at build time)")
+        } else {
+            None
+        },
+    ) {
         return;
     } else {
         Device::Cuda(0)

@@ -141,8 +141,14 @@ fn shapes() -> Vec<(i64, i64, i64)> {
 }
 
 fn main() {
-    if !tch::Cuda::is_available() || !dim_scan::cuda_kernels_built() {
-        println!("gpu_scan: skipped: no CUDA device or no CUDA kernels in this build");
+    let missing = if !tch::Cuda::is_available() {
+        Some("no CUDA device")
+    } else if !dim_scan::cuda_kernels_built() {
+        Some("no CUDA kernels in this build")
+    } else {
+        None
+    };
+    if !dim_build::gpu_bench::runs("gpu_scan", missing) {
         return;
     }
     let dev = Device::Cuda(0);

@@ -13,13 +13,8 @@ use dim_vae::{AutoencoderKL, VaeConfig};
 use tch::{Device, Kind, Tensor};
 
 fn main() {
-    if !tch::Cuda::is_available() {
-        // Inside the GPU bundle a missing GPU is a failure, not a skip.
-        assert!(
-            std::env::var_os("DIM_EXPECT_GPU").is_none(),
-            "gpu_vae: DIM_EXPECT_GPU is set but no CUDA device is visible"
-        );
-        println!("gpu_vae: skipped: no CUDA device");
+    let missing = (!tch::Cuda::is_available()).then_some("no CUDA device");
+    if !dim_build::gpu_bench::runs("gpu_vae", missing) {
         return;
     }
     let device = Device::Cuda(0);

@@ -183,8 +183,29 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// Every shard's `latents` of a finished cache, as one f64 tensor.
+fn cache_latents(d: &Path) -> Tensor {
+    let shards: Vec<Tensor> = cache_files(d)
+        .keys()
+        .filter(|f| f.starts_with("shard-"))
+        .map(|f| {
+            Tensor::read_safetensors(d.join(f))
+                .unwrap()
+                .into_iter()
+                .find(|(n, _)| n == "latents")
+                .unwrap()
+                .1
+                .to_kind(Kind::Double)
+        })
+        .collect();
+    Tensor::cat(&shards, 0)
+}
+
 /// The posterior noise is keyed by (seed, latent index) alone: batches of 3
-/// and of 5 images give the same bytes; another seed does not.
+/// and of 5 images give the same latents; another seed does not. Equal to
+/// f16 rounding, not bit for bit: the CPU convolutions of the encoder may
+/// round differently for another batch size, and such a difference can
+/// cross an f16 rounding boundary.
 #[test]
 fn latents_do_not_depend_on_the_batch_size() {
     let tmp = tempfile::tempdir().unwrap();
@@ -193,18 +214,23 @@ fn latents_do_not_depend_on_the_batch_size() {
     let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
     ok(&strs(&latents_cmd(dir, &a, &["--batch", "3"])));
     ok(&strs(&latents_cmd(dir, &b, &["--batch", "5"])));
-    assert_eq!(
-        cache_files(&a),
-        cache_files(&b),
-        "--batch 3 and --batch 5 differ"
+    let (la, lb) = (cache_latents(&a), cache_latents(&b));
+    // One f16 ulp of the largest value (2^-10 relative), with room for two.
+    let scale = la.abs().max().double_value(&[]);
+    let tol = 2.0 * scale / 1024.0;
+    let diff = (&la - &lb).abs().max().double_value(&[]);
+    assert!(
+        diff <= tol,
+        "--batch 3 and --batch 5 differ by {diff:e} (f16 rounding: {tol:e})"
     );
     let mut other = latents_cmd(dir, &c, &["--batch", "3"]);
     let at = other.iter().position(|s| s == "--seed").unwrap();
     other[at + 1] = "4".into();
     ok(&strs(&other));
-    assert_ne!(
-        cache_files(&a)["shard-00000.safetensors"],
-        cache_files(&c)["shard-00000.safetensors"]
+    let far = (&la - cache_latents(&c)).abs().max().double_value(&[]);
+    assert!(
+        far > 50.0 * tol,
+        "another seed moves the latents by only {far:e}"
     );
 }
 
