@@ -4,7 +4,10 @@
 //! passes `--include-ignored`; there a missing GPU or kernel fails them.
 mod common;
 
-use common::{assert_close, every_direction, run, seed, with_parts_off, Case, Problem};
+use common::{
+    assert_backward_bit_identical, assert_close, every_direction, run, seed, with_parts_off, Case,
+    Problem,
+};
 use dim_scan::{Direction, ScanError, ScanInputs, ScanOptions};
 use tch::{Device, Kind, Tensor};
 
@@ -138,22 +141,7 @@ fn gpu_deterministic_backward_is_bit_identical() {
         },
     ] {
         let p = Problem::random(case);
-        let first = run(&p, Kind::BFloat16, dev, false, true);
-        let second = run(&p, Kind::BFloat16, dev, false, true);
-        for (a, b) in first
-            .grads
-            .iter()
-            .flatten()
-            .zip(second.grads.iter().flatten())
-        {
-            if let (Some(a), Some(b)) = (a, b) {
-                assert!(
-                    a.equal(b),
-                    "{case:?}: deterministic gradients differ between runs"
-                );
-            }
-        }
-        assert!(first.dz.unwrap().equal(&second.dz.unwrap()));
+        assert_backward_bit_identical(&format!("{case:?}"), &p, Kind::BFloat16, dev);
     }
 }
 

@@ -2,7 +2,10 @@
 //! every gradient, at awkward sizes, every option, both directions and fused.
 mod common;
 
-use common::{assert_close, every_direction, run, seed, with_parts_off, Case, Problem};
+use common::{
+    assert_backward_bit_identical, assert_close, every_direction, run, seed, with_parts_off, Case,
+    Problem,
+};
 use dim_scan::{selective_scan, Direction, ScanError, ScanInputs, ScanOptions};
 use tch::{Device, Kind, Tensor};
 
@@ -93,18 +96,7 @@ fn more_channels_than_one_task() {
 fn backward_is_bit_identical_twice() {
     tch::manual_seed(seed());
     let p = Problem::random(Case::new(3, 40, 300));
-    let first = run(&p, Kind::Float, Device::Cpu, false, true);
-    let second = run(&p, Kind::Float, Device::Cpu, false, true);
-    for (a, b) in first
-        .grads
-        .iter()
-        .flatten()
-        .zip(second.grads.iter().flatten())
-    {
-        if let (Some(a), Some(b)) = (a, b) {
-            assert!(a.equal(b), "gradients differ between two identical runs");
-        }
-    }
+    assert_backward_bit_identical("f32 CPU", &p, Kind::Float, Device::Cpu);
 }
 
 #[test]

@@ -302,6 +302,30 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     }
 }
 
+/// Runs the deterministic backward of `p` twice and asserts that every
+/// gradient, `dz` included, is bit for bit the same.
+pub fn assert_backward_bit_identical(what: &str, p: &Problem, kind: Kind, device: Device) {
+    let first = run(p, kind, device, false, true);
+    let second = run(p, kind, device, false, true);
+    let grads = |o: &Outcome| -> Vec<Tensor> {
+        o.grads
+            .iter()
+            .flatten()
+            .flatten()
+            .chain(o.dz.as_ref())
+            .map(Tensor::shallow_clone)
+            .collect()
+    };
+    let (a, b) = (grads(&first), grads(&second));
+    assert_eq!(a.len(), b.len(), "{what}: different gradients present");
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            a.equal(b),
+            "{what}: gradient {i} differs between two identical runs"
+        );
+    }
+}
+
 /// Asserts that every output and gradient of `got` is within `tol` of `want`.
 pub fn assert_close(what: &str, got: &Outcome, want: &Outcome, tol: f64) {
     let mut report = Vec::new();
