@@ -53,6 +53,69 @@ fn read_grads(p: &Path) -> Vec<(String, Tensor)> {
     g
 }
 
+/// Max |a - b| over every gradient, and the largest gradient value.
+fn grad_gap(a: &Path, b: &Path) -> (f64, f64) {
+    let (a, b) = (read_grads(a), read_grads(b));
+    assert_eq!(a.len(), b.len());
+    let (mut worst, mut scale) = (0f64, 0f64);
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        worst = worst.max((ta - tb).abs().max().double_value(&[]));
+        scale = scale.max(ta.abs().max().double_value(&[]));
+    }
+    assert!(
+        scale > 1e-4,
+        "gradients are all ~0 ({scale}): the comparison would be empty"
+    );
+    (worst, scale)
+}
+
+/// Gradients sent as f16 or bf16 (`dist.compress`) are the average of the
+/// ranks' gradients to the wire type's rounding: 2 ranks against one
+/// process on the same global batch. A hook that summed instead of
+/// averaging would be off by the gradients themselves.
+#[test]
+fn compressed_gradients_are_the_average_to_wire_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = config(dir.path(), "c1", 1, 8, 1, 10);
+    let g1 = dir.path().join("g1.safetensors");
+    ok_env(
+        &["train", "--config", one.to_str().unwrap()],
+        &[("DIM_DEBUG_DUMP_GRADS", g1.to_str().unwrap())],
+    );
+    // Relative rounding of the wire type (each rank's half rounded, then
+    // the sum), with room to spare.
+    // Lower bound: well above f32's reduction-order differences (the test
+    // above: at most 1e-6), well below the wire type's rounding of the
+    // largest gradients (f16: 2^-11, bf16: 2^-8 of them).
+    for (wire, rel, least) in [("f16", 4e-3, 1e-5), ("bf16", 3e-2, 1e-4)] {
+        let cfg = config(dir.path(), &format!("c2-{wire}"), 1, 8, 1, 10);
+        let g2 = dir.path().join(format!("g2-{wire}.safetensors"));
+        ok_env(
+            &[
+                "train",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--nproc",
+                "2",
+                &format!("dist.compress=\"{wire}\""),
+            ],
+            &[("DIM_DEBUG_DUMP_GRADS", g2.to_str().unwrap())],
+        );
+        let (worst, scale) = grad_gap(&g1, &g2);
+        assert!(
+            worst <= rel * scale,
+            "{wire}: gradients differ by {worst:e}, more than {rel} of {scale:e}"
+        );
+        println!("{wire}: max gradient difference {worst:e} of {scale:e}");
+        // The wire type really was narrower than f32.
+        assert!(
+            worst > least * scale,
+            "{wire}: hardly any rounding ({worst:e}): was the gradient sent in f32?"
+        );
+    }
+}
+
 /// One step's averaged gradients and 20 steps' losses of 2 Gloo ranks (with
 /// gradient accumulation: 2 micro-batches of 2 samples per rank) equal one
 /// process's on the same global batch of 8; then resuming the 2-rank run
@@ -79,19 +142,7 @@ fn two_ranks_match_one_process_and_resume() {
     // Only rank 0 reports (the final checkpoint's path, once).
     assert_eq!(out.lines().count(), 1, "{out}");
 
-    let (a, b) = (read_grads(&g1), read_grads(&g2));
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0f64;
-    let mut scale = 0f64;
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        worst = worst.max((ta - tb).abs().max().double_value(&[]));
-        scale = scale.max(ta.abs().max().double_value(&[]));
-    }
-    assert!(
-        scale > 1e-4,
-        "gradients are all ~0 ({scale}): the comparison would be empty"
-    );
+    let (worst, _) = grad_gap(&g1, &g2);
     assert!(worst <= 1e-6, "gradients differ by {worst}");
 
     let l1 = losses(&dir.path().join("one"));
