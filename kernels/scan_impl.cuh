@@ -308,6 +308,16 @@ __device__ __forceinline__ void with_rev(bool rev, F&& f) {
   else f(std::false_type{});
 }
 
+// The quads of a chunk that lane `sl` prepares, `nq` of them, specialised
+// for the direction as in with_rev: f(rc, p), p the quad's first position in
+// the chunk. The forward and the backward prepare their tiles this way.
+template <int LPC, typename F>
+__device__ __forceinline__ void for_each_quad(bool rev, int sl, int nq, F&& f) {
+  with_rev(rev, [&](auto rc) {
+    for (int r = 0; r < nq; ++r) f(rc, 4 * (sl * QuadsOf<LPC>::kPer + r));
+  });
+}
+
 // A quad in memory order <-> its slot in a scan-order tile row.
 __device__ __forceinline__ int tile_quad(int p, bool rev) { return rev ? kT - 4 - p : p; }
 __device__ __forceinline__ void flip4(float (&v)[4]) {
@@ -442,27 +452,24 @@ __global__ void __launch_bounds__(kThreadsFwd, kMinBlocksFwd) scan_fwd_kernel(co
     const int64_t pos0 = (int64_t)c * kT;
     const int lim = chunk_valid(L, pos0);
     // Per position, once: dt = softplus(delta + bias), dt*u, and y := D*u.
-    with_rev(rev, [&](auto rc) {
+    for_each_quad<LPC>(rev, sl, nq, [&](auto rc, const int p) {
       constexpr bool RV = decltype(rc)::value;
-      for (int r = 0; r < nq; ++r) {
-        const int p = 4 * (sl * QuadsOf<LPC>::kPer + r);
-        float uv[4], xv[4], dt[4], du[4], yd[4];
-        ld4<T>(r_u + p, true, 4, uv);
-        ld4<T>(r_d + p, true, 4, xv);
+      float uv[4], xv[4], dt[4], du[4], yd[4];
+      ld4<T>(r_u + p, true, 4, uv);
+      ld4<T>(r_d + p, true, 4, xv);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int o = RV ? 3 - e : e;  // scan order within the quad
-          const float x = xv[o] + bias;
-          const float v = a.softplus ? softplusf(x) : x;
-          dt[e] = p + o < lim ? v : 0.f;
-          du[e] = dt[e] * uv[o];
-          yd[e] = Dk * uv[o];
-        }
-        const int j = tile_quad(p, RV);
-        sts4(t_dt + j, dt);
-        sts4(t_dtu + j, du);
-        sts4(t_y + j, yd);
+      for (int e = 0; e < 4; ++e) {
+        const int o = RV ? 3 - e : e;  // scan order within the quad
+        const float x = xv[o] + bias;
+        const float v = a.softplus ? softplusf(x) : x;
+        dt[e] = p + o < lim ? v : 0.f;
+        du[e] = dt[e] * uv[o];
+        yd[e] = Dk * uv[o];
       }
+      const int j = tile_quad(p, RV);
+      sts4(t_dt + j, dt);
+      sts4(t_dtu + j, du);
+      sts4(t_y + j, yd);
     });
     {
       const T* rb = raw_of(i, k) + 2 * CH * R;
@@ -672,10 +679,8 @@ __global__ void __launch_bounds__(kThreadsBwd, kMinBlocksBwd) scan_bwd_kernel(co
     const int64_t pos0 = (int64_t)c * kT;
     const int lim = chunk_valid(L, pos0);
     // Per position: dt, dt*u, g = dy * silu(z), u, sigmoid(x) into tiles; dz out.
-    with_rev(rev, [&](auto rc) {
-    constexpr bool RV = decltype(rc)::value;
-    for (int r = 0; r < nq; ++r) {
-      const int p = 4 * (sl * QuadsOf<LPC>::kPer + r);
+    for_each_quad<LPC>(rev, sl, nq, [&](auto rc, const int p) {
+      constexpr bool RV = decltype(rc)::value;
       float uv[4], xv[4], dyv[4], zv[4], dt[4], du[4], gv[4], sx[4];
       ld4<T>(raw + ch * R + p, true, 4, uv);
       ld4<T>(raw + (CH + ch) * R + p, true, 4, xv);
@@ -720,7 +725,6 @@ __global__ void __launch_bounds__(kThreadsBwd, kMinBlocksBwd) scan_bwd_kernel(co
       sts4(t_g + j, gv);
       sts4(t_u + j, uv);
       sts4(t_sx + j, sx);
-    }
     });
     prep_bc<T>(s_B, s_C, raw + 5 * CH * R, raw + (5 * CH + N) * R, N, NP, rev, tid, nthr);
     __syncthreads();  // tiles ready, raw free

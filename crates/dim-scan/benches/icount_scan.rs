@@ -2,7 +2,7 @@
 //! forward and backward at an awkward training-like size (batch 2, D 48,
 //! L 200, N 16, f32, z gate and softplus on). Measured by
 //! `cargo xtask bench icount` under callgrind; see `dim_build::icount`.
-use dim_scan::cpu::{backward, forward, Shape};
+use dim_scan::cpu::{backward, forward, Isa, Shape};
 use dim_scan::testing::{lcg_values, DirData};
 
 const S: Shape = Shape {
@@ -19,6 +19,7 @@ fn fwd() -> Box<dyn FnMut() + Send> {
     let mut y = vec![0f32; z.len()];
     Box::new(move || {
         forward(
+            Isa::detect(),
             S,
             &[f.inputs(false), r.inputs(true)],
             Some(&z),
@@ -38,6 +39,7 @@ fn bwd() -> Box<dyn FnMut() + Send> {
     Box::new(move || {
         let mut grads = [gf.grads(), gr.grads()];
         backward(
+            Isa::detect(),
             S,
             &[f.inputs(false), r.inputs(true)],
             Some(&z),

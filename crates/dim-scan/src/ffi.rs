@@ -339,8 +339,9 @@ unsafe fn run_typed<E: Elem>(p: &Params, s: Shape, is_backward: bool) {
             .collect();
         let z = (!p.z.is_null()).then(|| view(p.z as *const E, bdl));
         let softplus = p.delta_softplus != 0;
+        let isa = cpu::Isa::detect();
         if !is_backward {
-            cpu::forward(s, &dirs, z, view_mut(p.y as *mut E, bdl), softplus);
+            cpu::forward(isa, s, &dirs, z, view_mut(p.y as *mut E, bdl), softplus);
             return;
         }
         let optm = |ptr: *mut f32, n: usize| (!ptr.is_null()).then(|| view_mut(ptr, n));
@@ -358,7 +359,7 @@ unsafe fn run_typed<E: Elem>(p: &Params, s: Shape, is_backward: bool) {
             .collect();
         let dz = (!p.dz.is_null()).then(|| view_mut(p.dz as *mut E, bdl));
         let dy = view(p.dy as *const E, bdl);
-        cpu::backward(s, &dirs, z, dy, &mut grads, dz, softplus);
+        cpu::backward(isa, s, &dirs, z, dy, &mut grads, dz, softplus);
     }
 }
 

@@ -6,17 +6,22 @@ use super::kernel::{backward_task, forward_task, Ctx, Scratch, Task, TaskDir};
 use super::math::{Fused, MulAdd, Unfused};
 use super::types::Elem;
 
-/// The instruction set the task kernels run with, detected once per call.
+/// The instruction set the CPU task kernels are compiled for; every variant
+/// gives the same results up to the rounding of fused multiply-adds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(super) enum Isa {
+pub enum Isa {
+    /// Portable code, no fused multiply-add.
     Baseline,
+    /// AVX2 with FMA.
     Avx2,
+    /// AVX-512F (with AVX2 and FMA).
     Avx512,
 }
 
 impl Isa {
-    pub(super) fn detect() -> Self {
+    /// The widest instruction set this CPU runs.
+    pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");

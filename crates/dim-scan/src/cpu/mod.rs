@@ -41,25 +41,17 @@ mod types;
 
 use rayon::prelude::*;
 
-use dispatch::{BackwardTask, ForwardTask, Isa};
+use dispatch::{BackwardTask, ForwardTask};
 use kernel::{tasks, transposed_bcs, Ctx, Scratch, Task, TaskDir};
 use simd::LANES;
 
+pub use dispatch::Isa;
 pub use kernel::SEGMENT;
 pub use types::{DirGrads, DirInputs, Elem, Shape};
 
-/// Forward: `y` `(batch, D, L)` = Σ_dirs scan(dir), gated by `silu(z)` if given.
+/// Forward: `y` `(batch, D, L)` = Σ_dirs scan(dir), gated by `silu(z)` if
+/// given, with the task kernels compiled for `isa` (usually [`Isa::detect`]).
 pub fn forward<E: Elem>(
-    s: Shape,
-    dirs: &[DirInputs<'_, E>],
-    z: Option<&[E]>,
-    y: &mut [E],
-    delta_softplus: bool,
-) {
-    forward_with(Isa::detect(), s, dirs, z, y, delta_softplus)
-}
-
-fn forward_with<E: Elem>(
     isa: Isa,
     s: Shape,
     dirs: &[DirInputs<'_, E>],
@@ -111,21 +103,10 @@ fn split_mut<T>(mut s: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut 
     out
 }
 
-/// Backward: writes every gradient of every direction (and `dz` when `z` is given).
-pub fn backward<E: Elem>(
-    s: Shape,
-    dirs: &[DirInputs<'_, E>],
-    z: Option<&[E]>,
-    dy: &[E],
-    grads: &mut [DirGrads<'_, E>],
-    dz: Option<&mut [E]>,
-    delta_softplus: bool,
-) {
-    backward_with(Isa::detect(), s, dirs, z, dy, grads, dz, delta_softplus)
-}
-
+/// Backward: writes every gradient of every direction (and `dz` when `z` is
+/// given), with the task kernels compiled for `isa` (usually [`Isa::detect`]).
 #[allow(clippy::too_many_arguments)]
-fn backward_with<E: Elem>(
+pub fn backward<E: Elem>(
     isa: Isa,
     s: Shape,
     dirs: &[DirInputs<'_, E>],
@@ -297,7 +278,7 @@ mod isa_tests {
             let s = self.s;
             let dirs = [self.dirs[0].inputs(false), self.dirs[1].inputs(true)];
             let mut y = vec![0f32; self.z.len()];
-            forward_with(isa, s, &dirs, Some(&self.z), &mut y, true);
+            forward(isa, s, &dirs, Some(&self.z), &mut y, true);
             // NaN: an output left unwritten shows.
             let mut bufs = self.dirs.each_ref().map(|d| d.filled_like(f32::NAN));
             let mut dz = vec![f32::NAN; self.z.len()];
@@ -305,7 +286,7 @@ mod isa_tests {
                 let [b0, b1] = &mut bufs;
                 let mut grads = [b0.grads(), b1.grads()];
                 let z = Some(&self.z[..]);
-                backward_with(isa, s, &dirs, z, &self.dy, &mut grads, Some(&mut dz), true);
+                backward(isa, s, &dirs, z, &self.dy, &mut grads, Some(&mut dz), true);
             }
             let mut all: Vec<f32> = bufs.into_iter().flat_map(|b| b.0.concat()).collect();
             all.extend(dz);
