@@ -49,6 +49,11 @@ constexpr int kThreadsBwd = 128;  // backward block size (one direction)
 // each, and both run 15-50% slower than built whole (measured on an H200).
 constexpr int kMinBlocksFwd = 4;
 constexpr int kMinBlocksBwd = 3;
+// The small-grid forward (NT = 2: under 8 warps an SM) has no occupancy to
+// keep, and at 4 blocks (64 registers) it spills: 2 blocks give it 128, and
+// 1 x 2304 x 16384 runs 1.36x faster (H200, kernels/harness/sweep.sh; 1 block
+// is no faster, and 2 blocks in the backward slow the large grids by 28%).
+constexpr int kMinBlocksFwdSmall = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -366,7 +371,8 @@ __device__ __forceinline__ void prep_bc(float* tB, float* tC, const T* rB, const
 // its partial y (f32) in ypart, the second adds it, gates and writes y (the
 // middle chunk of an odd count is finished from both tiles at once).
 template <typename T, int NT, int LPC>
-__global__ void __launch_bounds__(kThreadsFwd, kMinBlocksFwd) scan_fwd_kernel(const KArgs a) {
+__global__ void __launch_bounds__(kThreadsFwd, NT == kNT ? kMinBlocksFwd : kMinBlocksFwdSmall)
+    scan_fwd_kernel(const KArgs a) {
   extern __shared__ __align__(16) float smem[];
   constexpr int R = Smem<T>::kRawRow;
   constexpr int NP = LPC * NT;

@@ -591,16 +591,26 @@ fn capture(cmd: &str, args: &[&str]) -> Option<String> {
     (o.status.success() && !s.is_empty()).then_some(s)
 }
 
-/// The commit: `git` where there is a checkout, else the `COMMIT` file a bundle carries.
+/// The commit: the `COMMIT` file of the bundle this binary runs from
+/// (`<bundle>/bin/xtask` beside `<bundle>/COMMIT`: the commit it was built
+/// from, even when run inside a copy of another checkout), else `git`.
 pub fn commit() -> String {
-    let dirty = capture("git", &["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
-    capture("git", &["rev-parse", "--short=10", "HEAD"])
-        .map(|c| if dirty { format!("{c}+dirty") } else { c })
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("COMMIT")))
+        .and_then(|p| fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
         .or_else(|| {
-            fs::read_to_string("COMMIT")
-                .ok()
-                .map(|s| s.trim().to_string())
+            let dirty = capture("git", &["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            capture("git", &["rev-parse", "--short=10", "HEAD"]).map(|c| {
+                if dirty {
+                    format!("{c}+dirty")
+                } else {
+                    c
+                }
+            })
         })
         .unwrap_or_else(|| "unknown".into())
 }

@@ -76,6 +76,10 @@ pub enum DataError {
     /// An error from libtorch.
     #[error("libtorch: {0}")]
     Tch(#[from] tch::TchError),
+    /// A tensor file (a cache shard) that cannot be read or written; names
+    /// the file.
+    #[error(transparent)]
+    Tensors(#[from] dim_io::IoError),
 }
 
 impl DataError {

@@ -4,19 +4,16 @@
 //!
 //! Shard `shard-NNNNN.safetensors` (`k`) holds samples `k·shard_size ..`:
 //! `latents` `(n, ...)` in the dtype written and, when labels were given,
-//! `labels` `(n)` i64. Headers are the `safetensors` crate's, read from the
-//! file's first bytes only. Each shard is written whole and renamed, so
+//! `labels` `(n)` i64. Shards are written and read by `dim_io` (the header
+//! read from the file's first bytes only, a sample by one positioned read).
+//! Each shard is written whole and renamed, so
 //! several processes can fill one cache ([`ShardWriter`], [`begin_cache`],
 //! [`finish_cache`]); [`LatentWriter`] is the one-process form.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use dim_io::{dtype_of, kind_of};
-use safetensors::tensor::{Metadata, TensorInfo};
+use dim_io::{dtype_of, kind_of, save_bytes, IoError, RawTensor, TensorFile};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -31,141 +28,11 @@ pub const LATENT_INDEX: &str = "index.json";
 /// written so far, so that an interrupted writer can resume after them.
 pub const LATENT_PROGRESS: &str = "progress.json";
 
-/// One tensor of a safetensors file as found in its header.
-#[derive(Debug, Clone)]
-pub(crate) struct TensorEntry {
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub data_offsets: [usize; 2],
-}
-
-/// A parsed safetensors header: tensors, free-form metadata and the offset
-/// of the data section in the file.
-#[derive(Debug, Clone)]
-pub(crate) struct Header {
-    pub tensors: BTreeMap<String, TensorEntry>,
-    pub metadata: BTreeMap<String, String>,
-    pub data_start: u64,
-}
-
-/// Bytes of the little-endian header length that opens a safetensors file.
-const LEN_BYTES: u64 = 8;
-/// Largest header accepted (the safetensors crate's own limit).
-const MAX_HEADER: u64 = 100_000_000;
-
 /// The safetensors dtype named `name` (`F32`, `I64`, ...).
 fn parse_dtype(name: &str) -> Option<Dtype> {
     use serde::de::{value::StrDeserializer, IntoDeserializer};
     let de: StrDeserializer<'_, serde::de::value::Error> = name.into_deserializer();
     Dtype::deserialize(de).ok()
-}
-
-/// Writes a safetensors file from raw little-endian tensors `(name, dtype,
-/// shape, bytes)`, streaming each data block so callers need not
-/// concatenate them. The header is the safetensors crate's, so it is
-/// checked (offsets, sizes) before anything is written.
-pub(crate) fn write_safetensors(
-    path: &Path,
-    tensors: &[(&str, &str, Vec<usize>, &[u8])],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    let mut infos = Vec::with_capacity(tensors.len());
-    let mut offset = 0usize;
-    for (name, dtype, shape, bytes) in tensors {
-        let dtype = parse_dtype(dtype)
-            .ok_or_else(|| DataError::corrupt(path, format!("`{name}`: unknown dtype {dtype}")))?;
-        infos.push((
-            name.to_string(),
-            TensorInfo {
-                dtype,
-                shape: shape.clone(),
-                data_offsets: (offset, offset + bytes.len()),
-            },
-        ));
-        offset += bytes.len();
-    }
-    let meta = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
-    let header = Metadata::new(meta, infos)
-        .map_err(|e| DataError::corrupt(path, format!("cannot describe the tensors: {e}")))?;
-    let mut json = serde_json::to_vec(&header).expect("plain map");
-    // The format pads the header with spaces to a multiple of 8 bytes.
-    json.resize(json.len().next_multiple_of(LEN_BYTES as usize), b' ');
-    let tmp = path.with_extension("partial");
-    let io = |e| DataError::io(&tmp, e);
-    let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(io)?);
-    f.write_all(&(json.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    f.write_all(&json).map_err(io)?;
-    for (_, _, _, bytes) in tensors {
-        f.write_all(bytes).map_err(io)?;
-    }
-    f.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
-    // Rename last, so a crash never leaves a half-written file under the final name.
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
-}
-
-/// Reads the header of a safetensors file (only its first bytes) and checks
-/// it with the safetensors crate: the JSON, the dtypes, offsets that tile
-/// the data section, and a data section exactly as long as the rest of the
-/// file (so a truncated shard is an error here, not a short read later).
-pub(crate) fn read_header(path: &Path, file: &File) -> Result<Header> {
-    let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
-    let mut n = [0u8; LEN_BYTES as usize];
-    file.read_exact_at(&mut n, 0).map_err(|_| {
-        DataError::corrupt(
-            path,
-            format!("{len} bytes: too short for a safetensors file (truncated?)"),
-        )
-    })?;
-    let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER || n > len - LEN_BYTES {
-        return Err(DataError::corrupt(
-            path,
-            format!("header length {n} does not fit the file ({len} bytes; truncated or not safetensors)"),
-        ));
-    }
-    let mut json = vec![0u8; n as usize];
-    file.read_exact_at(&mut json, LEN_BYTES)
-        .map_err(|e| DataError::io(path, e))?;
-    let meta: Metadata = serde_json::from_slice(&json)
-        .map_err(|e| DataError::corrupt(path, format!("bad safetensors header: {e}")))?;
-    let data_start = LEN_BYTES + n;
-    let data_len = meta.data_len() as u64;
-    if data_start.checked_add(data_len) != Some(len) {
-        return Err(DataError::corrupt(
-            path,
-            format!(
-                "the header describes {data_len} bytes of tensor data but the file holds {} after its header (truncated or corrupt)",
-                len - data_start
-            ),
-        ));
-    }
-    let tensors = meta
-        .tensors()
-        .into_iter()
-        .map(|(name, info)| {
-            let entry = TensorEntry {
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                data_offsets: [info.data_offsets.0, info.data_offsets.1],
-            };
-            (name, entry)
-        })
-        .collect();
-    let metadata = meta
-        .metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    Ok(Header {
-        tensors,
-        metadata,
-        data_start,
-    })
 }
 
 /// One shard in the index.
@@ -323,15 +190,24 @@ impl ShardWriter {
         let Some(layout) = &self.layout else {
             return Err(DataError::corrupt(&self.path, "no latents were written"));
         };
-        let dtype = dtype_of(layout.kind).expect("checked").to_string();
         let mut shape = vec![self.count];
         shape.extend_from_slice(&layout.sample_shape);
         let label_bytes: Vec<u8> = self.labels.iter().flat_map(|y| y.to_le_bytes()).collect();
-        let mut tensors = vec![("latents", dtype.as_str(), shape, self.buffer.as_slice())];
+        let mut tensors = vec![RawTensor {
+            name: "latents",
+            dtype: dtype_of(layout.kind).expect("checked"),
+            shape: &shape,
+            bytes: &self.buffer,
+        }];
         if layout.has_labels {
-            tensors.push(("labels", "I64", vec![self.count], label_bytes.as_slice()));
+            tensors.push(RawTensor {
+                name: "labels",
+                dtype: Dtype::I64,
+                shape: &shape[..1],
+                bytes: &label_bytes,
+            });
         }
-        write_safetensors(&self.path, &tensors, &BTreeMap::new())?;
+        save_bytes(&self.path, &tensors, &BTreeMap::new())?;
         let file = self
             .path
             .file_name()
@@ -349,17 +225,17 @@ impl ShardWriter {
 /// header checked), `None` if not: what a resumed writer may skip.
 pub fn shard_len(dir: impl AsRef<Path>, k: usize) -> Result<Option<usize>> {
     let path = dir.as_ref().join(shard_file_name(k));
-    let file = match File::open(&path) {
+    let file = match TensorFile::open(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(DataError::io(&path, e)),
+        Err(IoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e.into()),
     };
-    let h = read_header(&path, &file)?;
-    let lat = h
-        .tensors
+    let lat = file
         .get("latents")
         .ok_or_else(|| DataError::corrupt(&path, "no `latents` tensor"))?;
-    Ok(lat.shape.first().copied())
+    Ok(lat.shape.first().map(|&n| n as usize))
 }
 
 /// Begins, or checks before resuming, a cache in `dir` that several writers
@@ -436,7 +312,8 @@ fn write_json(dir: &Path, name: &str, value: &LatentIndex) -> Result<()> {
     std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))
 }
 
-/// Removes shard files not in `keep` and half-written `.partial` files.
+/// Removes shard files not in `keep` and the temporary files of writes that
+/// were cut off (`dim_io::is_temporary`).
 fn remove_unlisted_shards(dir: &Path, keep: &[&str]) -> Result<()> {
     for e in std::fs::read_dir(dir)
         .map_err(|e| DataError::io(dir, e))?
@@ -444,7 +321,7 @@ fn remove_unlisted_shards(dir: &Path, keep: &[&str]) -> Result<()> {
     {
         let name = e.file_name().to_string_lossy().into_owned();
         if (name.starts_with("shard-") && !keep.contains(&name.as_str()))
-            || name.ends_with(".partial")
+            || dim_io::is_temporary(&name)
         {
             std::fs::remove_file(e.path()).map_err(|err| DataError::io(e.path(), err))?;
         }
@@ -623,11 +500,9 @@ impl LatentWriter {
 
 #[derive(Debug)]
 struct OpenShard {
-    path: PathBuf,
-    file: File,
+    file: TensorFile,
     first: usize,
     count: usize,
-    latents_at: u64,
     labels: Option<Vec<i64>>,
 }
 
@@ -661,36 +536,31 @@ impl LatentDataset {
         let mut first = 0;
         for s in &index.shards {
             let path = dir.join(&s.file);
-            let file = File::open(&path).map_err(|e| DataError::io(&path, e))?;
-            let h = read_header(&path, &file)?;
-            let lat = h
-                .tensors
+            let file = TensorFile::open(&path)?;
+            let lat = file
                 .get("latents")
                 .ok_or_else(|| DataError::corrupt(&path, "no `latents` tensor"))?;
-            let mut want = vec![s.count];
-            want.extend_from_slice(&index.sample_shape);
-            if lat.dtype.to_string() != index.dtype || lat.shape != want {
+            let dtype =
+                dtype_of(lat.kind).map_or_else(|| format!("{:?}", lat.kind), |d| d.to_string());
+            let mut want = vec![s.count as i64];
+            want.extend(index.sample_shape.iter().map(|&d| d as i64));
+            if dtype != index.dtype || lat.shape != want {
                 return Err(DataError::corrupt(
                     &path,
                     format!(
-                        "latents are {} {:?}, the index says {} {want:?}",
-                        lat.dtype, lat.shape, index.dtype
+                        "latents are {dtype} {:?}, the index says {} {want:?}",
+                        lat.shape, index.dtype
                     ),
                 ));
             }
             let labels = if index.has_labels {
-                let l = h
-                    .tensors
-                    .get("labels")
-                    .filter(|l| l.dtype == Dtype::I64 && l.shape == [s.count])
+                file.get("labels")
+                    .filter(|l| l.kind == Kind::Int64 && l.shape == [s.count as i64])
                     .ok_or_else(|| {
                         DataError::corrupt(&path, format!("no `labels` I64 [{}] tensor", s.count))
                     })?;
-                let mut bytes = vec![0u8; s.count * 8];
-                file.read_exact_at(&mut bytes, h.data_start + l.data_offsets[0] as u64)
-                    .map_err(|e| DataError::io(&path, e))?;
                 Some(
-                    bytes
+                    file.read_bytes("labels")?
                         .chunks_exact(8)
                         .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
                         .collect(),
@@ -699,8 +569,6 @@ impl LatentDataset {
                 None
             };
             shards.push(OpenShard {
-                latents_at: h.data_start + lat.data_offsets[0] as u64,
-                path,
                 file,
                 first,
                 count: s.count,
@@ -751,8 +619,7 @@ impl Dataset for LatentDataset {
         let k = index - s.first;
         let mut bytes = vec![0u8; self.item_bytes];
         s.file
-            .read_exact_at(&mut bytes, s.latents_at + (k * self.item_bytes) as u64)
-            .map_err(|e| DataError::io(&s.path, e))?;
+            .read_bytes_at("latents", k * self.item_bytes, &mut bytes)?;
         let shape: Vec<i64> = self.index.sample_shape.iter().map(|&d| d as i64).collect();
         let data = Tensor::f_from_data_size(&bytes, &shape, self.kind)?.to_kind(Kind::Float);
         Ok(Sample {
@@ -827,10 +694,12 @@ mod tests {
         w.write(&x.narrow(0, 0, 7), Some(&y.narrow(0, 0, 7)))
             .unwrap();
         drop(w);
-        std::fs::write(cache.join("shard-00002.safetensors.partial"), b"junk").unwrap();
+        // What a writer killed mid-shard leaves: dim_io's temporary file.
+        let cut = cache.join(".shard-00002.safetensors.Xy12ab.tmp");
+        std::fs::write(&cut, b"junk").unwrap();
         let (mut w, start) = LatentWriter::resume(&cache, 3).unwrap();
         assert_eq!(start, 6);
-        assert!(!cache.join("shard-00002.safetensors.partial").exists());
+        assert!(!cut.exists());
         assert!(LatentWriter::resume(&cache, 4).is_err());
         w.write(&x.narrow(0, 6, 5), Some(&y.narrow(0, 6, 5)))
             .unwrap();
@@ -969,68 +838,6 @@ mod tests {
                 std::fs::read(par.join(f)).unwrap(),
                 "{f}"
             );
-        }
-    }
-
-    mod fuzz {
-        use super::*;
-        use proptest::prelude::*;
-
-        fn valid_shard() -> Vec<u8> {
-            let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("s.safetensors");
-            let lat = vec![7u8; 2 * 3 * 2];
-            let lab = vec![1u8; 16];
-            write_safetensors(
-                &p,
-                &[
-                    ("latents", "F16", vec![2, 3], &lat),
-                    ("labels", "I64", vec![2], &lab),
-                ],
-                &BTreeMap::from([("k".to_string(), "v".to_string())]),
-            )
-            .unwrap();
-            std::fs::read(p).unwrap()
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
-
-            /// Any bytes, or a valid shard with bytes flipped or cut off:
-            /// `read_header` returns (an error or a header whose tensors
-            /// lie inside the file), never panics.
-            #[test]
-            fn read_header_never_panics(
-                raw in proptest::collection::vec(any::<u8>(), 0..96),
-                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
-                cut in any::<usize>(),
-                mutate in any::<bool>(),
-            ) {
-                let bytes = if mutate {
-                    let mut b = valid_shard();
-                    for (at, v) in flips {
-                        let i = at % b.len();
-                        b[i] ^= v;
-                    }
-                    let keep = b.len() - cut % 4;
-                    b.truncate(keep);
-                    b
-                } else {
-                    raw
-                };
-                let dir = tempfile::tempdir().unwrap();
-                let p = dir.path().join("f.safetensors");
-                std::fs::write(&p, &bytes).unwrap();
-                let f = File::open(&p).unwrap();
-                match read_header(&p, &f) {
-                    Ok(h) => {
-                        for e in h.tensors.values() {
-                            prop_assert!(h.data_start + e.data_offsets[1] as u64 <= bytes.len() as u64);
-                        }
-                    }
-                    Err(e) => prop_assert!(e.to_string().contains("f.safetensors"), "{}", e),
-                }
-            }
         }
     }
 }

@@ -6,9 +6,10 @@
 //! and can be cached to disk once.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use dim_io::{save_bytes, RawTensor, TensorFile};
+use safetensors::Dtype;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +17,6 @@ use crate::dataset::{check_index, Dataset, RawSample};
 use crate::error::{DataError, Result};
 use crate::frames::Frames;
 use crate::idx::IdxDataset;
-use crate::latents::{read_header, write_safetensors};
 use crate::rng::{derive, Rng};
 
 /// Generator settings.
@@ -193,16 +193,21 @@ impl MovingFashionMnist {
             std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
         }
         let meta = BTreeMap::from([("moving_fashion_mnist".to_string(), self.config_tag())]);
-        write_safetensors(
+        save_bytes(
             path,
             &[
-                (
-                    "videos",
-                    "U8",
-                    vec![c.len, c.frames, c.canvas, c.canvas],
-                    &videos,
-                ),
-                ("labels", "I64", vec![c.len], &labels),
+                RawTensor {
+                    name: "videos",
+                    dtype: Dtype::U8,
+                    shape: &[c.len, c.frames, c.canvas, c.canvas],
+                    bytes: &videos,
+                },
+                RawTensor {
+                    name: "labels",
+                    dtype: Dtype::I64,
+                    shape: &[c.len],
+                    bytes: &labels,
+                },
             ],
             &meta,
         )?;
@@ -211,9 +216,8 @@ impl MovingFashionMnist {
     }
 
     fn read_cache(&self, path: &Path) -> Result<(Vec<u8>, Vec<i64>)> {
-        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        let h = read_header(path, &file)?;
-        let tag = h.metadata.get("moving_fashion_mnist");
+        let file = TensorFile::open(path)?;
+        let tag = file.metadata().get("moving_fashion_mnist");
         if tag != Some(&self.config_tag()) {
             return Err(DataError::corrupt(
                 path,
@@ -224,18 +228,9 @@ impl MovingFashionMnist {
                 ),
             ));
         }
-        let read = |name: &str| -> Result<Vec<u8>> {
-            let e = h
-                .tensors
-                .get(name)
-                .ok_or_else(|| DataError::corrupt(path, format!("no `{name}` tensor")))?;
-            let mut v = vec![0u8; e.data_offsets[1] - e.data_offsets[0]];
-            file.read_exact_at(&mut v, h.data_start + e.data_offsets[0] as u64)
-                .map_err(|err| DataError::io(path, err))?;
-            Ok(v)
-        };
-        let videos = read("videos")?;
-        let labels: Vec<i64> = read("labels")?
+        let videos = file.read_bytes("videos")?;
+        let labels: Vec<i64> = file
+            .read_bytes("labels")?
             .chunks_exact(8)
             .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
             .collect();

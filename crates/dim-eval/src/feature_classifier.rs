@@ -100,9 +100,9 @@ impl<K: ClassifierKind> Classifier<K> {
         Ok(net)
     }
 
-    /// Writes the weights as safetensors.
+    /// Writes the weights as safetensors (atomically, through `dim_io`).
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.vs.save(path)?;
+        dim_io::save(path, self.vs.variables(), &Default::default())?;
         Ok(())
     }
 

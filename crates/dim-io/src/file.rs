@@ -1,5 +1,6 @@
 //! Safetensors files read and written one tensor at a time.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -83,6 +84,13 @@ pub struct TensorMeta {
     offset: u64,
     /// Byte length of the data.
     len: usize,
+}
+
+impl TensorMeta {
+    /// Bytes of the tensor's data (elements times element size).
+    pub fn byte_len(&self) -> usize {
+        self.len
+    }
 }
 
 /// An open safetensors file whose header has been checked against its
@@ -206,15 +214,45 @@ impl TensorFile {
 
     /// Reads tensor `name` into a new CPU tensor of its dtype and shape.
     pub fn read(&self, name: &str) -> Result<Tensor> {
-        let meta = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| format_err(&self.path, format!("no tensor `{name}`")))?;
-        let mut bytes = vec![0u8; meta.len];
-        self.file
-            .read_exact_at(&mut bytes, meta.offset)
-            .map_err(io_err(&self.path))?;
+        let meta = self.meta(name)?;
+        let bytes = self.read_bytes(name)?;
         Tensor::f_from_data_size(&bytes, &meta.shape, meta.kind).map_err(torch_err(&self.path))
+    }
+
+    /// The raw little-endian bytes of tensor `name`.
+    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let mut bytes = vec![0u8; self.meta(name)?.len];
+        self.read_bytes_at(name, 0, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Fills `buf` with the bytes of tensor `name` from byte `start` of its
+    /// data on (one positioned read: a row of a tensor far larger than
+    /// memory). A range outside the tensor is an error.
+    pub fn read_bytes_at(&self, name: &str, start: usize, buf: &mut [u8]) -> Result<()> {
+        let meta = self.meta(name)?;
+        if start
+            .checked_add(buf.len())
+            .is_none_or(|end| end > meta.len)
+        {
+            return Err(format_err(
+                &self.path,
+                format!(
+                    "bytes {start}..{} of tensor `{name}` asked for, it has {}",
+                    start.saturating_add(buf.len()),
+                    meta.len
+                ),
+            ));
+        }
+        self.file
+            .read_exact_at(buf, meta.offset + start as u64)
+            .map_err(io_err(&self.path))
+    }
+
+    fn meta(&self, name: &str) -> Result<&TensorMeta> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| format_err(&self.path, format!("no tensor `{name}`")))
     }
 }
 
@@ -226,6 +264,13 @@ fn test_write_delay() -> Option<std::time::Duration> {
         .parse()
         .ok()?;
     Some(std::time::Duration::from_millis(ms))
+}
+
+/// Whether `file_name` is one of [`save`]'s temporary files (`.NAME.XXXX.tmp`),
+/// left behind only by a process killed in the middle of a write; a writer
+/// that resumes in the folder may remove them.
+pub fn is_temporary(file_name: &str) -> bool {
+    file_name.starts_with('.') && file_name.ends_with(".tmp")
 }
 
 /// Writes `tensors` (any device and storable dtype) and `metadata` to the
@@ -241,8 +286,7 @@ pub fn save(
 ) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut infos = Vec::with_capacity(tensors.len());
-    let mut offset = 0usize;
+    let mut entries = Vec::with_capacity(tensors.len());
     for (name, t) in &tensors {
         let dtype = dtype_of(t.kind()).ok_or_else(|| {
             format_err(
@@ -255,8 +299,82 @@ pub fn save(
         })?;
         let len = t.numel() * t.kind().elt_size_in_bytes();
         let shape = t.size().iter().map(|&d| d as usize).collect();
+        entries.push((name.clone(), dtype, shape, len));
+    }
+    write_file(path, entries, metadata, |i| {
+        let host = tensors[i]
+            .1
+            .f_detach()
+            .and_then(|t| t.f_to_device(Device::Cpu))
+            .and_then(|t| t.f_contiguous())
+            .map_err(torch_err(path))?;
+        let numel = host.numel();
+        let mut bytes = vec![0u8; numel * host.kind().elt_size_in_bytes()];
+        host.f_copy_data_u8(&mut bytes, numel)
+            .map_err(torch_err(path))?;
+        Ok(Cow::Owned(bytes))
+    })
+}
+
+/// One tensor for [`save_bytes`]: its name, dtype, shape and raw
+/// little-endian data (`shape`'s product times the dtype's size in bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct RawTensor<'a> {
+    /// Name in the file.
+    pub name: &'a str,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape (row-major).
+    pub shape: &'a [usize],
+    /// The data.
+    pub bytes: &'a [u8],
+}
+
+/// [`save`] for data already in bytes (no libtorch tensors): the tensors are
+/// written in the order given, atomically as in [`save`]. A data length that
+/// does not match its dtype and shape is an error naming the tensor.
+pub fn save_bytes(
+    path: &Path,
+    tensors: &[RawTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut entries = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let want = (t.shape.iter().product::<usize>() * t.dtype.bitsize()).div_ceil(8);
+        if t.bytes.len() != want {
+            return Err(format_err(
+                path,
+                format!(
+                    "tensor `{}`: {} bytes of data for {:?} {:?} ({want} bytes)",
+                    t.name,
+                    t.bytes.len(),
+                    t.dtype,
+                    t.shape
+                ),
+            ));
+        }
+        entries.push((t.name.to_string(), t.dtype, t.shape.to_vec(), want));
+    }
+    write_file(path, entries, metadata, |i| {
+        Ok(Cow::Borrowed(tensors[i].bytes))
+    })
+}
+
+/// The one safetensors writer: the header of `entries` (name, dtype, shape,
+/// byte length, in data order), then entry `i`'s bytes from `data(i)`, one
+/// entry at a time; through a synced temporary file renamed over `path`.
+fn write_file<'b>(
+    path: &Path,
+    entries: Vec<(String, Dtype, Vec<usize>, usize)>,
+    metadata: &BTreeMap<String, String>,
+    mut data: impl FnMut(usize) -> Result<Cow<'b, [u8]>>,
+) -> Result<()> {
+    let count = entries.len();
+    let mut infos = Vec::with_capacity(count);
+    let mut offset = 0usize;
+    for (name, dtype, shape, len) in entries {
         infos.push((
-            name.clone(),
+            name,
             TensorInfo {
                 dtype,
                 shape,
@@ -292,17 +410,8 @@ pub fn save(
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io_err(&tmp_path))?;
         w.write_all(&header).map_err(io_err(&tmp_path))?;
-        for (_, t) in &tensors {
-            let host = t
-                .f_detach()
-                .and_then(|t| t.f_to_device(Device::Cpu))
-                .and_then(|t| t.f_contiguous())
-                .map_err(torch_err(path))?;
-            let numel = host.numel();
-            let mut bytes = vec![0u8; numel * host.kind().elt_size_in_bytes()];
-            host.f_copy_data_u8(&mut bytes, numel)
-                .map_err(torch_err(path))?;
-            w.write_all(&bytes).map_err(io_err(&tmp_path))?;
+        for i in 0..count {
+            w.write_all(&data(i)?).map_err(io_err(&tmp_path))?;
             if let Some(pause) = test_write_delay() {
                 std::thread::sleep(pause);
             }
@@ -321,6 +430,6 @@ pub fn save(
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
-    tracing::debug!(path = %path.display(), tensors = tensors.len(), bytes = offset, "saved tensors");
+    tracing::debug!(path = %path.display(), tensors = count, bytes = offset, "saved tensors");
     Ok(())
 }

@@ -22,7 +22,16 @@ fn open_all(bytes: &[u8]) -> bool {
             let names: Vec<String> = f.names().map(String::from).collect();
             for n in names {
                 let t = f.read(&n).unwrap();
-                assert_eq!(t.size(), f.get(&n).unwrap().shape);
+                let meta = f.get(&n).unwrap();
+                assert_eq!(t.size(), meta.shape);
+                // Byte ranges: the last byte reads, one past the end is an error.
+                let len = meta.byte_len();
+                let mut one = [0u8; 1];
+                if len > 0 {
+                    f.read_bytes_at(&n, len - 1, &mut one).unwrap();
+                }
+                let e = f.read_bytes_at(&n, len, &mut one).unwrap_err();
+                assert!(e.to_string().contains("f.safetensors"), "{e}");
             }
             true
         }

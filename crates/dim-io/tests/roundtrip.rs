@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use dim_io::{load_checked, load_into, save, Group, TensorFile};
+use dim_io::{dtype_of, load_checked, load_into, save, save_bytes, Group, RawTensor, TensorFile};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -188,4 +188,69 @@ fn truncated_and_corrupt_files_are_errors_naming_the_file() {
         &["nope.safetensors", "No such file"],
         "missing file",
     );
+}
+
+#[test]
+fn save_bytes_writes_what_save_writes_and_checks_data_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
+    // Sorted by name: `save` writes in name order, `save_bytes` in the order given.
+    let ts: Vec<(String, Tensor)> = {
+        let mut v = named(5);
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let from_tensors = dir.path().join("a.safetensors");
+    save(
+        &from_tensors,
+        ts.iter().map(|(k, t)| (k.clone(), t.shallow_clone())),
+        &meta,
+    )
+    .unwrap();
+    let raw: Vec<(Vec<usize>, Vec<u8>)> = ts
+        .iter()
+        .map(|(_, t)| {
+            let n = t.numel();
+            let mut b = vec![0u8; n * t.kind().elt_size_in_bytes()];
+            t.contiguous().copy_data_u8(&mut b, n);
+            (t.size().iter().map(|&d| d as usize).collect(), b)
+        })
+        .collect();
+    let rows: Vec<RawTensor<'_>> = ts
+        .iter()
+        .zip(&raw)
+        .map(|((name, t), (shape, bytes))| RawTensor {
+            name,
+            dtype: dtype_of(t.kind()).unwrap(),
+            shape,
+            bytes,
+        })
+        .collect();
+    let from_bytes = dir.path().join("b.safetensors");
+    save_bytes(&from_bytes, &rows, &meta).unwrap();
+    assert_eq!(
+        std::fs::read(&from_tensors).unwrap(),
+        std::fs::read(&from_bytes).unwrap()
+    );
+    // A ragged row reads back byte for byte through `read_bytes_at`.
+    let f = TensorFile::open(&from_bytes).unwrap();
+    for ((name, _), (_, bytes)) in ts.iter().zip(&raw) {
+        assert_eq!(&f.read_bytes(name).unwrap(), bytes, "{name}");
+        if bytes.len() > 3 {
+            let mut mid = vec![0u8; bytes.len() - 3];
+            f.read_bytes_at(name, 2, &mut mid).unwrap();
+            assert_eq!(&mid[..], &bytes[2..bytes.len() - 1], "{name}");
+        }
+    }
+    // One byte short: an error naming the file and the tensor; nothing written.
+    let mut short = rows.clone();
+    let cut = &raw[0].1[..raw[0].1.len() - 1];
+    short[0].bytes = cut;
+    let bad = dir.path().join("c.safetensors");
+    fails_naming(
+        save_bytes(&bad, &short, &meta),
+        &["c.safetensors", &ts[0].0],
+        "short data",
+    );
+    assert!(!bad.exists());
 }

@@ -359,8 +359,8 @@ pub fn dump_grads_if_asked(world: &World, step: u64, params: &[(String, Tensor)]
             )
         })
         .collect();
-    Tensor::write_safetensors(&grads, &path)
-        .with_context(|| format!("{DUMP_GRADS_ENV}: cannot write {}", path.to_string_lossy()))?;
+    dim_io::save(std::path::Path::new(&path), grads, &Default::default())
+        .with_context(|| DUMP_GRADS_ENV.to_string())?;
     Ok(())
 }
 

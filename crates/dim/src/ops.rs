@@ -199,7 +199,11 @@ impl Inputs {
 
 /// Writes an op's outputs to `path` (whole or not at all) and says which.
 fn write_outputs(path: &Path, out: &[(String, Tensor)]) -> Result<()> {
-    write_atomically(path, out)?;
+    dim_io::save(
+        path,
+        out.iter().map(|(n, t)| (n.clone(), t.shallow_clone())),
+        &Default::default(),
+    )?;
     let names: Vec<&str> = out.iter().map(|(n, _)| n.as_str()).collect();
     println!("wrote {} to {}", names.join(" "), path.display());
     Ok(())
@@ -355,22 +359,4 @@ fn name(base: &str, dir: usize) -> String {
     } else {
         format!("{base}_b")
     }
-}
-
-/// Writes next to `path`, then renames, so a failure never leaves half a file.
-pub fn write_atomically(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&named, &tmp)
-        .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move the result to {}", path.display()))
 }

@@ -321,8 +321,6 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
         // Sample i's noise depends on (seed, i) only: generate rows first..first+b.
         let x = generate_rows(&r.net, &r.diffusion, &sampler, first, b, a.class, a.seed)?;
         let p = part_path(&parts, first, b);
-        let tmp = p.with_extension("partial");
-        Tensor::write_safetensors(&[("samples", &x)], &tmp)?;
         if let Some(img) = output.images(&x)? {
             if r.net.cfg.is_video() {
                 write_videos(&img, a.fps, &a.out, first)?;
@@ -330,7 +328,8 @@ pub fn run(a: &SampleArgs) -> Result<PathBuf> {
                 images::save_pngs(&img, &a.out, "", first as usize)?;
             }
         }
-        std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))?;
+        // The part last, atomically: a part on disk means its images are too.
+        dim_io::save(&p, [("samples".to_string(), x)], &Default::default())?;
         bar.inc(b as u64);
     }
     bar.finish_and_clear();
@@ -429,8 +428,7 @@ fn finish_outputs(a: &SampleArgs, r: &Restored, output: &Output, parts: &Path) -
         let x = Tensor::cat(&all, 0);
         let name = if latent { "latents" } else { "samples" };
         let p = a.out.join("samples.safetensors");
-        Tensor::write_safetensors(&[(name, &x)], &p)
-            .with_context(|| format!("cannot write {}", p.display()))?;
+        dim_io::save(&p, [(name.to_string(), x)], &Default::default())?;
         if latent {
             tracing::info!(path = %p.display(), "raw latents (scaled, as the model made them)");
         }

@@ -133,8 +133,11 @@ impl Output {
 /// scaled) and says so; returns the file written.
 pub fn write_latents(x: &Tensor, png_path: &Path) -> Result<PathBuf> {
     let p = png_path.with_extension("safetensors");
-    Tensor::write_safetensors(&[("latents", &x.to_device(Device::Cpu))], &p)
-        .with_context(|| format!("cannot write {}", p.display()))?;
+    dim_io::save(
+        &p,
+        [("latents".to_string(), x.shallow_clone())],
+        &Default::default(),
+    )?;
     tracing::warn!(
         path = %p.display(),
         "the model works in latents and the config has no [vae]: wrote latents, not images (add [vae] weights = ..., or decode with `dim ops vae decode` after dividing by the scale factor)"
