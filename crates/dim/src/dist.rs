@@ -47,6 +47,21 @@ fn rank_device(env: &DistEnv, device_spec: &str) -> Result<Device> {
     })
 }
 
+/// This rank's share of the machine's cores: torchrun's `LOCAL_WORLD_SIZE`
+/// ranks share them. Ranks set their libtorch pools to it (GPU ranks too:
+/// each rank's libtorch would otherwise start a pool of all the cores, and
+/// the ranks' pools, whose OpenMP threads spin after each parallel region,
+/// crowd out the threads that decode data and launch the GPU work).
+fn local_cores(env: &DistEnv) -> usize {
+    let local_world = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(env.world_size)
+        .max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / local_world).max(1)
+}
+
 /// One rank's share of `dim sample` (a world of one: all of it): samples
 /// `start..start + count` of `num`, contiguous, at most `⌈num / W⌉` each.
 pub struct SampleShard {
@@ -54,6 +69,8 @@ pub struct SampleShard {
     pub start: i64,
     pub count: i64,
     pub device: Device,
+    /// This rank's share of the machine's cores (all of them in a world of one).
+    pub cores: usize,
     /// Gloo on the CPU: the ranks only wait for each other.
     group: Option<ProcessGroup>,
 }
@@ -71,10 +88,17 @@ impl SampleShard {
                 start: 0,
                 count: num,
                 device: resolve_device(device_spec)?,
+                cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 group: None,
             });
         };
         let device = rank_device(&env, device_spec)?;
+        let cores = local_cores(&env);
+        // CPU ranks keep libtorch's whole pool: its convolutions round by the
+        // thread count, and the outputs must not depend on the number of ranks.
+        if device.is_cuda() {
+            tch::set_num_threads(cores as i32);
+        }
         let w = env.world_size as i64;
         let per = (num + w - 1) / w;
         let start = (env.rank as i64 * per).min(num);
@@ -90,6 +114,7 @@ impl SampleShard {
             start,
             count,
             device,
+            cores,
             group: Some(group),
         })
     }
@@ -126,18 +151,7 @@ impl World {
         if device.is_cuda() && !dim_dist::has_nccl() {
             bail!("this dim was built without NCCL (no CUDA headers at build time): it cannot train on several GPUs; rebuild it with the CUDA toolkit (cargo xtask setup)");
         }
-        // Ranks on one machine share its cores (torchrun sets
-        // LOCAL_WORLD_SIZE). On GPUs too: each rank's libtorch would
-        // otherwise start a pool of all the cores, and the ranks' pools
-        // (OpenMP threads spin after each parallel region) crowd out the
-        // threads that launch the GPU work.
-        let local_world = std::env::var("LOCAL_WORLD_SIZE")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(env.world_size)
-            .max(1);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        tch::set_num_threads((cores / local_world).max(1) as i32);
+        tch::set_num_threads(local_cores(&env) as i32);
         let timeout = Duration::from_secs_f64(cfg.timeout_s);
         let cuda = match device {
             Device::Cuda(i) => Some(i),

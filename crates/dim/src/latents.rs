@@ -232,23 +232,40 @@ pub fn run(a: &LatentsArgs) -> Result<usize> {
         .progress_chars("=> "),
     );
     bar.set_position(done as u64);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(16);
-    let mut batches = 0usize;
-    for k in todo {
-        let mut shard = ShardWriter::new(&a.out, k, rows(k));
-        let (mut first, end) = (
-            k * a.shard_size / copies,
-            (k * a.shard_size + rows(k)) / copies,
-        );
-        while first < end {
-            if a.fail_after_batches == Some(batches) {
-                bail!("stopped after {batches} batches (--fail-after-batches)");
+    let threads = place.cores.min(16);
+    // The batches to encode, in order: (shard, first image, images). Each
+    // batch's images are decoded on the CPU while the GPU encodes the one
+    // before it.
+    let jobs: Vec<(usize, usize, usize)> = todo
+        .iter()
+        .flat_map(|&k| {
+            let (first, end) = (
+                k * a.shard_size / copies,
+                (k * a.shard_size + rows(k)) / copies,
+            );
+            (first..end)
+                .step_by(a.batch)
+                .map(move |f| (k, f, a.batch.min(end - f)))
+        })
+        .collect();
+    std::thread::scope(|scope| -> Result<()> {
+        let ds = &ds;
+        let load = |&(_, first, b): &(usize, usize, usize)| {
+            scope.spawn(move || load_parallel(ds, first, b, threads, a.flip))
+        };
+        let mut next = jobs.first().map(load);
+        let mut shard: Option<ShardWriter> = None;
+        for (i, job) in jobs.iter().enumerate() {
+            let &(k, first, b) = job;
+            let images = next.take().expect("a load per job");
+            if a.fail_after_batches == Some(i) {
+                bail!("stopped after {i} batches (--fail-after-batches)");
             }
-            batches += 1;
-            let b = a.batch.min(end - first);
-            let (x, y) = load_parallel(&ds, first, b, threads, a.flip)?;
+            let (x, y) = images
+                .join()
+                .unwrap_or_else(|_| bail!("the image loading thread panicked"))?;
+            next = jobs.get(i + 1).map(load);
+            let w = shard.get_or_insert_with(|| ShardWriter::new(&a.out, k, rows(k)));
             let post = vae.encode(&x.to_device(device))?;
             let z = if a.mean {
                 post.mean
@@ -260,12 +277,15 @@ pub fn run(a: &LatentsArgs) -> Result<usize> {
                 ))
             };
             let z = vae.scale(&z).to_kind(Kind::Half);
-            shard.write(&z, Some(&Tensor::from_slice(&y)))?;
-            first += b;
+            w.write(&z, Some(&Tensor::from_slice(&y)))?;
+            // A shard is written as soon as its last batch is in.
+            if w.is_full() {
+                shard.take().expect("set above").finish()?;
+            }
             bar.inc(b as u64);
         }
-        shard.finish()?;
-    }
+        Ok(())
+    })?;
     bar.finish_and_clear();
     // Rank 0 indexes the cache once every rank's shards are in place.
     place.barrier()?;
