@@ -21,9 +21,7 @@
 set -euo pipefail
 dim=$(realpath "$1")
 random_vae=$(realpath "$2")
-out=$3
-mkdir -p "$out"
-out=$(realpath "$out")
+out=$(mkdir -p "$3" && realpath "$3")
 n_images=${N_IMAGES:-2048}
 size=${SIZE:-256}
 shard=${SHARD:-512}
