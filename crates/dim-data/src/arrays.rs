@@ -157,24 +157,11 @@ impl ArrayDataset {
         labels_key: Option<&str>,
     ) -> Result<Self> {
         let path = path.as_ref();
-        if let Err(e) = std::fs::metadata(path) {
-            return Err(DataError::io(path, e));
-        }
-        let tensors = Tensor::read_safetensors(path)
-            .map_err(|e| DataError::corrupt(path, format!("cannot read safetensors: {e}")))?;
-        let find = |key: &str| -> Result<&Tensor> {
-            tensors
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, t)| t)
-                .ok_or_else(|| {
-                    let keys: Vec<_> = tensors.iter().map(|(k, _)| k.as_str()).collect();
-                    DataError::corrupt(path, format!("no tensor `{key}` (it has {keys:?})"))
-                })
-        };
-        let x = find(images_key)?;
-        let y = labels_key.map(find).transpose()?;
-        Self::from_tensors(path, x, y.map(|t| (path, t)))
+        // Only the tensors asked for are read.
+        let file = dim_io::TensorFile::open(path)?;
+        let x = file.read(images_key)?;
+        let y = labels_key.map(|k| file.read(k)).transpose()?;
+        Self::from_tensors(path, &x, y.as_ref().map(|t| (path, t)))
     }
 
     /// From in-memory tensors; `path` names the origin in errors.

@@ -250,9 +250,18 @@ impl TensorFile {
     }
 
     fn meta(&self, name: &str) -> Result<&TensorMeta> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| format_err(&self.path, format!("no tensor `{name}`")))
+        self.tensors.get(name).ok_or_else(|| {
+            let names: Vec<&str> = self.names().take(12).collect();
+            let more = if self.tensors.len() > names.len() {
+                " ..."
+            } else {
+                ""
+            };
+            format_err(
+                &self.path,
+                format!("no tensor `{name}`; it holds: {}{more}", names.join(" ")),
+            )
+        })
     }
 }
 

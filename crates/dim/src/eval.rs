@@ -72,8 +72,8 @@ pub fn parse_source(spec: &str) -> Result<Source> {
     let file = if p.is_dir() {
         // A latent model's folder holds latents there; its images are in samples.npz.
         let st = p.join("samples.safetensors");
-        let has_images = st.is_file()
-            && Tensor::read_safetensors(&st).is_ok_and(|t| t.iter().any(|(k, _)| k == "samples"));
+        let has_images =
+            st.is_file() && dim_io::TensorFile::open(&st).is_ok_and(|f| f.get("samples").is_some());
         if !has_images && p.join("samples.npz").is_file() {
             p.join("samples.npz")
         } else {
@@ -85,13 +85,9 @@ pub fn parse_source(spec: &str) -> Result<Source> {
     match file.extension().and_then(|e| e.to_str()) {
         Some("npz") => open_npz(&file, spec),
         Some("safetensors") => {
-            let t = Tensor::read_safetensors(&file)
-                .with_context(|| format!("cannot read {} (expected the samples.safetensors `dim sample` writes)", file.display()))?;
-            let x = t
-                .into_iter()
-                .find(|(k, _)| k == "samples")
-                .with_context(|| format!("{} has no `samples` tensor", file.display()))?
-                .1;
+            let x = dim_io::TensorFile::open(&file)
+                .and_then(|f| f.read("samples"))
+                .context("expected the samples.safetensors `dim sample` writes")?;
             Ok(Source::Tensor(x, spec.to_string()))
         }
         Some("toml") => ds(DataConfig::from_file(&file)?),

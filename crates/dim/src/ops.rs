@@ -159,10 +159,7 @@ struct Inputs {
 
 impl Inputs {
     fn open(path: &Path) -> Result<Self> {
-        let tensors = Tensor::read_safetensors(path)
-            .map_err(|e| anyhow!("{}: cannot read as safetensors: {e}", path.display()))?
-            .into_iter()
-            .collect();
+        let tensors = dim_io::read_all(path)?.into_iter().collect();
         Ok(Self {
             path: path.to_path_buf(),
             tensors,

@@ -413,12 +413,7 @@ fn finish_outputs(a: &SampleArgs, r: &Restored, output: &Output, parts: &Path) -
         first += b;
     }
     let read = |p: &Path| -> Result<Tensor> {
-        Tensor::read_safetensors(p)
-            .with_context(|| format!("cannot read {}", p.display()))?
-            .into_iter()
-            .find(|(k, _)| k == "samples")
-            .map(|(_, t)| t)
-            .with_context(|| format!("{} has no `samples`", p.display()))
+        Ok(dim_io::TensorFile::open(p).and_then(|f| f.read("samples"))?)
     };
     let head = read(&files[0])?;
     let per: i64 = head.size()[1..].iter().product::<i64>() * 4;

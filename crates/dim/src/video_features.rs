@@ -167,12 +167,7 @@ impl Clips {
         };
         match file.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => {
-                let x = Tensor::read_safetensors(&file)
-                    .with_context(|| format!("cannot read {}", file.display()))?
-                    .into_iter()
-                    .find(|(k, _)| k == "samples")
-                    .with_context(|| format!("{} has no `samples` tensor", file.display()))?
-                    .1;
+                let x = dim_io::TensorFile::open(&file).and_then(|f| f.read("samples"))?;
                 if x.dim() != 5 {
                     bail!(
                         "{}: `samples` has shape {:?}, expected clips (N, C, T, H, W) from a video model",
