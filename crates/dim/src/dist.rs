@@ -48,16 +48,19 @@ fn rank_device(env: &DistEnv, device_spec: &str) -> Result<Device> {
 }
 
 /// This rank's share of the machine's cores: torchrun's `LOCAL_WORLD_SIZE`
-/// ranks share them. Ranks set their libtorch pools to it (GPU ranks too:
-/// each rank's libtorch would otherwise start a pool of all the cores, and
-/// the ranks' pools, whose OpenMP threads spin after each parallel region,
-/// crowd out the threads that decode data and launch the GPU work).
-fn local_cores(env: &DistEnv) -> usize {
-    let local_world = std::env::var("LOCAL_WORLD_SIZE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(env.world_size)
-        .max(1);
+/// ranks share them (a world of one, `None`, has them all). Ranks set their
+/// libtorch pools to it (GPU ranks too: each rank's libtorch would otherwise
+/// start a pool of all the cores, and the ranks' pools, whose OpenMP threads
+/// spin after each parallel region, crowd out the threads that decode data
+/// and launch the GPU work).
+fn local_cores(env: Option<&DistEnv>) -> usize {
+    let local_world = env.map_or(1, |env| {
+        std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(env.world_size)
+            .max(1)
+    });
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores / local_world).max(1)
 }
@@ -88,12 +91,12 @@ impl SampleShard {
                 start: 0,
                 count: num,
                 device: resolve_device(device_spec)?,
-                cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                cores: local_cores(None),
                 group: None,
             });
         };
         let device = rank_device(&env, device_spec)?;
-        let cores = local_cores(&env);
+        let cores = local_cores(Some(&env));
         // CPU ranks keep libtorch's whole pool: its convolutions round by the
         // thread count, and the outputs must not depend on the number of ranks.
         if device.is_cuda() {
@@ -151,7 +154,7 @@ impl World {
         if device.is_cuda() && !dim_dist::has_nccl() {
             bail!("this dim was built without NCCL (no CUDA headers at build time): it cannot train on several GPUs; rebuild it with the CUDA toolkit (cargo xtask setup)");
         }
-        tch::set_num_threads(local_cores(&env) as i32);
+        tch::set_num_threads(local_cores(Some(&env)) as i32);
         let timeout = Duration::from_secs_f64(cfg.timeout_s);
         let cuda = match device {
             Device::Cuda(i) => Some(i),
